@@ -1,0 +1,54 @@
+"""Argument groups and helpers shared by the commands."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from ..pipelines.progress import ProgressInfo
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (default: the bundled demo model)")
+    g.add_argument("--model", metavar="DIR", help="a model bundle folder (model.yaml + safetensors)")
+    g.add_argument("--autoencoder", metavar="PATH", help="autoencoder checkpoint: the authors' .ckpt or ours")
+    g.add_argument("--denoiser", metavar="PATH", help="BiFlowNet checkpoint: the authors' .pt or ours")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+
+
+def load_bundle_from_args(args: argparse.Namespace):
+    from ..checkpoints.bundle import bundle_from_official, load_bundle
+    from ..errors import InputError
+
+    if args.autoencoder or args.denoiser:
+        if not (args.autoencoder and args.denoiser):
+            raise InputError("give both --autoencoder and --denoiser (or a --model folder)")
+        if args.model:
+            raise InputError("give either --model or --autoencoder/--denoiser, not both")
+        return bundle_from_official(args.autoencoder, args.denoiser)
+    return load_bundle(args.model)
+
+
+class TqdmProgress:
+    """A tqdm bar per pipeline stage (sampling, decoding), fed by ProgressInfo callbacks."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.stage: Optional[str] = None
+
+    def __call__(self, info: ProgressInfo) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if info.stage != self.stage:
+            self.close()
+            self.stage = info.stage
+            self.bar = tqdm(total=info.total, desc=info.stage, unit="step", dynamic_ncols=True)
+        self.bar.n = info.step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,133 @@
+"""Common machinery of the samplers: timestep grids, validation, noise, and a plain sampling loop.
+
+Samplers are diffusers-style scheduler objects, kept apart from the networks: the caller owns the loop,
+calls the model at `sampler.timesteps[i]` (original training timesteps, 0..T-1) and hands the predicted
+noise to `sampler.step`. That keeps progress reporting, cancellation and data consistency in the
+pipelines, and lets any epsilon-prediction model be used.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from ..errors import InputError
+from .schedule import GaussianDiffusion, _randn
+
+
+class SamplerStepOutput(NamedTuple):
+    """Result of one sampler step: the less noisy sample and the (clipped) clean-data estimate."""
+
+    prev_sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def spaced_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """`steps` timesteps evenly spaced over [0, T-1], descending, both ends included.
+
+    One step uses T-1 alone (starting from pure noise and jumping to the data). The spacing is >= 1, so
+    rounding never merges two timesteps."""
+    if steps == 1:
+        return torch.tensor([num_train_timesteps - 1], dtype=torch.long)
+    grid = torch.linspace(num_train_timesteps - 1, 0, steps, dtype=torch.float64)
+    return grid.round().long()
+
+
+class Sampler:
+    """Base class. Subclasses implement `step` and may keep multistep state (cleared by `reset`)."""
+
+    name: str = "base"
+
+    def __init__(self, diffusion: GaussianDiffusion, steps: int | None = None, clip_x0: bool = True) -> None:
+        self.diffusion = diffusion
+        self.num_train_timesteps = diffusion.num_timesteps
+        # Latents/images live in [-1, 1]; clipping the x0 estimate (as the authors do) keeps samples in range.
+        self.clip_x0 = clip_x0
+        self.set_timesteps(self.default_steps if steps is None else steps)
+
+    @property
+    def default_steps(self) -> int:
+        """Steps used when none are given (subclasses choose a sensible number for their solver)."""
+        return min(50, self.num_train_timesteps)
+
+    # ------------------------------------------------------------------ timesteps
+    def set_timesteps(self, steps: int) -> None:
+        """Choose the number of denoising steps (model evaluations) for the next run."""
+        try:
+            if isinstance(steps, bool):
+                raise TypeError
+            n = operator.index(steps)
+        except TypeError:
+            raise InputError(f"steps must be an integer, got {steps!r}") from None
+        if n < 1 or n > self.num_train_timesteps:
+            raise InputError(f"steps must be between 1 and {self.num_train_timesteps} for the '{self.name}' "
+                             f"sampler, got {n}")
+        self.num_inference_steps = n
+        self.timesteps = self._make_timesteps(n)
+        self._index = {int(v): i for i, v in enumerate(self.timesteps.tolist())}
+        self.reset()
+
+    def _make_timesteps(self, steps: int) -> torch.Tensor:
+        return spaced_timesteps(self.num_train_timesteps, steps)
+
+    def reset(self) -> None:
+        """Forget multistep state (called by `set_timesteps` and at the first timestep of a run)."""
+
+    def index_for(self, t: int | torch.Tensor) -> int:
+        """Position of timestep `t` in `self.timesteps` (InputError if it is not one of them)."""
+        if isinstance(t, torch.Tensor):
+            flat = t.reshape(-1)
+            if flat.numel() == 0 or bool((flat != flat[0]).any()):
+                raise InputError("a sampler step takes one timestep for the whole batch")
+            t = int(flat[0].item())
+        i = self._index.get(int(t))
+        if i is None:
+            raise InputError(f"timestep {int(t)} is not one of this sampler's timesteps "
+                             f"(call set_timesteps and iterate over .timesteps)")
+        return i
+
+    def prev_timestep(self, index: int) -> int:
+        """The timestep after step `index`; -1 stands for the clean data (alpha_bar = 1)."""
+        return int(self.timesteps[index + 1]) if index + 1 < self.num_inference_steps else -1
+
+    # ------------------------------------------------------------------ sampling
+    def init_noise(self, shape: Sequence[int], generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Starting sample x_T ~ N(0, I), drawn from `generator` (on its device, then moved)."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return _randn(shape, generator, dev, dtype)
+
+    def _pred_x0(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        if model_output.shape != x.shape:
+            raise InputError(f"model output shape {tuple(model_output.shape)} does not match the sample "
+                             f"shape {tuple(x.shape)}")
+        x0 = self.diffusion.predict_x0_from_eps(x, t, model_output)
+        return x0.clamp(-1.0, 1.0) if self.clip_x0 else x0
+
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
+             generator: torch.Generator | None = None) -> SamplerStepOutput:
+        """One denoising step from x_t given the model's noise prediction at t."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.num_inference_steps}, T={self.num_train_timesteps})"
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sample_loop(sampler: Sampler, model_fn: ModelFn, x: torch.Tensor,
+                generator: torch.Generator | None = None,
+                callback: Callable[[int, int, SamplerStepOutput], None] | None = None) -> torch.Tensor:
+    """Run all steps: `model_fn(x, t_batch)` must return eps; `callback(i, t, out)` after each step.
+
+    A minimal loop for tests and scripts; the pipelines run their own (progress, cancel, consistency)."""
+    sampler.reset()
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        out = sampler.step(model_fn(x, t_batch), t, x, generator)
+        x = out.prev_sample
+        if callback is not None:
+            callback(i, t, out)
+    return x

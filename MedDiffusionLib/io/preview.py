@@ -1,0 +1,70 @@
+"""PNG previews of volumes: three orthogonal mid-slices side by side (no imaging library needed)."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a (H, W) uint8 grey or (H, W, 3) uint8 RGB array as PNG bytes."""
+    img = np.ascontiguousarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"encode_png needs (H,W) or (H,W,3) uint8, got {img.shape} {img.dtype}")
+    height, width = img.shape[:2]
+    color_type = 0 if img.ndim == 2 else 2
+    # Each row is prefixed with filter type 0 (none).
+    rows = img.reshape(height, -1)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def _to_uint8(slice_: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = (np.asarray(slice_, np.float32) - lo) / max(hi - lo, 1e-8)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def mid_slice_montage(volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, float] | None = None,
+                      window: tuple[float, float] | None = None, gap: int = 4) -> np.ndarray:
+    """Axial, coronal and sagittal mid-slices of a SimpleITK-ordered (Z, Y, X) array as one uint8 image.
+
+    Slices are resampled (nearest) to square pixels when a spacing is given, so anisotropic volumes look right.
+    """
+    vol = np.asarray(volume_zyx, np.float32)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {vol.shape}")
+    lo, hi = window if window is not None else (float(np.percentile(vol, 0.5)), float(np.percentile(vol, 99.5)))
+    sx, sy, sz = spacing_xyz or (1.0, 1.0, 1.0)
+    z, y, x = (s // 2 for s in vol.shape)
+    # (rows, cols) with their physical spacing; coronal and sagittal are flipped so superior is up.
+    views = [
+        (vol[z], sy, sx),
+        (vol[:, y, :][::-1], sz, sx),
+        (vol[:, :, x][::-1], sz, sy),
+    ]
+    tiles = []
+    for img, row_sp, col_sp in views:
+        base = min(row_sp, col_sp)
+        rows = max(1, int(round(img.shape[0] * row_sp / base)))
+        cols = max(1, int(round(img.shape[1] * col_sp / base)))
+        ri = np.minimum((np.arange(rows) * img.shape[0] / rows).astype(int), img.shape[0] - 1)
+        ci = np.minimum((np.arange(cols) * img.shape[1] / cols).astype(int), img.shape[1] - 1)
+        tiles.append(_to_uint8(img[ri][:, ci], lo, hi))
+    height = max(t.shape[0] for t in tiles)
+    padded = [np.pad(t, ((0, height - t.shape[0]), (0, gap))) for t in tiles]
+    return np.concatenate(padded, axis=1)[:, :-gap]
+
+
+def save_preview(path: str | Path, volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, float] | None = None,
+                 window: tuple[float, float] | None = None) -> None:
+    """Write the mid-slice montage of a (Z, Y, X) volume to a PNG file (atomically)."""
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, encode_png(mid_slice_montage(volume_zyx, spacing_xyz, window)))

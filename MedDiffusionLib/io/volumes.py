@@ -1,0 +1,136 @@
+"""Reading and writing 3D volumes with their geometry (spacing, origin, direction) through SimpleITK.
+
+Reads NRRD, NIfTI, MetaImage and DICOM series folders; writes single-file formats atomically. Every failure a
+user can cause raises ``InputError`` with a message naming the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..errors import InputError
+from .atomic import atomic_write_path, check_writable, full_suffix
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "WRITABLE_SUFFIXES",
+    "DICOM_SUFFIXES",
+    "read_volume",
+    "read_dicom_series",
+    "write_volume",
+    "is_supported_path",
+]
+
+# Files read directly. ".nhdr"/".mhd" are headers with a detached data file.
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+# Written as a single file only: a detached header names its data file, which would point at the temporary
+# name after the atomic rename, so .nhdr/.mhd are not offered for writing.
+WRITABLE_SUFFIXES: tuple[str, ...] = (".nrrd", ".nii", ".nii.gz", ".mha")
+# A single DICOM file stands for the series in its folder.
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".ima")
+
+
+def is_supported_path(path: str | os.PathLike[str]) -> bool:
+    """True for a readable volume file suffix or an existing folder (DICOM series)."""
+    p = Path(path)
+    return p.is_dir() or full_suffix(p) in SUPPORTED_SUFFIXES + DICOM_SUFFIXES
+
+
+def _validate(img: sitk.Image, source: str) -> sitk.Image:
+    """Squeeze a trailing singleton 4th axis; refuse non-3D, empty and multi-component images."""
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"'{source}' has {img.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector/complex "
+            "image); a scalar (grey-level) volume is needed"
+        )
+    dim = img.GetDimension()
+    if dim == 4 and img.GetSize()[3] == 1:
+        # Some NIfTI writers store a 3D volume as X x Y x Z x 1.
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+        dim = 3
+    if dim != 3:
+        raise InputError(f"'{source}' is a {dim}D image of size {tuple(img.GetSize())}; a 3D volume is needed")
+    if min(img.GetSize()) < 1:
+        raise InputError(f"'{source}' is empty (size {tuple(img.GetSize())})")
+    return img
+
+
+def read_dicom_series(folder: str | os.PathLike[str]) -> sitk.Image:
+    """Read the DICOM series with the most files in ``folder`` (not recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"DICOM folder '{folder}' does not exist")
+    reader = sitk.ImageSeriesReader()
+    try:
+        series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:
+        raise InputError(f"Could not scan '{folder}' for DICOM files: {exc}") from exc
+    if not series_ids:
+        raise InputError(f"No DICOM series found in folder '{folder}'")
+    # Largest series wins: a study folder often also holds scouts/localisers with a handful of slices.
+    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    best = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
+    files = files_per_series[best]
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"Could not read the DICOM series in '{folder}': {_short(exc)}") from exc
+    return _validate(img, str(folder))
+
+
+def _short(exc: BaseException) -> str:
+    # ITK exceptions are long multi-line dumps; the last non-empty line carries the description.
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_volume(path: str | os.PathLike[str]) -> sitk.Image:
+    """Read a 3D scalar volume (NRRD, NIfTI, MetaImage, or a DICOM folder / file of a series).
+
+    Geometry (spacing, origin, direction) is kept as the file states it; the pixel type is unchanged.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"Volume file '{p}' does not exist")
+    if p.is_dir():
+        return read_dicom_series(p)
+    suffix = full_suffix(p)
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom_series(p.parent)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise InputError(
+            f"'{p.name}' has an unsupported extension '{suffix or '(none)'}'; supported: "
+            f"{', '.join(SUPPORTED_SUFFIXES)} or a DICOM folder"
+        )
+    if p.stat().st_size == 0:
+        raise InputError(f"Volume file '{p}' is empty (0 bytes)")
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"Could not read volume file '{p}': {_short(exc)}") from exc
+    return _validate(img, str(p))
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike[str], compress: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically; the format follows the suffix (see ``WRITABLE_SUFFIXES``).
+
+    ``compress`` enables the format's lossless compression (gzip for NRRD/MHA; '.nii.gz' is always compressed).
+    """
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"write_volume expects a SimpleITK image, got {type(image).__name__}")
+    suffix = full_suffix(path)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise InputError(
+            f"Cannot write '{Path(path).name}': unsupported extension '{suffix or '(none)'}'; "
+            f"use one of {', '.join(WRITABLE_SUFFIXES)}"
+        )
+    dest = check_writable(path)
+    with atomic_write_path(dest) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise InputError(f"Could not write volume file '{dest}': {_short(exc)}") from exc
+    return dest

@@ -1,0 +1,163 @@
+"""Building blocks of the Patch-Volume autoencoder (encoder and joint decoder).
+
+Attribute names equal the authors' state-dict key names (``conv_blocks.N.res1``, ``mid_block.attn.to_qkv``,
+``up.conv_trans``, ``resConv`` ...) so their checkpoints load without a key mapping.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The authors' autoencoder uses GroupNorm eps 1e-6 everywhere (not PyTorch's default 1e-5).
+GROUPNORM_EPS = 1e-6
+ATTN_HEADS = 4
+ATTN_DIM_HEAD = 32
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    if channels % num_groups != 0:
+        raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
+    return nn.GroupNorm(num_groups, channels, eps=GROUPNORM_EPS, affine=True)
+
+
+def conv3(in_ch: int, out_ch: int) -> nn.Conv3d:
+    return nn.Conv3d(in_ch, out_ch, kernel_size=3, stride=1, padding=1)
+
+
+class ResBlock(nn.Module):
+    """norm, SiLU, conv3, norm, SiLU, conv3, plus the input (through a 1x1x1 conv when channels change)."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch, num_groups)
+        self.conv1 = conv3(in_ch, out_ch)
+        self.norm2 = group_norm(out_ch, num_groups)
+        self.conv2 = conv3(out_ch, out_ch)
+        # Only created when needed: the official checkpoints have `resConv` keys only where channels change.
+        if in_ch != out_ch:
+            self.resConv = nn.Conv3d(in_ch, out_ch, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = self.resConv(x) if hasattr(self, "resConv") else x
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all voxels (flattened in D, H, W order), GroupNorm before, residual."""
+
+    def __init__(self, channels: int, num_groups: int, heads: int = ATTN_HEADS,
+                 dim_head: int = ATTN_DIM_HEAD) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = heads * dim_head
+        self.norm = group_norm(channels, num_groups)
+        self.to_qkv = nn.Linear(channels, 3 * inner, bias=False)
+        self.to_out = nn.Conv3d(inner, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d, h, w = x.shape
+        n = d * h * w
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        qkv = self.to_qkv(tokens).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, dim_head)
+        # SDPA picks a memory-efficient kernel: the 4x model attends over 16^3 = 4096 tokens per patch.
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+        out = out.permute(0, 1, 3, 2).reshape(b, self.heads * self.dim_head, d, h, w)
+        return x + self.to_out(out)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, num_groups: int) -> None:
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, num_groups)
+        self.attn = AttentionBlock(channels, num_groups)
+        self.res2 = ResBlock(channels, channels, num_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x)))
+
+
+class EncoderLevel(nn.Module):
+    """Two ResBlocks, then (except at the last level) a stride-2 k4 conv halving every spatial dim."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int, downsample: bool) -> None:
+        super().__init__()
+        self.res1 = ResBlock(in_ch, out_ch, num_groups)
+        self.res2 = ResBlock(out_ch, out_ch, num_groups)
+        self.down: nn.Module = (nn.Conv3d(out_ch, out_ch, kernel_size=4, stride=2, padding=1)
+                                if downsample else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.res2(self.res1(x)))
+
+
+class Upsample(nn.Module):
+    """Stride-2 k4 transposed conv doubling every spatial dim (a wrapper so the key is `up.conv_trans`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_trans = nn.ConvTranspose3d(channels, channels, kernel_size=4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_trans(x)
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, num_groups: int, upsample: bool) -> None:
+        super().__init__()
+        self.res1 = ResBlock(in_ch, out_ch, num_groups)
+        self.res2 = ResBlock(out_ch, out_ch, num_groups)
+        self.up: nn.Module = Upsample(out_ch) if upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.res2(self.res1(x)))
+
+
+def level_channels(n_hiddens: int, n_levels: int) -> list[int]:
+    """Output channels of the encoder levels: doubling per level, capped at the deepest (n_levels+1 levels).
+
+    Official 8x: [48, 96, 192, 192]; 4x: [48, 96, 96]. The decoder uses the reverse.
+    """
+    return [n_hiddens * 2 ** min(i, n_levels - 1) for i in range(n_levels + 1)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, n_hiddens: int, n_levels: int, embedding_dim: int, num_groups: int,
+                 image_channels: int) -> None:
+        super().__init__()
+        chans = level_channels(n_hiddens, n_levels)
+        self.conv_first = conv3(image_channels, n_hiddens)
+        ins = [n_hiddens] + chans[:-1]
+        self.conv_blocks = nn.ModuleList(
+            EncoderLevel(ci, co, num_groups, downsample=i < n_levels) for i, (ci, co) in enumerate(zip(ins, chans)))
+        self.mid_block = MidBlock(chans[-1], num_groups)
+        self.final_block = nn.Sequential(group_norm(chans[-1], num_groups), nn.SiLU(), conv3(chans[-1], embedding_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_first(x)
+        for block in self.conv_blocks:
+            h = block(h)
+        return self.final_block(self.mid_block(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, n_hiddens: int, n_levels: int, embedding_dim: int, num_groups: int,
+                 image_channels: int) -> None:
+        super().__init__()
+        chans = level_channels(n_hiddens, n_levels)[::-1]
+        self.conv_first = conv3(embedding_dim, chans[0])
+        self.mid_block = MidBlock(chans[0], num_groups)
+        ins = [chans[0]] + chans[:-1]
+        self.conv_blocks = nn.ModuleList(
+            DecoderLevel(ci, co, num_groups, upsample=i < n_levels) for i, (ci, co) in enumerate(zip(ins, chans)))
+        self.final_block = nn.Sequential(group_norm(chans[-1], num_groups), nn.SiLU(), conv3(chans[-1], image_channels))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid_block(self.conv_first(z))
+        for block in self.conv_blocks:
+            h = block(h)
+        return self.final_block(h)

@@ -1,0 +1,95 @@
+"""Pieces shared by the generation and reconstruction pipelines: devices, seeds, latent scaling, denoising loop."""
+from __future__ import annotations
+
+import contextlib
+import secrets
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..diffusion import GaussianDiffusion, make_sampler
+from ..errors import InputError
+from .progress import CancelFlag, ProgressCallback, ProgressTracker
+
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmpp": 50}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' picks CUDA when present; an unavailable CUDA request is a clear error, not a deep torch one."""
+    name = str(device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device '{device}': use auto, cpu or cuda") from exc
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    if seed is None:
+        return secrets.randbelow(2**31 - 1)
+    if not 0 <= int(seed) < 2**63:
+        raise InputError(f"seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def resolve_steps(sampler: str, steps: Optional[int], timesteps: int) -> int:
+    if sampler not in DEFAULT_STEPS:
+        raise InputError(f"unknown sampler '{sampler}': choose one of {', '.join(DEFAULT_STEPS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
+    if not 1 <= steps <= timesteps:
+        raise InputError(f"steps must be between 1 and {timesteps}, got {steps}")
+    return steps
+
+
+def normalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torch.Tensor:
+    """Continuous encoder output -> [-1, 1] using the codebook's global min and max (the authors' scaling)."""
+    lo, hi = latent_range
+    return (z - lo) / (hi - lo) * 2.0 - 1.0
+
+
+def denormalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torch.Tensor:
+    lo, hi = latent_range
+    return (z + 1.0) / 2.0 * (hi - lo) + lo
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs (the networks are written for it); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_latent(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
+                  sampler_name: str, steps: int, seed: int, device: torch.device,
+                  diffusion: Optional[GaussianDiffusion] = None,
+                  guide: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> torch.Tensor:
+    """Run a sampler from pure noise. `denoise(x, t_batch) -> eps`; `guide(prev, pred_x0, t)` may project the
+    sample after each step (data consistency). The same seed on the same device gives the same latent."""
+    diffusion = diffusion or GaussianDiffusion()
+    sampler = make_sampler(sampler_name, diffusion)
+    sampler.set_timesteps(steps)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    tracker = ProgressTracker(len(sampler.timesteps), progress, cancel, "sampling")
+    tracker.begin()
+    for t in sampler.timesteps:
+        t_int = int(t)
+        t_batch = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
+        with autocast_for(device):
+            eps = denoise(x, t_batch)
+        out = sampler.step(eps.float(), t_int, x, generator=generator)
+        x = out.prev_sample
+        if guide is not None:
+            x = guide(x, out.pred_x0, t_int)
+        tracker.advance()
+    return x
+
+
+@contextlib.contextmanager
+def inference_mode() -> Iterator[None]:
+    with torch.inference_mode():
+        yield

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from MedDiffusionLib.errors import CheckpointError, InputError
-from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
+from MedDiffusionLib.models.autoencoder import IGNORED_OFFICIAL_PREFIXES, PatchVolumeAutoencoder
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -66,7 +66,10 @@ def test_codebook_range_and_initialised(ae_fixture):
 # ----------------------------------------------------------------------------- official layout
 @pytest.mark.parametrize("name,downsample", [("ae8x", 8), ("ae4x", 4)])
 def test_full_size_keys_and_shapes_match_manifest(reference_dir, name, downsample):
-    manifest = json.loads((reference_dir / "official_state_dict_manifest.json").read_text())[name]
+    full = json.loads((reference_dir / "official_state_dict_manifest.json").read_text())[name]
+    # The manifest also lists the training-only discriminator, which inference does not build.
+    manifest = {k: v for k, v in full.items() if not k.startswith(IGNORED_OFFICIAL_PREFIXES)}
+    assert len(manifest) > 100
     with torch.device("meta"):  # no memory, no init cost
         model = PatchVolumeAutoencoder(n_hiddens=48, downsample=downsample, embedding_dim=8, n_codes=8192,
                                        num_groups=24)
@@ -151,6 +154,7 @@ def test_downsample8_shapes():
                                          ((1, 1, 6, 16, 16), 16),  # smaller than the patch but not a multiple of 4
                                          ((1, 2, 16, 16, 16), 16),  # wrong channel count
                                          ((1, 16, 16, 16), 16),  # no batch axis
+                                         ((0, 1, 16, 16, 16), 16),  # empty batch
                                          ((1, 1, 16, 16, 16), 10)])  # patch not a multiple of the downsample
 def test_bad_volume_sizes_raise_input_error(shape, patch):
     model = small_ae()
@@ -215,3 +219,12 @@ def test_load_wrong_config_raises(ae_fixture):
     _, _, _, sd = ae_fixture
     with pytest.raises(CheckpointError, match="shape mismatches"):
         small_ae(downsample=4).load_official_state_dict(sd)  # 16 codes instead of 64
+
+
+def test_load_full_manifest_layout_on_meta(reference_dir):
+    # The real 8x key set (discriminator included) loads; shapes come from the manifest, values stay on meta.
+    full = json.loads((reference_dir / "official_state_dict_manifest.json").read_text())["ae8x"]
+    with torch.device("meta"):
+        model = PatchVolumeAutoencoder()
+        sd = {k: torch.empty(v) for k, v in full.items()}
+    model.load_official_state_dict(sd)

@@ -20,24 +20,37 @@ import io
 import os
 import pickle
 import types
-import typing
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["safe_torch_load", "safe_pickle_module", "UnsafeGlobalError", "to_plain"]
+__all__ = ["safe_torch_load", "safe_pickle_module", "UnsafePickleError", "UnsafeGlobalError", "to_plain"]
 
 
-class UnsafeGlobalError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle tries something the restricted unpickler does not allow."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnsafeGlobalError(UnsafePickleError):
     """The pickle references a global that is not on the allow-list."""
 
     def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
         self.qualname = f"{module}.{name}"
+        super().__init__(f"it references {_friendly(self.qualname)}, which could run code")
+
+
+def _friendly(qualname: str) -> str:
+    # os.system pickles as posix.system (nt.system on Windows): name the module users know.
+    module, _, name = qualname.rpartition(".")
+    return f"os.{name}" if module in ("posix", "nt") else qualname
 
 
 # --------------------------------------------------------------------------------------------- stand-ins
@@ -102,32 +115,24 @@ _TYPING_NAMES = ("Any", "Dict", "List", "Tuple", "Optional", "Union", "Sequence"
 
 
 def _numpy_global(module: str, name: str) -> Any:
-    # numpy is imported only when a checkpoint references it; these build arrays/scalars from bytes and
-    # dtypes, never calling stored functions. Both numpy 1 (numpy.core) and numpy 2 (numpy._core) names.
-    import numpy as np
-
-    table: dict[str, Callable[..., Any]] = {
-        "multiarray._reconstruct": np.ndarray.__new__ if False else _np_multiarray()._reconstruct,
-        "multiarray.scalar": _np_multiarray().scalar,
-    }
-    if module in ("numpy", "numpy.core", "numpy._core") or module.startswith("numpy.dtypes"):
-        if name == "ndarray":
-            return np.ndarray
-        if name == "dtype":
-            return np.dtype
-        if module.startswith("numpy.dtypes") and name.endswith("DType"):
-            return getattr(np.dtypes, name)
-    key = f"{module.split('.')[-1]}.{name}"
-    if module.rsplit(".", 1)[0] in ("numpy.core", "numpy._core") and key in table:
-        return table[key]
-    raise UnsafeGlobalError(module, name)
-
-
-def _np_multiarray() -> types.ModuleType:
+    """numpy scalars/arrays: imported only when referenced; these rebuild values from bytes and dtypes."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-    return core.multiarray
+    if module in ("numpy", "numpy.core", "numpy._core") and name == "ndarray":
+        return np.ndarray
+    if module in ("numpy", "numpy.core", "numpy._core") and name == "dtype":
+        return _numpy_dtype_copy
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+        return getattr(core.multiarray, name)
+    raise UnsafeGlobalError(module, name)
+
+
+def _numpy_dtype_copy(obj: Any, align: bool = False, copy: bool = True) -> Any:
+    # Always a fresh dtype: the following BUILD must never modify numpy's shared built-in dtype objects.
+    import numpy as np
+
+    return np.dtype(obj, bool(align), True)
 
 
 def _fixed_globals() -> dict[str, Any]:
@@ -173,12 +178,15 @@ def _fixed_globals() -> dict[str, Any]:
 
 
 _ALLOWED: dict[str, Any] | None = None
+_ALLOWED_IDS: frozenset[int] = frozenset()
 
 
 def _allowed() -> dict[str, Any]:
-    global _ALLOWED
+    global _ALLOWED, _ALLOWED_IDS
     if _ALLOWED is None:
-        _ALLOWED = _fixed_globals()
+        table = _fixed_globals()
+        _ALLOWED_IDS = frozenset(id(v) for v in table.values())
+        _ALLOWED = table
     return _ALLOWED
 
 
@@ -198,11 +206,28 @@ def _resolve(module: str, name: str, proto: int) -> Any:
     raise UnsafeGlobalError(module, name)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves globals only from the allow-list (the documented safe pattern)."""
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickler that resolves globals only from the allow-list (the documented safe pattern).
+
+    The pure-Python unpickler is used so that BUILD can be checked too: a pickle may otherwise set attributes
+    on an allowed class or shared object (``setattr(SomeClass, ...)``), changing them for the whole process.
+    Pickles of checkpoints are small (tensor data lives outside them), so speed does not matter here.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - see class docstring
         return _resolve(module, name, getattr(self, "proto", 2))
+
+    def _load_build_checked(self) -> None:
+        inst = self.stack[-2]
+        if isinstance(inst, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)) \
+                or id(inst) in _ALLOWED_IDS:
+            raise UnsafePickleError(f"it tries to modify {getattr(inst, '__qualname__', type(inst).__name__)}, "
+                                    "a shared object")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build_checked
 
 
 def _restricted_load(file: Any, **kwargs: Any) -> Any:
@@ -333,11 +358,10 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu", pla
     _check_not_torchscript(p)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=False, pickle_module=safe_pickle_module)
-    except UnsafeGlobalError as exc:
+    except UnsafePickleError as exc:
         raise CheckpointError(
-            f"Refusing to load '{p}': it references {exc.qualname}, which could run code. Only tensors, "
-            "plain containers and known configuration objects are accepted; if you trust the file, convert "
-            "it to the safetensors format with a trusted Python first") from None
+            f"Refusing to load '{p}': {exc.reason}. Only tensors, plain containers and known configuration "
+            "objects (OmegaConf, argparse) are accepted") from None
     except CheckpointError:
         raise
     except RuntimeError as exc:

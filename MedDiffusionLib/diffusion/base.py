@@ -23,15 +23,29 @@ class SamplerStepOutput(NamedTuple):
     pred_x0: torch.Tensor
 
 
-def spaced_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """`steps` timesteps evenly spaced over [0, T-1], descending, both ends included.
+SPACINGS: tuple[str, ...] = ("linear", "quadratic")
 
-    One step uses T-1 alone (starting from pure noise and jumping to the data). The spacing is >= 1, so
-    rounding never merges two timesteps."""
+
+def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "linear") -> torch.Tensor:
+    """`steps` distinct timesteps over [0, T-1], descending, both ends included (T-1 alone for one step).
+
+    "linear": evenly spaced in time (improved-DDPM respacing; the spacing is >= 1, so rounding never
+    merges two timesteps). "quadratic": t_k = (T-1) (k/(n-1))^2 as in the DDIM paper, denser at low
+    noise; consecutive equal values are pushed up by one, which keeps them distinct and <= T-1 (the
+    parabola lies under the line of slope 1 through (n-1, T-1)). Both give all T timesteps for n = T.
+    """
+    t_max = num_train_timesteps - 1
     if steps == 1:
-        return torch.tensor([num_train_timesteps - 1], dtype=torch.long)
-    grid = torch.linspace(num_train_timesteps - 1, 0, steps, dtype=torch.float64)
-    return grid.round().long()
+        return torch.tensor([t_max], dtype=torch.long)
+    frac = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    if spacing == "linear":
+        return (frac * t_max).round().long().flip(0)
+    if spacing != "quadratic":
+        raise InputError(f"unknown timestep spacing '{spacing}' (valid: {', '.join(SPACINGS)})")
+    grid: list[int] = []
+    for v in (frac.square() * t_max).round().long().tolist():
+        grid.append(max(v, grid[-1] + 1) if grid else v)
+    return torch.tensor(grid[::-1], dtype=torch.long)
 
 
 class Sampler:
@@ -39,9 +53,15 @@ class Sampler:
 
     name: str = "base"
 
-    def __init__(self, diffusion: GaussianDiffusion, steps: int | None = None, clip_x0: bool = True) -> None:
+    default_spacing: str = "linear"
+
+    def __init__(self, diffusion: GaussianDiffusion, steps: int | None = None, clip_x0: bool = True,
+                 spacing: str | None = None) -> None:
         self.diffusion = diffusion
         self.num_train_timesteps = diffusion.num_timesteps
+        self.spacing = self.default_spacing if spacing is None else spacing
+        if self.spacing not in SPACINGS:
+            raise InputError(f"unknown timestep spacing '{self.spacing}' (valid: {', '.join(SPACINGS)})")
         # Latents/images live in [-1, 1]; clipping the x0 estimate (as the authors do) keeps samples in range.
         self.clip_x0 = clip_x0
         self.set_timesteps(self.default_steps if steps is None else steps)
@@ -69,7 +89,7 @@ class Sampler:
         self.reset()
 
     def _make_timesteps(self, steps: int) -> torch.Tensor:
-        return spaced_timesteps(self.num_train_timesteps, steps)
+        return spaced_timesteps(self.num_train_timesteps, steps, self.spacing)
 
     def reset(self) -> None:
         """Forget multistep state (called by `set_timesteps` and at the first timestep of a run)."""
@@ -98,10 +118,14 @@ class Sampler:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return _randn(shape, generator, dev, dtype)
 
-    def _pred_x0(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _check_shape(model_output: torch.Tensor, x: torch.Tensor) -> None:
         if model_output.shape != x.shape:
             raise InputError(f"model output shape {tuple(model_output.shape)} does not match the sample "
                              f"shape {tuple(x.shape)}")
+
+    def _pred_x0(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        self._check_shape(model_output, x)
         x0 = self.diffusion.predict_x0_from_eps(x, t, model_output)
         return x0.clamp(-1.0, 1.0) if self.clip_x0 else x0
 

@@ -91,6 +91,11 @@ class GaussianDiffusion:
             setattr(self, name, value.to(torch.float32))
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
+    @property
+    def timesteps(self) -> int:
+        """T, the number of training timesteps (same as `num_timesteps`; the constructor's name)."""
+        return self.num_timesteps
+
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "GaussianDiffusion":
         """A diffusion with explicit betas (used for respaced schedules)."""

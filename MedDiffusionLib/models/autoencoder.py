@@ -56,6 +56,7 @@ class PatchVolumeAutoencoder(nn.Module):
     def _patch_shape(self, spatial: tuple[int, ...], patch_size: int) -> tuple[int, int, int]:
         """Per-dim patch size: `patch_size`, or the whole dim when the volume is smaller than a patch."""
         f = self.downsample
+        patch_size = int(patch_size)
         if patch_size <= 0 or patch_size % f:
             raise InputError(f"patch size {patch_size} must be a positive multiple of the downsample factor {f}")
         patch = []
@@ -75,6 +76,8 @@ class PatchVolumeAutoencoder(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != self.image_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"expected a volume tensor (B, {self.image_channels}, D, H, W), got {shape}")
+        if x.numel() == 0:
+            raise InputError(f"the volume is empty: shape {tuple(x.shape)}")
 
     def encode(self, x: torch.Tensor, patch_size: int = 64, patches_per_batch: int = 4) -> torch.Tensor:
         """Continuous latent (B, e, D/f, H/f, W/f) after pre_vq_conv, encoded patch by patch.

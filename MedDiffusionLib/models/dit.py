@@ -76,10 +76,20 @@ class DiTAttention(nn.Module):
 
     def forward(self, x: Tensor, group: int) -> Tensor:
         b, length, c = x.shape
-        qkv = self.qkv(x).view(b * length // group, group, 3, self.heads, c // self.heads)
+        heads = self.heads
+        hd = c // heads
+        # Pad the head size to a multiple of 8 with zero weight rows/columns (72/8 = 9 -> 16): identical result,
+        # but the SDPA kernels (CPU flash, CUDA flash/cuDNN) run ~1.5x faster or become usable at all.
+        hp = -(-hd // 8) * 8
+        w_qkv, b_qkv, w_proj = self.qkv.weight, self.qkv.bias, self.proj.weight
+        if hp != hd:
+            w_qkv = F.pad(w_qkv.view(3, heads, hd, c), (0, 0, 0, hp - hd)).view(3 * heads * hp, c)
+            b_qkv = F.pad(b_qkv.view(3, heads, hd), (0, hp - hd)).view(3 * heads * hp)
+            w_proj = F.pad(w_proj.view(c, heads, hd), (0, hp - hd)).view(c, heads * hp)
+        qkv = F.linear(x, w_qkv, b_qkv).view(b * length // group, group, 3, heads, hp)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(b, length, c))
+        o = F.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5)
+        return F.linear(o.transpose(1, 2).reshape(b, length, heads * hp), w_proj, self.proj.bias)
 
 
 class DiTMlp(nn.Module):

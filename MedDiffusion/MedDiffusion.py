@@ -1,0 +1,441 @@
+"""3D Slicer module: generate synthetic 3D CT/MR volumes and reconstruct sparse-view CT / undersampled MRI with
+3D MedDiffusion.
+
+Only the Qt layer lives here (module description, panel, self-test). Everything else is in the Qt-free
+MedDiffusionLogic package next to this file, tested headlessly against slicer-core.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+
+def _add_import_paths() -> None:
+    """Make MedDiffusionLogic and MedDiffusionLib importable. Installed as an extension both are copied next to
+    this file; run from a source checkout (module path <repo>/MedDiffusion) the library is in the parent folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import MedDiffusionLib  # noqa: F401
+    except ImportError:
+        repo = os.path.dirname(here)
+        if os.path.isdir(os.path.join(repo, "MedDiffusionLib")) and repo not in sys.path:
+            sys.path.insert(0, repo)
+
+
+_add_import_paths()
+
+import ctk  # noqa: E402,F401  (registers the ctk widgets used by the .ui file)
+import qt  # noqa: E402
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
+    ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin  # noqa: E402
+
+from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
+from MedDiffusionLogic.backends import AnatomyChoice, anatomy_choices  # noqa: E402
+from MedDiffusionLogic.logic import MedDiffusionLogic  # noqa: E402
+from MedDiffusionLogic.parameters import (  # noqa: E402
+    DEVICES, MASKS, MODALITIES, SAMPLERS, TASKS, MedDiffusionParameterNode, MedDiffusionParameters, format_size)
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer < 5.4
+    def _(text: str) -> str:
+        return text
+
+TOKEN_SETTING = "MedDiffusion/ServerToken"
+POLL_INTERVAL_MS = 200
+
+
+class MedDiffusion(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedDiffusion")
+        self.parent.categories = [_("Reconstruction")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedDiffusion project contributors"]
+        self.parent.helpText = _(
+            "Generate synthetic 3D CT and MR volumes with the 3D MedDiffusion latent diffusion model, and "
+            "reconstruct sparse-view CT or undersampled MRI with the model as a prior. Runs on this computer "
+            "(PyTorch, GPU recommended) or on a MedDiffusion server. See docs/SLICER.md of the project for the "
+            "controls. Generated images are synthetic and not for diagnostic use.")
+        self.parent.acknowledgementText = _(
+            "Based on 3D MedDiffusion (Wang et al., 'A 3D Latent Diffusion Model for Controllable and "
+            "High-quality Medical Image Generation'). The module follows the 3D Slicer scripted module template.")
+
+
+class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: copies controls into the parameter node, starts jobs in the logic, polls them with a timer."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: MedDiffusionLogic | None = None
+        self._parameterNode: MedDiffusionParameterNode | None = None
+        self._updatingGUI = False
+        self._anatomies: list[AnatomyChoice] = []
+        self._runningButton = None
+        self._timer = None
+
+    # ------------------------------------------------------------------ setup and lifetime
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDiffusion.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedDiffusionLogic(slicer.mrmlScene)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        ui = self.ui
+        for radio in (ui.localRadioButton, ui.remoteRadioButton, ui.useDemoModelCheckBox, ui.randomSeedCheckBox,
+                      ui.simulateRadioButton, ui.degradedRadioButton, ui.dataConsistencyCheckBox):
+            radio.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        for combo in (ui.deviceComboBox, ui.samplerComboBox, ui.taskComboBox, ui.maskComboBox, ui.sizeComboBox):
+            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        ui.modalityComboBox.connect("currentIndexChanged(int)", self.onModalityChanged)
+        ui.anatomyComboBox.connect("currentIndexChanged(int)", self.onAnatomyChanged)
+        for spin in (ui.stepsSpinBox, ui.seedSpinBox, ui.viewsSpinBox, ui.accelerationSpinBox):
+            spin.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+        for path in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
+            path.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+
+        # The token stays in application settings: scenes are shared, tokens must not travel with them.
+        ui.tokenLineEdit.text = qt.QSettings().value(TOKEN_SETTING, "") or ""
+        ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
+
+        ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        ui.generateButton.connect("clicked(bool)", self.onGenerateButton)
+        ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
+
+        self._anatomies = self._builtinAnatomies()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.cancel(wait_s=2.0)
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # Results of a running job would land in the next scene: stop it.
+        if self.logic is not None and self.logic.is_running:
+            self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Developer 'Reload': also reload the logic package, not just this file."""
+        if self.logic is not None:
+            self.logic.cancel(wait_s=2.0)
+        for name in [n for n in sys.modules if n == "MedDiffusionLogic" or n.startswith("MedDiffusionLogic.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # ------------------------------------------------------------------ parameter node <-> GUI
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.parameter_node(slicer.mrmlScene))
+        if self._parameterNode.input_volume is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None:
+                self._parameterNode.input_volume = first
+
+    def setParameterNode(self, wrapper: MedDiffusionParameterNode | None) -> None:
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode.node, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGUIFromParameterNode)
+        self._parameterNode = wrapper
+        if wrapper is not None:
+            self.addObserver(wrapper.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            p = self._parameterNode.read()
+            ui = self.ui
+            ui.localRadioButton.checked = p.backend == "local"
+            ui.remoteRadioButton.checked = p.backend == "remote"
+            ui.deviceComboBox.currentIndex = DEVICES.index(p.device)
+            ui.serverUrlLineEdit.text = p.server_url
+            ui.useDemoModelCheckBox.checked = p.use_demo_model
+            ui.bundlePathLineEdit.currentPath = p.bundle_dir
+            ui.autoencoderPathLineEdit.currentPath = p.autoencoder_path
+            ui.denoiserPathLineEdit.currentPath = p.denoiser_path
+            ui.modalityComboBox.currentIndex = MODALITIES.index(p.modality)
+            self._fillAnatomies(p)
+            self._fillSizes(p)
+            ui.samplerComboBox.currentIndex = SAMPLERS.index(p.sampler)
+            ui.stepsSpinBox.value = p.steps
+            ui.seedSpinBox.value = p.seed
+            ui.randomSeedCheckBox.checked = p.random_seed
+            ui.inputVolumeSelector.setCurrentNode(self._parameterNode.input_volume)
+            ui.taskComboBox.currentIndex = TASKS.index(p.task)
+            ui.viewsSpinBox.value = p.views
+            ui.accelerationSpinBox.value = p.acceleration
+            ui.maskComboBox.currentIndex = MASKS.index(p.mask)
+            ui.simulateRadioButton.checked = p.simulate
+            ui.degradedRadioButton.checked = not p.simulate
+            ui.dataConsistencyCheckBox.checked = p.data_consistency
+            self._updateEnabledState(p)
+        finally:
+            self._updatingGUI = False
+
+    def _updateEnabledState(self, p: MedDiffusionParameters) -> None:
+        ui = self.ui
+        remote = p.backend == "remote"
+        ui.deviceComboBox.enabled = not remote
+        ui.serverUrlLineEdit.enabled = ui.tokenLineEdit.enabled = remote
+        for widget in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
+            widget.enabled = not remote and not p.use_demo_model
+        ui.useDemoModelCheckBox.enabled = not remote
+        ui.seedSpinBox.enabled = not p.random_seed
+        sparse_ct = p.task == "sparse-ct"
+        ui.viewsSpinBox.enabled = sparse_ct
+        ui.accelerationSpinBox.enabled = ui.maskComboBox.enabled = not sparse_ct
+        running = self.logic is not None and self.logic.is_running
+        ui.generateButton.enabled = not running or self._runningButton is ui.generateButton
+        has_input = self._parameterNode is not None and self._parameterNode.input_volume is not None
+        ui.reconstructButton.enabled = self._runningButton is ui.reconstructButton if running else has_input
+        if not running:
+            ui.reconstructButton.toolTip = (_("Reconstruct the input volume. While running, the button cancels.")
+                                            if ui.reconstructButton.enabled else _("Select an input volume first."))
+
+    def updateParameterNodeFromGUI(self, *args) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        ui = self.ui
+        sizeData = ui.sizeComboBox.itemData(ui.sizeComboBox.currentIndex)
+        changes = dict(
+            backend="remote" if ui.remoteRadioButton.checked else "local",
+            device=DEVICES[max(ui.deviceComboBox.currentIndex, 0)],
+            server_url=ui.serverUrlLineEdit.text.strip(),
+            use_demo_model=ui.useDemoModelCheckBox.checked,
+            bundle_dir=ui.bundlePathLineEdit.currentPath,
+            autoencoder_path=ui.autoencoderPathLineEdit.currentPath,
+            denoiser_path=ui.denoiserPathLineEdit.currentPath,
+            modality=MODALITIES[max(ui.modalityComboBox.currentIndex, 0)],
+            size=str(sizeData) if sizeData else "",
+            sampler=SAMPLERS[max(ui.samplerComboBox.currentIndex, 0)],
+            steps=int(ui.stepsSpinBox.value), seed=int(ui.seedSpinBox.value),
+            random_seed=ui.randomSeedCheckBox.checked,
+            task=TASKS[max(ui.taskComboBox.currentIndex, 0)],
+            views=int(ui.viewsSpinBox.value), acceleration=int(ui.accelerationSpinBox.value),
+            mask=MASKS[max(ui.maskComboBox.currentIndex, 0)],
+            simulate=ui.simulateRadioButton.checked, data_consistency=ui.dataConsistencyCheckBox.checked)
+        try:
+            self._parameterNode.update(**changes)
+        except ValueError as exc:  # a value the panel should not be able to produce; keep the old one
+            logging.warning("MedDiffusion: %s", exc)
+        node = ui.inputVolumeSelector.currentNode()
+        if node is not self._parameterNode.input_volume:
+            self._parameterNode.input_volume = node
+
+    def onModalityChanged(self, index: int) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        modality = MODALITIES[max(index, 0)]
+        first = next((a.name for a in self._anatomies if a.modality == modality), "")
+        # Switching modality picks that modality's first anatomy and its default size.
+        self._parameterNode.update(modality=modality, anatomy=first or self._parameterNode.read().anatomy, size="")
+
+    def onAnatomyChanged(self, index: int) -> None:
+        if self._parameterNode is None or self._updatingGUI or index < 0:
+            return
+        # Sizes differ per anatomy: fall back to the new anatomy's default size.
+        self._parameterNode.update(anatomy=self.ui.anatomyComboBox.currentText, size="")
+
+    def onTokenEdited(self) -> None:
+        qt.QSettings().setValue(TOKEN_SETTING, self.ui.tokenLineEdit.text)
+
+    # ------------------------------------------------------------------ anatomy and size lists
+
+    @staticmethod
+    def _builtinAnatomies() -> list[AnatomyChoice]:
+        """The published models' table: fills the lists before any model is loaded (no torch needed)."""
+        try:
+            from MedDiffusionLib.catalog import OFFICIAL_ANATOMIES
+        except ImportError:
+            return []
+        return anatomy_choices(OFFICIAL_ANATOMIES, 8)
+
+    def _fillAnatomies(self, p: MedDiffusionParameters) -> None:
+        combo = self.ui.anatomyComboBox
+        names = [a.name for a in self._anatomies if a.modality == p.modality]
+        if p.anatomy and p.anatomy not in names:
+            names.append(p.anatomy)  # keep a value from a saved scene visible even if this model lacks it
+        combo.clear()
+        for name in names:
+            combo.addItem(name)
+        combo.currentIndex = names.index(p.anatomy) if p.anatomy in names else (0 if names else -1)
+
+    def _fillSizes(self, p: MedDiffusionParameters) -> None:
+        combo = self.ui.sizeComboBox
+        combo.clear()
+        combo.addItem(_("Default"), "")
+        anatomy = next((a for a in self._anatomies if a.name == p.anatomy), None)
+        sizes = [format_size(s) for s in anatomy.sizes_xyz] if anatomy else []
+        if p.size and p.size not in sizes:
+            sizes.append(p.size)
+        for size in sizes:
+            combo.addItem(size, size)
+        combo.currentIndex = sizes.index(p.size) + 1 if p.size in sizes else 0
+
+    def onLoadModel(self) -> None:
+        params = self._parameterNode.read()
+        with slicer.util.tryWithErrorDisplay(_("Could not load the model's anatomy list."), waitCursor=True):
+            dependencies.ensure_dependencies(params.backend)
+            self._anatomies = self.logic.anatomies(params, self._token())
+            self.ui.statusLabel.text = _("Model ready: {count} anatomies.").format(count=len(self._anatomies))
+            # Keep the choice if the new model offers it, else fall back to its first anatomy / default size.
+            current = next((a for a in self._anatomies if a.name == params.anatomy), None)
+            if current is None:
+                current = next((a for a in self._anatomies if a.modality == params.modality), None)
+            if current is not None:
+                sizes = [format_size(s) for s in current.sizes_xyz]
+                self._parameterNode.update(anatomy=current.name, modality=current.modality,
+                                           size=params.size if params.size in sizes else "")
+        self.updateGUIFromParameterNode()
+
+    # ------------------------------------------------------------------ running jobs
+
+    def _token(self) -> str:
+        return self.ui.tokenLineEdit.text.strip()
+
+    def onGenerateButton(self) -> None:
+        if self.logic.is_running:
+            self._cancel()
+            return
+        self.updateParameterNodeFromGUI()
+        params = self._parameterNode.read()
+        with slicer.util.tryWithErrorDisplay(_("Could not start the generation."), waitCursor=True):
+            dependencies.ensure_dependencies(params.backend)
+            self.logic.start_generate(params, self._token())
+            self._onStarted(self.ui.generateButton)
+
+    def onReconstructButton(self) -> None:
+        if self.logic.is_running:
+            self._cancel()
+            return
+        self.updateParameterNodeFromGUI()
+        params = self._parameterNode.read()
+        with slicer.util.tryWithErrorDisplay(_("Could not start the reconstruction."), waitCursor=True):
+            dependencies.ensure_dependencies(params.backend)
+            self.logic.start_reconstruct(params, self._token(), self._parameterNode.input_volume)
+            self._onStarted(self.ui.reconstructButton)
+
+    def _onStarted(self, button) -> None:
+        self._runningButton = button
+        button.text = _("Cancel")
+        self.ui.progressCollapsibleButton.collapsed = False
+        self.ui.progressBar.setRange(0, 0)  # busy indicator until the first step is reported
+        self.ui.statusLabel.text = _("Starting...")
+        self._updateEnabledState(self._parameterNode.read())
+        self._timer.start()
+
+    def _cancel(self) -> None:
+        self.logic.cancel()
+        self.ui.statusLabel.text = _("Cancelling after the current step...")
+        if self._runningButton is not None:
+            self._runningButton.enabled = False  # one click is enough; re-enabled when the job has stopped
+
+    def _onPoll(self) -> None:
+        """Runs on the GUI thread every POLL_INTERVAL_MS: mirror the job's progress; collect the result."""
+        state = self.logic.poll()
+        bar = self.ui.progressBar
+        if state.running:
+            if state.total > 0:
+                bar.setRange(0, state.total)
+                bar.setValue(state.step)
+            else:
+                bar.setRange(0, 0)
+            self.ui.statusLabel.text = state.describe()
+            return
+        self._timer.stop()
+        nodes = self.logic.finish()
+        bar.setRange(0, max(state.total, 1))
+        bar.setValue(state.total if state.state == "done" else 0)
+        text = state.describe()
+        if nodes:
+            text += " " + _("Created: {names}").format(names=", ".join(n.GetName() for n in nodes))
+        self.ui.statusLabel.text = text
+        self.ui.generateButton.text = _("Generate")
+        self.ui.reconstructButton.text = _("Reconstruct")
+        self._runningButton = None
+        self._updateEnabledState(self._parameterNode.read() if self._parameterNode else MedDiffusionParameters())
+        if state.state == "failed":
+            slicer.util.errorDisplay(state.message, windowTitle=_("MedDiffusion"))
+
+
+class MedDiffusionTest(ScriptedLoadableModuleTest):
+    """The same checks as Testing/test_slicer_logic.py (MedDiffusionLogic.selfchecks), inside Slicer."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_volume_round_trip()
+        self.setUp()
+        self.test_parameter_round_trip()
+        self.setUp()
+        self.test_generate_demo_model()
+
+    def test_volume_round_trip(self) -> None:
+        self.delayDisplay("Volume round trip (SimpleITK <-> node <-> NRRD/NIfTI, oblique geometry)")
+        with tempfile.TemporaryDirectory() as folder:
+            selfchecks.check_volume_round_trip(slicer.mrmlScene, folder)
+        selfchecks.check_transformed_volume(slicer.mrmlScene)
+        self.delayDisplay("Volume round trip passed")
+
+    def test_parameter_round_trip(self) -> None:
+        self.delayDisplay("Parameter node round trip through a saved scene")
+        selfchecks.check_parameter_round_trip()
+        self.delayDisplay("Parameter node round trip passed")
+
+    def test_generate_demo_model(self) -> None:
+        self.delayDisplay("Generating a small volume with the bundled demo model")
+        missing = dependencies.missing_packages()
+        if missing:
+            self.delayDisplay("Skipped: missing Python packages " + ", ".join(m for m, _r in missing))
+            return
+        logic = MedDiffusionLogic(slicer.mrmlScene)
+        params = MedDiffusionParameters(use_demo_model=True, device="auto", sampler="ddim", steps=2,
+                                        random_seed=False, seed=17)
+        anatomy = logic.anatomies(params)[0]
+        size = min(anatomy.sizes_xyz, key=lambda s: s[0] * s[1] * s[2]) if anatomy.sizes_xyz else None
+        params = params.replace(anatomy=anatomy.name, modality=anatomy.modality,
+                                size=format_size(size) if size else "")
+        node = selfchecks.check_generate(logic, params)
+        self.assertTrue(node.GetName().endswith("seed 17"))
+        if anatomy.spacing_xyz is not None:
+            for got, want in zip(node.GetSpacing(), anatomy.spacing_xyz):
+                self.assertAlmostEqual(got, want, places=4)
+        self.delayDisplay("Generation passed: " + node.GetName())

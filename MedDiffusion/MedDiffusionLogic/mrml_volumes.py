@@ -1,0 +1,151 @@
+"""SimpleITK image <-> vtkMRMLScalarVolumeNode, keeping voxel values and geometry.
+
+Slicer stores geometry on the node in RAS; SimpleITK (and NRRD/NIfTI on disk) use LPS. The two differ by a sign
+flip of the first two axes: origin_LPS = F @ origin_RAS, direction_LPS = F @ direction_RAS with F = diag(-1,-1,1).
+Array axis order is the same on both sides: a SimpleITK array is (Z, Y, X) and so is a Slicer volume array
+(K, J, I), so voxels are copied without any transpose.
+
+No Qt here: these functions take a scene and nodes, so they run headless with slicer-core and inside Slicer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = [
+    "LPS_TO_RAS",
+    "image_to_volume_node",
+    "volume_node_to_image",
+    "update_volume_node_from_image",
+    "ras_geometry_from_image",
+]
+
+# Its own inverse: the same matrix maps RAS -> LPS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# Slicer does not re-orthonormalise a direction matrix; a small error would leak into spacing, a large one
+# (shear) cannot be represented at all.
+_ORTHO_TOL = 1e-3
+
+
+def _input_error(message: str) -> Exception:
+    """The library's InputError when available (user-facing message), else a plain ValueError."""
+    try:
+        from MedDiffusionLib.errors import InputError
+    except ImportError:  # the glue must stay usable without the library
+        return ValueError(message)
+    return InputError(message)
+
+
+def _orthonormalize(direction: np.ndarray) -> np.ndarray:
+    """Nearest orthonormal matrix (polar decomposition) if `direction` is nearly orthonormal, else an error."""
+    if np.abs(direction @ direction.T - np.eye(3)).max() > _ORTHO_TOL:
+        raise _input_error(f"the volume's direction matrix is not orthonormal (sheared): {direction.tolist()}")
+    u, _, vt = np.linalg.svd(direction)
+    return u @ vt
+
+
+def _slicer_compatible_array(arr: np.ndarray) -> np.ndarray:
+    """Voxel types Slicer can hold: it refuses 64-bit integers and has no bool/float16 volumes."""
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if arr.dtype == np.float16:
+        return arr.astype(np.float32)
+    if arr.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if arr.size == 0 or (arr.min() >= info.min and arr.max() <= info.max):
+            return arr.astype(np.int32)
+        return arr.astype(np.float64)
+    return arr
+
+
+def ras_geometry_from_image(image: sitk.Image) -> tuple[tuple[float, ...], np.ndarray, np.ndarray]:
+    """(spacing_xyz, origin_RAS (3,), direction_RAS (3,3) with unit columns) of a 3D SimpleITK image."""
+    if image.GetDimension() != 3:
+        raise _input_error(f"expected a 3D image, got {image.GetDimension()}D")
+    direction_lps = _orthonormalize(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3))
+    origin_ras = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    direction_ras = LPS_TO_RAS @ direction_lps
+    return tuple(float(s) for s in image.GetSpacing()), origin_ras, direction_ras
+
+
+def update_volume_node_from_image(node: Any, image: sitk.Image) -> Any:
+    """Replace the voxels and geometry of an existing scalar volume node with those of `image`."""
+    import slicer
+    import vtk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise _input_error(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
+    spacing, origin_ras, direction_ras = ras_geometry_from_image(image)
+    arr = _slicer_compatible_array(sitk.GetArrayFromImage(image))  # (Z, Y, X) == Slicer's (K, J, I)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, float(direction_ras[r, c]))
+    # Geometry first, voxels last: updateVolumeFromArray sends the "image data modified" events that views
+    # react to, and they should see the final geometry.
+    was_modifying = node.StartModify()
+    try:
+        node.SetSpacing(*spacing)
+        node.SetOrigin(*(float(v) for v in origin_ras))
+        node.SetIJKToRASDirectionMatrix(matrix)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(arr))
+    finally:
+        node.EndModify(was_modifying)
+    return node
+
+
+def image_to_volume_node(image: sitk.Image, scene: Any, name: str = "Volume", node: Any = None) -> Any:
+    """Add `image` to `scene` as a new vtkMRMLScalarVolumeNode (or update `node`), with its geometry.
+
+    `name` is made unique in the scene. Returns the node.
+    """
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    return update_volume_node_from_image(node, image)
+
+
+def _ijk_to_world_matrix(node: Any) -> np.ndarray:
+    """The node's IJK->RAS 4x4, including a linear parent transform (hardened), as numpy."""
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    parent = node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise _input_error(f"volume '{node.GetName()}' is under a non-linear transform: harden the transform "
+                               "(Transforms module) before using it")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        vtk.vtkMatrix4x4.Multiply4x4(to_world, ijk_to_ras, ijk_to_ras)
+    return np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_node_to_image(node: Any) -> sitk.Image:
+    """Copy a scalar volume node (voxels + geometry, parent linear transform applied) into a SimpleITK image."""
+    import slicer
+
+    if node is None:
+        raise _input_error("no input volume selected")
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise _input_error(f"'{node.GetName()}' is a {node.GetClassName()}, not a scalar volume")
+    image_data = node.GetImageData()
+    if image_data is None or image_data.GetNumberOfPoints() == 0:
+        raise _input_error(f"volume '{node.GetName()}' has no voxels")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise _input_error(f"volume '{node.GetName()}' has {image_data.GetNumberOfScalarComponents()} components; "
+                           "a scalar (grey-level) volume is needed")
+    arr = np.array(slicer.util.arrayFromVolume(node), copy=True)  # a copy: VTK owns the original buffer
+    matrix = _ijk_to_world_matrix(node)
+    columns = matrix[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if np.any(spacing <= 0):
+        raise _input_error(f"volume '{node.GetName()}' has a degenerate geometry (zero spacing)")
+    direction_ras = _orthonormalize(columns / spacing)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ matrix[:3, 3]))
+    image.SetDirection(tuple(float(v) for v in (LPS_TO_RAS @ direction_ras).ravel()))
+    return image

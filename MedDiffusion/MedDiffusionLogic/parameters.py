@@ -1,0 +1,246 @@
+"""The module's settings, typed, with defaults, saved in the scene through a vtkMRMLScriptedModuleNode.
+
+`MedDiffusionParameters` is an immutable snapshot (what a background job receives, so the worker thread never
+reads the scene); `MedDiffusionParameterNode` wraps the scene node and converts both ways. The server token is
+deliberately not a field: scenes get shared, so the token lives in application settings (QSettings in Slicer)
+and is passed to the logic as an argument.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "MODULE_NAME",
+    "BACKENDS",
+    "DEVICES",
+    "MODALITIES",
+    "SAMPLERS",
+    "TASKS",
+    "MASKS",
+    "MedDiffusionParameters",
+    "MedDiffusionParameterNode",
+    "parse_size",
+    "format_size",
+]
+
+MODULE_NAME = "MedDiffusion"
+BACKENDS = ("local", "remote")
+DEVICES = ("auto", "cpu", "cuda")
+MODALITIES = ("CT", "MR")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
+TASKS = ("sparse-ct", "mri")
+MASKS = ("gaussian", "poisson")
+_SEED_MAX = 2**31 - 1
+
+_log = logging.getLogger(__name__)
+
+
+def _meta(choices: tuple[str, ...] | None = None, lo: int | None = None, hi: int | None = None) -> dict:
+    return {"choices": choices, "min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class MedDiffusionParameters:
+    """Every control of the module panel. Sizes are 'XxYxZ' voxels ('' = the anatomy's default size)."""
+
+    # Backend
+    backend: str = field(default="local", metadata=_meta(BACKENDS))
+    device: str = field(default="auto", metadata=_meta(DEVICES))
+    server_url: str = "http://127.0.0.1:8000"
+    # Models: the bundled demo model unless switched off; then a bundle folder, else the two checkpoint files.
+    use_demo_model: bool = True
+    bundle_dir: str = ""
+    autoencoder_path: str = ""
+    denoiser_path: str = ""
+    # Generate
+    modality: str = field(default="CT", metadata=_meta(MODALITIES))
+    anatomy: str = "ct-chest-abdomen"
+    size: str = ""
+    # A fast sampler by default: 1000 DDPM steps take minutes even on a GPU.
+    sampler: str = field(default="ddim", metadata=_meta(SAMPLERS))
+    steps: int = field(default=50, metadata=_meta(lo=1, hi=1000))
+    seed: int = field(default=0, metadata=_meta(lo=0, hi=_SEED_MAX))
+    random_seed: bool = True
+    # Reconstruct
+    input_volume_id: str = ""  # stored as a node reference, not a parameter
+    task: str = field(default="sparse-ct", metadata=_meta(TASKS))
+    views: int = field(default=30, metadata=_meta(lo=1, hi=2048))
+    acceleration: int = field(default=8, metadata=_meta(lo=1, hi=64))
+    mask: str = field(default="gaussian", metadata=_meta(MASKS))
+    simulate: bool = True
+    data_consistency: bool = True
+
+    def replace(self, **changes: Any) -> "MedDiffusionParameters":
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "MedDiffusionParameters":
+        """Self, after checking choices and ranges; raises ValueError naming the bad field."""
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.size:
+            parse_size(self.size)
+        return self
+
+    @property
+    def size_xyz(self) -> tuple[int, int, int] | None:
+        return parse_size(self.size) if self.size else None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MedDiffusionParameters)}
+_REFERENCE_FIELDS = {"input_volume_id": "InputVolume"}
+_DEFAULTS = MedDiffusionParameters()
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    kind = type(getattr(_DEFAULTS, f.name))
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{f.name} must be an integer, got {value!r}")
+    if kind is not int and not isinstance(value, kind):
+        raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ValueError(f"{f.name} must be >= {meta['min']}, got {value}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ValueError(f"{f.name} must be <= {meta['max']}, got {value}")
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """'128x128x64' (also 'X', ' ', ',' separators) -> (128, 128, 64); ValueError if not 3 positive ints."""
+    parts = text.lower().replace(",", "x").replace(" ", "x").split("x")
+    parts = [p for p in parts if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise ValueError(f"size must be three positive voxel counts written XxYxZ, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def format_size(size_xyz: tuple[int, int, int] | list[int]) -> str:
+    return "x".join(str(int(v)) for v in size_xyz)
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, bool):  # before int: bool is an int
+        return "true" if value else "false"
+    return str(value)
+
+
+def _from_text(name: str, text: str) -> Any:
+    """Parse a stored string for field `name`; ValueError when it does not fit."""
+    kind = type(getattr(_DEFAULTS, name))
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    if kind is int:
+        return int(text.strip())
+    return text
+
+
+class MedDiffusionParameterNode:
+    """Typed access to the module's vtkMRMLScriptedModuleNode (one singleton per scene)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    @classmethod
+    def get_or_create(cls, scene: Any) -> "MedDiffusionParameterNode":
+        """The scene's MedDiffusion parameter node, created with defaults if missing (same lookup as
+        ScriptedLoadableModuleLogic.getParameterNode, so Slicer finds it on scene reload)."""
+        import slicer
+
+        node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+            node = scene.AddNode(node)
+        wrapper = cls(node)
+        wrapper._fill_defaults()
+        return wrapper
+
+    def _fill_defaults(self) -> None:
+        # Write only what is missing so values from a saved scene win, and the saved XML lists every field.
+        missing = {name: getattr(_DEFAULTS, name) for name in _FIELDS
+                   if name not in _REFERENCE_FIELDS and not self.node.GetParameter(name)}
+        if missing:
+            was = self.node.StartModify()
+            for name, value in missing.items():
+                self.node.SetParameter(name, _to_text(value))
+            self.node.EndModify(was)
+
+    def read(self) -> MedDiffusionParameters:
+        """A snapshot of the node; unreadable or out-of-range stored values fall back to their defaults."""
+        values: dict[str, Any] = {}
+        for name, f in _FIELDS.items():
+            if name in _REFERENCE_FIELDS:
+                values[name] = self.node.GetNodeReferenceID(_REFERENCE_FIELDS[name]) or ""
+                continue
+            text = self.node.GetParameter(name)
+            if not text:  # missing (older scene): default; every "" field defaults to "" anyway
+                continue
+            try:
+                value = _from_text(name, text)
+                _check_value(f, value)
+            except ValueError as exc:
+                _log.warning("MedDiffusion parameter %s=%r ignored (%s); using the default", name, text, exc)
+                continue
+            values[name] = value
+        params = MedDiffusionParameters(**values)
+        if params.size:
+            try:
+                parse_size(params.size)
+            except ValueError:
+                params = dataclasses.replace(params, size="")
+        return params
+
+    def write(self, params: MedDiffusionParameters) -> None:
+        """Store every field of `params` (validated first), in one Modified event."""
+        params.validated()
+        was = self.node.StartModify()
+        try:
+            for name in _FIELDS:
+                value = getattr(params, name)
+                if name in _REFERENCE_FIELDS:
+                    self.node.SetNodeReferenceID(_REFERENCE_FIELDS[name], value or None)
+                elif self.node.GetParameter(name) != _to_text(value):
+                    self.node.SetParameter(name, _to_text(value))
+        finally:
+            self.node.EndModify(was)
+
+    def update(self, **changes: Any) -> MedDiffusionParameters:
+        """Change some fields (validated); returns the new snapshot."""
+        unknown = set(changes) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown MedDiffusion parameter(s): {', '.join(sorted(unknown))}")
+        params = self.read().replace(**changes)
+        self.write(params)
+        return params
+
+    @property
+    def input_volume(self) -> Any:
+        return self.node.GetNodeReference(_REFERENCE_FIELDS["input_volume_id"])
+
+    @input_volume.setter
+    def input_volume(self, volume_node: Any) -> None:
+        self.node.SetNodeReferenceID(_REFERENCE_FIELDS["input_volume_id"],
+                                     volume_node.GetID() if volume_node is not None else None)
+
+    def set_output(self, role: str, volume_node: Any) -> None:
+        """Remember the latest result ('Output', 'Degraded') so it is found again after a scene reload."""
+        self.node.SetNodeReferenceID(role, volume_node.GetID() if volume_node is not None else None)
+
+    def output(self, role: str) -> Any:
+        return self.node.GetNodeReference(role)

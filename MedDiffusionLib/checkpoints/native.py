@@ -1,0 +1,204 @@
+"""Our own network file format: safetensors weights + the constructor config in the file's metadata.
+
+safetensors holds only raw tensors and a JSON header, so loading can never run code, and the metadata makes a
+file self-describing: ``{"format": "meddiffusion", "format_version": "1", "kind": ..., "config": "<json>",
+"extra": "<json>"}`` (safetensors metadata values must be strings, hence the JSON inside).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "KINDS", "save_network", "load_network", "read_network_metadata",
+    "is_safetensors_file", "load_any_autoencoder", "load_any_denoiser", "load_any_controlnet", "network_class",
+]
+
+FORMAT_NAME = "meddiffusion"
+FORMAT_VERSION = "1"
+KINDS = ("autoencoder", "biflownet", "controlnet")
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def network_class(kind: str) -> type[nn.Module]:
+    """The class stored under ``kind`` (imported lazily: models depend on nothing here)."""
+    if kind == "autoencoder":
+        from ..models.autoencoder import PatchVolumeAutoencoder
+
+        return PatchVolumeAutoencoder
+    if kind == "biflownet":
+        from ..models.biflownet import BiFlowNet
+
+        return BiFlowNet
+    if kind == "controlnet":
+        from ..models.controlnet import ControlNet
+
+        return ControlNet
+    raise CheckpointError(f"unknown network kind '{kind}'; expected one of {', '.join(KINDS)}")
+
+
+def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
+    """True if the file starts like safetensors: 8-byte little-endian header length, then a JSON object."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
+
+
+def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory (tied weights) and non-contiguous ones: copy those.
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (0, id(t))
+        if key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[k] = t
+    return out
+
+
+def save_network(model: nn.Module, path: str | os.PathLike[str], kind: str,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (its ``.config`` and weights) to ``path`` atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    from ..io.atomic import atomic_write_path
+
+    if kind not in KINDS:
+        raise CheckpointError(f"unknown network kind '{kind}'; expected one of {', '.join(KINDS)}")
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"cannot save a {type(model).__name__}: it has no .config dict of constructor arguments")
+    try:
+        metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+                    "config": json.dumps(dict(config), sort_keys=True),
+                    "extra": json.dumps(dict(extra or {}), sort_keys=True)}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the {kind} config or extra information is not JSON-serialisable: {exc}") from exc
+    tensors = _plain_tensors(model)
+    with atomic_write_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_network_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed metadata of one of our files: format, format_version, kind, config (dict), extra (dict)."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"Network file not found: '{p}'")
+    if not is_safetensors_file(p):
+        raise CheckpointError(f"'{p}' is not a safetensors file")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"Cannot read '{p}': corrupt safetensors file ({exc})") from exc
+    if raw.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"'{p}' is a safetensors file but not a MedDiffusion network (no format metadata)")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"'{p}' uses format version {raw.get('format_version')!r}; this version reads "
+                              f"{FORMAT_VERSION!r} (update MedDiffusion)")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise CheckpointError(f"'{p}' holds an unknown network kind {kind!r}")
+    try:
+        config = json.loads(raw.get("config", "{}"))
+        extra = json.loads(raw.get("extra", "{}") or "{}")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"'{p}': the stored configuration is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(extra, dict):
+        raise CheckpointError(f"'{p}': the stored configuration is not a JSON object")
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "config": config, "extra": extra}
+
+
+def _device_str(map_location: Any) -> str:
+    if map_location is None:
+        return "cpu"
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location)
+    raise CheckpointError(f"map_location must be a device name or torch.device, got {type(map_location).__name__}")
+
+
+def load_network(path: str | os.PathLike[str], map_location: Any = "cpu",
+                 expected_kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network stored in one of our files: (model in eval mode on ``map_location``, metadata)."""
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    meta = read_network_metadata(p)
+    kind = meta["kind"]
+    if expected_kind is not None and kind != expected_kind:
+        raise CheckpointError(f"'{p}' holds a {kind}, expected a {expected_kind}")
+    cls = network_class(kind)
+    try:
+        model = cls(**meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"'{p}': cannot build a {kind} from the stored config {meta['config']}: {exc}") from exc
+    try:
+        state = load_file(str(p), device=_device_str(map_location))
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read the weights in '{p}' (corrupt or truncated file: {exc})") from exc
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"'{p}': the weights do not match the stored {kind} config: {exc}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:5])})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:5])})")
+        raise CheckpointError(f"'{p}': the weights do not match the stored {kind} config: " + "; ".join(parts))
+    return model.to(_device_str(map_location)).eval(), meta
+
+
+def _load_any(path: str | os.PathLike[str], kind: str, map_location: Any,
+              overrides: Mapping[str, Any] | None) -> nn.Module:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{kind} file not found: '{p}'")
+    if is_safetensors_file(p):
+        return load_network(p, map_location, expected_kind=kind)[0]
+    from .official import load_official_autoencoder, load_official_biflownet
+
+    if kind == "autoencoder":
+        return load_official_autoencoder(p, map_location, overrides=overrides)
+    if kind == "biflownet":
+        return load_official_biflownet(p, map_location, overrides=overrides)
+    raise CheckpointError(f"'{p}': a {kind} must be in the MedDiffusion safetensors format")
+
+
+def load_any_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu",
+                         overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """An autoencoder from our safetensors file or the authors' Lightning checkpoint."""
+    return _load_any(path, "autoencoder", map_location, overrides)
+
+
+def load_any_denoiser(path: str | os.PathLike[str], map_location: Any = "cpu",
+                      overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """A BiFlowNet from our safetensors file or the authors' checkpoint (EMA weights)."""
+    return _load_any(path, "biflownet", map_location, overrides)
+
+
+def load_any_controlnet(path: str | os.PathLike[str], map_location: Any = "cpu") -> nn.Module:
+    """A ControlNet (only our safetensors format exists for these)."""
+    return _load_any(path, "controlnet", map_location, None)

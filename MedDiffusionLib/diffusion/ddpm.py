@@ -1,0 +1,45 @@
+"""Ancestral DDPM sampling: the authors' sampler (T steps) and its respaced form for fewer steps."""
+from __future__ import annotations
+
+import torch
+
+from .base import Sampler, SamplerStepOutput
+from .schedule import GaussianDiffusion, _randn
+
+
+class DDPMSampler(Sampler):
+    """x_{t-1} ~ q(x_{t-1} | x_t, x0_hat) with x0_hat clipped to [-1, 1] and the clipped posterior log-variance.
+
+    With steps == T this is exactly the authors' `p_sample` loop (no noise added at the last step). With
+    fewer steps the chain runs on the improved-DDPM respaced process: the kept timesteps (evenly spaced
+    by default, `spacing="quadratic"` optional) keep their alpha_bar and the betas between them are
+    recomputed, so the model is still called at original timesteps. Noise is drawn from `generator` as
+    `torch.randn(x.shape)` on the generator's device (no draw at the last step).
+    """
+
+    name = "ddpm"
+
+    def __init__(self, diffusion: GaussianDiffusion, steps: int | None = None, clip_x0: bool = True,
+                 spacing: str | None = None) -> None:
+        super().__init__(diffusion, steps, clip_x0, spacing)
+
+    @property
+    def default_steps(self) -> int:
+        return self.num_train_timesteps  # the authors' setting
+
+    def set_timesteps(self, steps: int) -> None:
+        super().set_timesteps(steps)
+        # Index k of the respaced process is the k-th smallest kept timestep (identity when steps == T).
+        self.process = self.diffusion.respace(self.timesteps)
+
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
+             generator: torch.Generator | None = None) -> SamplerStepOutput:
+        i = self.index_for(t)
+        k = self.num_inference_steps - 1 - i
+        self._check_shape(model_output, x)
+        k_batch = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+        mean, _, log_var, x0 = self.process.p_mean_variance(model_output, x, k_batch, clip=self.clip_x0)
+        if k == 0:
+            return SamplerStepOutput(mean, x0)  # last step: the posterior mean, no noise
+        noise = _randn(x.shape, generator, x.device, x.dtype)
+        return SamplerStepOutput(mean + (0.5 * log_var).exp() * noise, x0)

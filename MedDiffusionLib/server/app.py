@@ -1,0 +1,334 @@
+"""The FastAPI application: HTTP endpoints over one model, one job queue and one result store.
+
+The model is loaded and the pipelines are built once, in ``create_app``; the single worker thread reuses them
+for every job. Request handlers only validate, queue and report: nothing heavy runs on the event loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import InputError, MedDiffusionError
+from ..pipelines.common import DEFAULT_STEPS
+from ..pipelines.generate import GenerationPipeline, latent_multiple
+from .jobs import JobManager, QueueFull, RunOutput
+from .schemas import (SAMPLERS, AnatomyInfo, GenerateRequest, HealthResponse, JobStatus, Limits, ModelsResponse,
+                      ReconstructParams, iso)
+from .security import TokenVerifier, check_startup_security
+from .store import JobRecord, JobStore
+from .uploads import UploadError, read_stored_volume, receive_multipart, store_upload
+
+log = logging.getLogger("meddiffusion.server")
+
+MAX_JSON_BYTES = 64 * 1024  # a generate request is a few hundred bytes
+
+
+@dataclass
+class ServerConfig:
+    store_dir: Path
+    bundle: Any = None                   # a loaded ModelBundle; else loaded from model_dir (None = demo model)
+    model_dir: Optional[str] = None
+    device: str = "auto"
+    host: str = "127.0.0.1"              # only used for the security check: insecure mode is loopback-only
+    token: Optional[str] = None
+    insecure: bool = False
+    max_queue: int = 8
+    max_upload_mb: float = 512.0
+    result_ttl_hours: float = 24.0
+    max_voxels: int = 512**3
+    purge_interval_s: Optional[float] = None  # default: a quarter of the TTL, between 0.5 s and 10 min
+
+
+class Services:
+    """Everything the endpoints share; built once per app."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        from ..checkpoints.bundle import load_bundle
+
+        self.config = config
+        self.bundle = config.bundle if config.bundle is not None else load_bundle(config.model_dir)
+        self.generator = GenerationPipeline(self.bundle, config.device)
+        self.device = str(self.generator.device)
+        self.reconstructor, self.recon_reason = self._build_reconstructor()
+        self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
+        self.verifier = TokenVerifier(config.token)
+        ttl_s = float(config.result_ttl_hours) * 3600.0
+        self.store = JobStore(config.store_dir, ttl_s)
+        counts = self.store.recover()
+        if counts["loaded"]:
+            log.info("store: %(loaded)d earlier job(s), %(failed_on_restart)d interrupted by the restart", counts)
+        runners = {"generate": self.run_generate, "reconstruct": self.run_reconstruct}
+        self.manager = JobManager(self.store, runners, config.max_queue, after_job=self._after_job)
+        self.purge_interval = config.purge_interval_s or min(max(ttl_s / 4, 0.5), 600.0)
+        self._stop_purge = threading.Event()
+        self.max_upload_bytes = int(config.max_upload_mb * 2**20)
+
+    def _build_reconstructor(self) -> tuple[Any, str]:
+        try:
+            from ..pipelines.reconstruct import ReconstructionPipeline
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith("pipelines.reconstruct"):
+                return None, "reconstruction is not available in this server build"
+            raise
+        try:
+            return ReconstructionPipeline(self.bundle, self.generator.device), ""
+        except MedDiffusionError as exc:
+            log.warning("reconstruction disabled: %s", exc)
+            return None, f"reconstruction is not available with this model: {exc}"
+
+    def _after_job(self) -> None:
+        if self.generator.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # give the memory of a large job back before the next one
+
+    # ---- runners (worker thread) ---------------------------------------------------------------------
+    def run_generate(self, rec: JobRecord, _input: Optional[Path], progress, cancel) -> RunOutput:
+        p = rec.params
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = self.generator(p["anatomy"], p.get("size_xyz"), p["sampler"], p.get("steps"), p.get("seed"),
+                               tuple(p["hu_range"]) if p.get("hu_range") else None, progress=progress, cancel=cancel)
+        info = {"anatomy": r.anatomy, "seed": r.seed, "sampler": r.sampler, "steps": r.steps,
+                "size_xyz": list(r.size_xyz), "spacing_xyz": list(r.image.GetSpacing()),
+                "elapsed_s": round(r.elapsed_s, 3), "warnings": [str(w.message) for w in caught]}
+        return RunOutput({"result": r.image}, info)
+
+    def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress, cancel) -> RunOutput:
+        if input_path is None or not input_path.is_file():
+            raise InputError("the uploaded volume of this job is missing from the server's store")
+        p = dict(rec.params)
+        acc = p["acceleration"]
+        p["acceleration"] = int(acc) if float(acc).is_integer() else acc
+        r = self.reconstructor(read_stored_volume(input_path), progress=progress, cancel=cancel, **p)
+        images = {"result": r.image}
+        if getattr(r, "degraded", None) is not None:
+            images["degraded"] = r.degraded
+        info = {k: _jsonable(v) for k, v in vars(r).items() if k not in ("image", "degraded")} \
+            if hasattr(r, "__dict__") else {}
+        info = {k: v for k, v in info.items() if v is not None}
+        info["size_xyz"] = list(r.image.GetSize())
+        info["spacing_xyz"] = list(r.image.GetSpacing())
+        return RunOutput(images, info)
+
+    # ---- background purge ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.manager.start()
+        threading.Thread(target=self._purge_loop, name="meddiffusion-purge", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop_purge.set()
+        self.manager.shutdown()
+
+    def _purge_loop(self) -> None:
+        while not self._stop_purge.wait(self.purge_interval):
+            try:
+                self.store.purge_expired()
+            except Exception:
+                log.exception("purging expired results failed")
+
+    # ---- responses -----------------------------------------------------------------------------------
+    def status(self, rec: JobRecord) -> JobStatus:
+        return JobStatus(id=rec.id, kind=rec.kind, state=rec.state, progress=min(max(rec.progress, 0.0), 1.0),
+                         stage=rec.stage, step=rec.step, total=rec.total,
+                         eta_s=None if rec.eta_s is None else round(rec.eta_s, 2),
+                         queue_position=self.manager.queue_position(rec.id) if rec.state == "queued" else None,
+                         error=rec.error, created=iso(rec.created), started=iso(rec.started),
+                         finished=iso(rec.finished), expires=iso(self.store.expires_at(rec)), params=rec.params,
+                         outputs=rec.outputs, info=rec.info)
+
+    def record_or_404(self, job_id: str) -> JobRecord:
+        rec = self.store.snapshot(job_id)
+        if rec is None:
+            raise HTTPException(404, f"unknown job id (results are kept {self.config.result_ttl_hours:g} h after "
+                                "a job ends, then deleted)")
+        return rec
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    try:
+        return _jsonable(v.item())  # numpy / torch scalars
+    except (AttributeError, ValueError, TypeError):
+        return None  # images, arrays: not part of a status response
+
+
+class BodySizeCap:
+    """Pure ASGI middleware: refuse large bodies by their Content-Length, before anything reads them. The
+    upload endpoint is exempt: it enforces its own (large) limit while streaming."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/v1/reconstruct":
+            for key, value in scope.get("headers", ()):
+                if key == b"content-length" and value.isdigit() and int(value) > MAX_JSON_BYTES:
+                    await JSONResponse({"detail": "request body too large"}, status_code=413)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _validation_message(errors: list[dict]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _form_to_params(fields: dict[str, str]) -> dict[str, Any]:
+    # Empty or 'none' form values mean "server default" (HTML forms cannot send a null).
+    return {k: v.strip() for k, v in fields.items() if v.strip().lower() not in ("", "none", "null")}
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """Build the app: checks the security settings, loads the model, recovers the store (worker starts with
+    the app's lifespan, i.e. when uvicorn starts serving)."""
+    check_startup_security(config.host, config.token, config.insecure)
+    svc = Services(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        svc.start()
+        try:
+            yield
+        finally:
+            svc.stop()
+
+    app = FastAPI(title="MedDiffusion server", version=__version__, lifespan=lifespan)
+    app.state.services = svc
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc.errors())}, status_code=400)
+
+    @app.exception_handler(MedDiffusionError)
+    async def _user_error(_req: Request, exc: MedDiffusionError) -> JSONResponse:
+        if isinstance(exc, QueueFull):
+            return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "30"})
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_req: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    app.add_middleware(BodySizeCap)
+
+    def require_token(request: Request) -> None:
+        if not svc.verifier.check(request.headers.get("authorization")):
+            raise HTTPException(401, "missing or wrong access token (send 'Authorization: Bearer <token>')",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        return HealthResponse(version=__version__, auth_required=svc.verifier.enabled)
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    @api.get("/models", response_model=ModelsResponse)
+    async def models() -> ModelsResponse:
+        b = svc.bundle
+        anatomies = [AnatomyInfo(name=a.name, class_index=a.class_index, modality=a.modality,
+                                 description=a.description, sizes_xyz=a.volume_sizes_xyz(b.downsample),
+                                 spacing_xyz=a.spacing_xyz) for a in b.catalog]
+        limits = Limits(max_queue=config.max_queue, max_upload_mb=config.max_upload_mb, max_voxels=config.max_voxels,
+                        result_ttl_hours=config.result_ttl_hours, max_steps=svc.generator.diffusion.timesteps)
+        return ModelsResponse(model=b.name, device=svc.device, downsample=b.downsample, anatomies=anatomies,
+                              samplers=list(SAMPLERS), default_steps=dict(DEFAULT_STEPS), tasks=svc.tasks,
+                              reconstruct_available=svc.reconstructor is not None, limits=limits)
+
+    @api.post("/generate", status_code=202, response_model=JobStatus)
+    async def generate(req: GenerateRequest) -> JobStatus:
+        entry = svc.bundle.catalog.get(req.anatomy)  # InputError (400) lists the valid names
+        if req.hu_range is not None and entry.modality != "CT":
+            raise InputError(f"an HU range only applies to CT; {entry.name} is {entry.modality}")
+        if req.size_xyz is not None:
+            step = svc.bundle.downsample * latent_multiple(svc.generator.denoiser)
+            if any(s % step for s in req.size_xyz):
+                raise InputError(f"size {'x'.join(map(str, req.size_xyz))} does not fit the model's grid: every "
+                                 f"side must be a multiple of {step} voxels")
+            if math.prod(req.size_xyz) > config.max_voxels:
+                raise InputError(f"size {'x'.join(map(str, req.size_xyz))} exceeds the server's limit of "
+                                 f"{config.max_voxels} voxels")
+        params = req.model_dump()
+        params["anatomy"] = entry.name
+        return svc.status(svc.manager.submit("generate", params))
+
+    @api.post("/reconstruct", status_code=202, response_model=JobStatus)
+    async def reconstruct(request: Request) -> JobStatus:
+        if svc.reconstructor is None:
+            raise HTTPException(501, svc.recon_reason)
+        length = request.headers.get("content-length")
+        declared = int(length) if length and length.isdigit() else None
+        up = await receive_multipart(request.headers.get("content-type", ""), request.stream(),
+                                     svc.store.uploads_dir, svc.max_upload_bytes, declared)
+        try:
+            try:
+                params = ReconstructParams.model_validate(_form_to_params(up.fields))
+            except ValidationError as exc:
+                raise UploadError(400, _validation_message(exc.errors())) from None
+            if params.task not in svc.tasks:
+                raise InputError(f"unknown reconstruction task '{params.task}'; this model offers: "
+                                 f"{', '.join(svc.tasks) or 'none (it has no ControlNets)'}")
+            path, suffix = await run_in_threadpool(store_upload, up, config.max_voxels)
+            rec = svc.manager.submit("reconstruct", params.model_dump(), input_file=path, input_suffix=suffix)
+        except BaseException:
+            up.discard()
+            raise
+        return svc.status(rec)
+
+    @api.get("/jobs/{job_id}", response_model=JobStatus)
+    async def job_status(job_id: str) -> JobStatus:
+        return svc.status(svc.record_or_404(job_id))
+
+    def _download(job_id: str, output: str) -> FileResponse:
+        rec = svc.record_or_404(job_id)
+        if rec.state != "done":
+            why = f": {rec.error}" if rec.error else ""
+            raise HTTPException(409, f"the job is {rec.state}{why}; results exist only for finished jobs")
+        path = svc.store.output_path(rec, output)
+        if path is None:
+            raise HTTPException(404, f"this job has no {output} volume"
+                                + (" (only reconstruction jobs have one)" if output == "degraded" else ""))
+        label = rec.params.get("anatomy") or rec.params.get("task") or rec.kind
+        suffix = "" if output == "result" else f"-{output}"
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=f"meddiffusion-{label}-{rec.id[:8]}{suffix}.nrrd")
+
+    @api.get("/jobs/{job_id}/result")
+    async def job_result(job_id: str) -> FileResponse:
+        return _download(job_id, "result")
+
+    @api.get("/jobs/{job_id}/degraded")
+    async def job_degraded(job_id: str) -> FileResponse:
+        return _download(job_id, "degraded")
+
+    @api.post("/jobs/{job_id}/cancel", response_model=JobStatus)
+    async def job_cancel(job_id: str) -> JobStatus:
+        svc.record_or_404(job_id)
+        svc.manager.cancel(job_id)
+        return svc.status(svc.record_or_404(job_id))
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,1 @@
+"""Headless training for every stage of 3D MedDiffusion (entry point: ``python Training/train.py``)."""

@@ -222,6 +222,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.accelerationSpinBox.enabled = ui.maskComboBox.enabled = not sparse_ct
         running = self.logic is not None and self.logic.is_running
         ui.generateButton.enabled = not running or self._runningButton is ui.generateButton
+        ui.loadModelButton.enabled = not running  # the worker may be loading the same model right now
         has_input = self._parameterNode is not None and self._parameterNode.input_volume is not None
         ui.reconstructButton.enabled = self._runningButton is ui.reconstructButton if running else has_input
         if not running:

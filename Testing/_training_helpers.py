@@ -38,7 +38,7 @@ def write_volumes(folder: Path, n: int = 4, shape_zyx: tuple[int, int, int] = (1
 def write_manifest(path: Path, classes: dict[str, list[str]]) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump({"classes": classes}))
+    path.write_text(yaml.safe_dump({"classes": classes}, sort_keys=False))
     return path
 
 

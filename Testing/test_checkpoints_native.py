@@ -205,3 +205,19 @@ def test_bundle_from_official_files(reference_dir: Path, tmp_path: Path) -> None
         "denoiser_options": {"resnet_groups": 3, "dit_num_heads": 2}}))
     b2 = load_bundle(folder)
     assert b2.name == "official-tiny" and b2.denoiser.config == b.denoiser.config
+
+
+def test_bundle_with_controlnets(tmp_path: Path) -> None:
+    pytest.importorskip("MedDiffusionLib.models.controlnet")
+    src = tiny_bundle(seed=2, controlnets=True)
+    folder = make_tiny_bundle(tmp_path / "cn", seed=2, controlnets=True)
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    assert manifest["controlnets"] == {"mri": "controlnet-mri.safetensors",
+                                       "sparse-ct": "controlnet-sparse-ct.safetensors"}
+    b = load_bundle(folder)
+    assert sorted(b.controlnets) == ["mri", "sparse-ct"] and b.info()["tasks"] == ["mri", "sparse-ct"]
+    for task, net in src.controlnets.items():
+        loaded = b.controlnet(task)
+        assert loaded.config == net.config and not loaded.training
+        ref = net.state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())

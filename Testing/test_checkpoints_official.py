@@ -177,12 +177,14 @@ def test_shape_mismatch_is_a_checkpoint_error(tmp_path: Path, ae_ref: dict) -> N
 def test_convert_official_to_native(fixtures: Path, tmp_path: Path, official_ae: torch.nn.Module,
                                     official_dn: torch.nn.Module) -> None:
     # Same config and tensors as the reference-checked models = same outputs (forward passes cost seconds).
-    ae_out = convert_official(fixtures / "ae_tiny_official_format.ckpt", tmp_path / "ae.safetensors")
+    ae_out = tmp_path / "ae.safetensors"
+    assert convert_official(fixtures / "ae_tiny_official_format.ckpt", ae_out) == "autoencoder"
     ae, meta = load_network(ae_out)
     assert meta["kind"] == "autoencoder" and meta["extra"]["converted_from"] == "ae_tiny_official_format.ckpt"
     _same_weights(ae, official_ae)
-    dn_out = convert_official(fixtures / "biflownet_tiny_official_format.pt", tmp_path / "dn.safetensors",
-                              overrides=TINY_DENOISER_OVERRIDES)
+    dn_out = tmp_path / "dn.safetensors"
+    assert convert_official(fixtures / "biflownet_tiny_official_format.pt", dn_out,
+                            overrides=TINY_DENOISER_OVERRIDES) == "biflownet"
     dn, meta = load_network(dn_out)
     assert meta["kind"] == "biflownet"
     _same_weights(dn, official_dn)
@@ -194,3 +196,29 @@ def test_convert_official_to_native(fixtures: Path, tmp_path: Path, official_ae:
                                     overrides=TINY_DENOISER_OVERRIDES), dn)
     kind, _ = load_official(fixtures / "biflownet_tiny.pt")
     assert kind == "biflownet"
+
+
+@pytest.mark.parametrize("name", ["ae4x", "ae8x", "biflownet4x", "biflownet8x"])
+def test_full_size_official_configs_are_inferred(reference_dir: Path, name: str) -> None:
+    """The published models' key/shape manifest gives the published configurations (no weights needed)."""
+    import json
+
+    from MedDiffusionLib.checkpoints.official import infer_biflownet_config
+
+    manifest = json.loads((reference_dir / "official_state_dict_manifest.json").read_text())
+    sd = {k: torch.empty(shape, device="meta") for k, shape in manifest[name].items()}
+    if name.startswith("ae"):
+        conf = infer_autoencoder_config(sd)
+        assert conf == dict(n_hiddens=48, downsample=int(name[2]), embedding_dim=8, n_codes=8192, num_groups=24,
+                            image_channels=1)
+        return
+    conf = infer_biflownet_config(sd)
+    assert conf["dim"] == 72 and conf["channels"] == 8 and conf["patch_size"] == (2 if "4x" in name else 1)
+    assert conf["dim_mults"] == [1, 1, 2, 4, 8] and conf["use_attn"] == [0, 0, 0, 1, 1]
+    assert (conf["resnet_groups"], conf["dit_num_heads"], conf["attn_heads"], conf["attn_dim_head"]) == (24, 8, 8, 32)
+    assert conf["num_classes"] == 7 and conf["num_mid_dit"] == 1 and conf["sub_volume_size"] == 8
+    from MedDiffusionLib.models.biflownet import BiFlowNet
+
+    with torch.device("meta"):
+        net = BiFlowNet(**conf)
+    assert sum(p.numel() for p in net.parameters()) == manifest[f"{name}_param_count"]

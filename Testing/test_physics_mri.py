@@ -27,7 +27,8 @@ def brain_like(n: int = 64) -> torch.Tensor:
     c = torch.linspace(-1, 1, n)
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     img = torch.sigmoid(40 * (1 - (xx / 0.75) ** 2 - (yy / 0.9) ** 2))
-    img = img - 0.5 * torch.exp(-((xx - 0.25) ** 2 + yy**2) / 0.02) - 0.4 * torch.exp(-((xx + 0.3) ** 2 + (yy + 0.2) ** 2) / 0.01)
+    img = img - 0.5 * torch.exp(-((xx - 0.25) ** 2 + yy**2) / 0.02)
+    img = img - 0.4 * torch.exp(-((xx + 0.3) ** 2 + (yy + 0.2) ** 2) / 0.01)
     img = img + 0.3 * ((xx.abs() < 0.1) & (yy.abs() < 0.5)).float()
     return img.clamp_min(0)
 

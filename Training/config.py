@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,24 @@ from typing import Any
 import yaml
 
 from MedDiffusionLib.errors import InputError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 insists on ``3.0e-4``; everyone writes 3e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +52,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise InputError(f"Config file '{p}' does not exist")
     try:
-        cfg = yaml.safe_load(p.read_text()) or {}
+        cfg = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"Config file '{p}' is not valid YAML: {exc}") from exc
     if not isinstance(cfg, dict):
@@ -74,7 +93,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise InputError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         set_key(out, key.strip(), value)

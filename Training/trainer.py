@@ -1,8 +1,7 @@
 """The training loop every stage shares: DDP, precision, EMA, resumable data order, checkpoints, logging.
 
 A stage builds its networks and optimizers, registers them with a ``Trainer``, calls ``resume()`` and then
-``fit(loader, step_fn)``. Checkpoints hold only tensors and plain containers so that
-``torch.load(weights_only=True)`` reads them; they are written atomically by rank 0 every N steps.
+``fit(step_fn)``. Checkpoints (see ``checkpointing.py``) are written atomically by rank 0 every N steps.
 """
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,10 +25,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from MedDiffusionLib.io.atomic import atomic_write_path, atomic_write_text
+from MedDiffusionLib.io.atomic import atomic_write_text
+from Training.checkpointing import (CHECKPOINT_FORMAT, CheckpointManager, load_checkpoint, rng_state,  # noqa: F401
+                                  seed_all, set_rng_state)
 
 log = logging.getLogger("meddiffusion.train")
-CHECKPOINT_FORMAT = "meddiffusion-train/1"
 DUMP_ENV = "MEDDIFFUSION_TRAIN_DUMP"  # tests: every rank writes hashes of its final weights here
 
 
@@ -95,38 +93,6 @@ def wrap_ddp(module: nn.Module, env: DistEnv, find_unused: bool = False) -> nn.M
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
-
-
-# --------------------------------------------------------------------------- randomness
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG as tensors / plain values (weights_only-loadable)."""
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    py = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
 # --------------------------------------------------------------------------- EMA
@@ -238,47 +204,6 @@ class StatefulLoader:
                 self.consumed += self.batch_size
                 yield batch
             self.epoch, self.consumed = self.epoch + 1, 0
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint safely (tensors and plain containers only)."""
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-class CheckpointManager:
-    """``step_0001000.pt`` files written atomically; keeps the newest ``keep``; resume picks the newest loadable."""
-
-    pattern = re.compile(r"^step_(\d+)\.pt$")
-
-    def __init__(self, folder: Path, keep: int = 3) -> None:
-        self.folder, self.keep = Path(folder), max(1, int(keep))
-
-    def list(self) -> list[tuple[int, Path]]:
-        if not self.folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := self.pattern.match(p.name))]
-        return sorted(found)
-
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{step:07d}.pt"
-        with atomic_write_path(path) as tmp:
-            torch.save(state, tmp)
-        for _, old in self.list()[: -self.keep]:
-            with contextlib.suppress(OSError):
-                old.unlink()
-        return path
-
-    def load_latest(self) -> tuple[dict[str, Any], Path] | None:
-        for _, path in reversed(self.list()):
-            try:
-                return load_checkpoint(path), path
-            except Exception as exc:  # truncated / corrupt file: fall back to the previous one
-                log.warning("checkpoint '%s' is unreadable (%s); trying an older one", path, exc)
-        return None
 
 
 # --------------------------------------------------------------------------- scalars
@@ -542,6 +467,7 @@ class Trainer:
             return
         mods = dict(self.models)
         mods.update({f"ema.{n}": e.model for n, (e, _) in self.emas.items()})
+        Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(folder) / f"{self.stage}_rank{self.env.rank}.json", json.dumps(state_hashes(mods)))
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ def bench_denoiser(device: torch.device, latent: int, repeats: int) -> list[dict
     return rows
 
 
-def _decode_child(latent: int, tile: int | None, device: str) -> None:
+def _decode_child(latent: int, budget: float, device: str) -> None:
     """Runs in a subprocess: decode one latent, print time and peak memory as JSON."""
     from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
     from MedDiffusionLib.pipelines.decode import decode_latent
@@ -77,7 +77,7 @@ def _decode_child(latent: int, tile: int | None, device: str) -> None:
     t0 = time.perf_counter()
     with torch.inference_mode():
         z_q, _ = ae.quantize(z)
-        decode_latent(ae, z_q, tile=tile, device=dev)
+        decode_latent(ae, z_q, budget_gb=budget, device=dev)
     _sync(dev)
     out = dict(seconds=time.perf_counter() - t0,
                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -86,7 +86,7 @@ def _decode_child(latent: int, tile: int | None, device: str) -> None:
     print(json.dumps(out))
 
 
-def bench_decode(device: str, sizes: list[int], tile: int, max_plain_gb: float) -> list[dict]:
+def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: float) -> list[dict]:
     rows = []
     for latent in sizes:
         for mode in ("plain", "tiled"):
@@ -97,8 +97,8 @@ def bench_decode(device: str, sizes: list[int], tile: int, max_plain_gb: float) 
                 rows.append(dict(latent=f"{latent}^3", volume=f"{vol}^3", mode=mode, seconds=None,
                                  peak_gb=None, note=f"skipped: needs ~{est_plain:.0f} GB"))
                 continue
-            cmd = [sys.executable, __file__, "--decode-child", str(latent), "--tile",
-                   "0" if mode == "plain" else str(tile), "--device", device]
+            cmd = [sys.executable, __file__, "--decode-child", str(latent), "--budget-gb",
+                   "inf" if mode == "plain" else str(budget), "--device", device]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 rows.append(dict(latent=f"{latent}^3", volume=f"{vol}^3", mode=mode, seconds=None, peak_gb=None,
@@ -129,13 +129,13 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="denoiser latent edge (official 8x: 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="decode latent edges")
-    ap.add_argument("--tile", type=int, default=16)
+    ap.add_argument("--budget-gb", type=float, default=2.0, help="tiled decode budget (see pipelines/decode.py)")
     ap.add_argument("--max-plain-gb", type=float,
                     default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8)
     ap.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.decode_child is not None:
-        _decode_child(args.decode_child, args.tile or None, args.device)
+        _decode_child(args.decode_child, args.budget_gb, args.device)
         return
     print(f"# {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"# device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -143,8 +143,8 @@ def main() -> None:
         _print_table("BiFlowNet official 8x (random weights): time per step and per sampling run",
                      bench_denoiser(torch.device(args.device), args.latent, args.repeats))
     if args.part in ("all", "decode"):
-        _print_table(f"Official 8x decoder: plain vs tiled ({args.tile}^3 latent tiles, overlap 4)",
-                     bench_decode(args.device, args.sizes, args.tile, args.max_plain_gb))
+        _print_table(f"Official 8x decoder: plain vs tiled (budget {args.budget_gb} GB per stage/tile)",
+                     bench_decode(args.device, args.sizes, args.budget_gb, args.max_plain_gb))
 
 
 if __name__ == "__main__":

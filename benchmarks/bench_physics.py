@@ -62,7 +62,8 @@ def main(argv: List[str] | None = None) -> None:
     shape = (args.slices, args.size, args.size)
     print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]))
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, volume (Z, X, Y) = {shape}")
-    header = f"{'device':<8} {'op':<22} {'views':>5} {'build s':>8} {'forward s':>10} {'adjoint s':>10} {'fbp s':>8}"
+    row = "{:<8} {:<22} {:>5} {:>8} {:>10} {:>10} {:>8}"
+    header = row.format("device", "op", "views", "build s", "forward s", "adjoint s", "fbp s")
     print(header)
     print("-" * len(header))
     gen = torch.Generator().manual_seed(0)
@@ -80,14 +81,14 @@ def main(argv: List[str] | None = None) -> None:
             t_fwd = timeit(lambda: proj(vol), device, args.repeats)
             t_adj = timeit(lambda: proj.adjoint(sino), device, args.repeats)
             t_fbp = timeit(lambda: proj.fbp(sino), device, args.repeats)
-            print(f"{name:<8} {'ct parallel-beam':<22} {views:>5} {build:>8.3f} {t_fwd:>10.3f} {t_adj:>10.3f} {t_fbp:>8.3f}")
+            print(row.format(name, "ct parallel-beam", views, *(f"{t:.3f}" for t in (build, t_fwd, t_adj, t_fbp))))
             del proj, sino
         mask = gaussian_mask_1d(shape[1:], acceleration=8, seed=0, device=device)
         kspace = undersample(vol, mask)
         t_us = timeit(lambda: undersample(vol, mask), device, args.repeats)
         t_dc = timeit(lambda: data_consistency(vol, kspace, mask, output="real"), device, args.repeats)
-        print(f"{name:<8} {'mri fft2c*mask / DC':<22} {'-':>5} {'-':>8} {t_us:>10.3f} {'-':>10} {t_dc:>8.3f}"
-              "   (forward = undersample, fbp column = data_consistency)")
+        # forward column = undersample (fft2c * mask), fbp column = hard data consistency
+        print(row.format(name, "mri undersample / DC", "-", "-", f"{t_us:.3f}", "-", f"{t_dc:.3f}"))
 
 
 if __name__ == "__main__":

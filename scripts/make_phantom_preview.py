@@ -38,8 +38,10 @@ def _square(sl: np.ndarray, row_mm: float, col_mm: float, tile: int) -> np.ndarr
 def preview_row(img: sitk.Image, window: tuple[float, float] | None, tile: int = 192) -> np.ndarray:
     vol = sitk.GetArrayFromImage(img)  # (Z, Y, X)
     sx, sy, sz = img.GetSpacing()
-    z, y, x = (n // 2 for n in vol.shape)
+    z, y, _x = (n // 2 for n in vol.shape)
     lo, hi = window if window else (0.0, float(np.percentile(vol, 99.5)))
+    # Sagittal through the column with the most tissue (the mid-plane falls between the legs).
+    x = int(np.argmax((vol > lo + 0.25 * (hi - lo)).sum(axis=(0, 1))))
     views = [_square(vol[z], sy, sx, tile), _square(vol[::-1, y, :], sz, sx, tile),
              _square(vol[::-1, :, x], sz, sy, tile)]
     row = np.concatenate([np.pad(v, ((2, 2), (2, 2)), constant_values=lo) for v in views], axis=1)

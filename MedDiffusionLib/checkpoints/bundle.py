@@ -36,6 +36,7 @@ from ..errors import CheckpointError, InputError
 from .native import load_any_autoencoder, load_any_controlnet, load_any_denoiser, save_network
 
 __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", "default_bundle_dir",
+           "add_controlnet_to_bundle",
            "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST", "DEMO_ENV"]
 
 BUNDLE_FORMAT = "meddiffusion-bundle"
@@ -256,7 +257,10 @@ def _as_bundle(parts: ModelBundle | Mapping[str, Any]) -> ModelBundle:
         kw["catalog"] = official_catalog(kw["downsample"])
     if kw.get("latent_range") is None:
         kw["latent_range"] = tuple(float(v) for v in ae.codebook_range())
-    return ModelBundle(**kw)
+    try:
+        return ModelBundle(**kw)
+    except TypeError as exc:  # unknown or missing part names
+        raise InputError(f"save_bundle: {exc}") from None
 
 
 def _write_files(bundle: ModelBundle, folder: Path) -> None:
@@ -309,3 +313,40 @@ def save_bundle(bundle_or_parts: ModelBundle | Mapping[str, Any], folder: str | 
             shutil.rmtree(tmp)
         raise
     return dest
+
+
+def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controlnet: nn.Module) -> Path:
+    """Save ``controlnet`` as ``controlnet-<task>.safetensors`` in an existing bundle and list it in model.yaml.
+
+    Other entries of model.yaml are kept as they are; the network file is written first and model.yaml last
+    (both atomically), so a reader never sees a manifest naming a missing file. Returns the network file.
+    """
+    manifest = _manifest_path(folder)
+    data = _read_manifest(manifest)
+    task = str(task).strip()
+    if not task or any(c in task for c in "/\\:") or task.startswith("."):
+        raise InputError(f"invalid ControlNet task name {task!r}")
+    cfg = getattr(controlnet, "config", {}) or {}
+    dn_file = _resolve_file(manifest.parent, data["denoiser"], "denoiser", manifest)
+    try:  # only our own files record the config; the authors' denoisers are checked when the bundle loads
+        from .native import is_safetensors_file, read_network_metadata
+
+        dn_cfg = read_network_metadata(dn_file)["config"] if is_safetensors_file(dn_file) else None
+    except CheckpointError:
+        dn_cfg = None
+    mine = cfg.get("denoiser_config")
+    if dn_cfg is not None and mine is not None:
+        keys = set(dn_cfg) & set(mine)
+        diff = sorted(k for k in keys if dn_cfg[k] != mine[k])
+        if diff:
+            raise InputError(f"the ControlNet was built for another denoiser than the one in '{manifest}' "
+                             f"(differs in {', '.join(diff)})")
+    fname = f"controlnet-{task}.safetensors"
+    path = save_network(controlnet, manifest.parent / fname, "controlnet", {"bundle": data.get("name"), "task": task})
+    nets = dict(data.get("controlnets") or {})
+    nets[task] = fname
+    data["controlnets"] = dict(sorted(nets.items()))
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(manifest, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    return path

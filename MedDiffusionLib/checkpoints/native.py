@@ -176,7 +176,7 @@ def _load_any(path: str | os.PathLike[str], kind: str, map_location: Any,
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{kind} file not found: '{p}'")
-    if is_safetensors_file(p):
+    if is_safetensors_file(p) or p.suffix.lower() == ".safetensors":  # by name too: clearer error if corrupt
         return load_network(p, map_location, expected_kind=kind)[0]
     from .official import load_official_autoencoder, load_official_biflownet
 

@@ -168,7 +168,10 @@ def _build_autoencoder(ckpt: Mapping[str, Any], path: Path, map_location: Any,
         model = PatchVolumeAutoencoder(**conf)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"'{path}': cannot build the autoencoder {conf}: {exc}") from exc
-    model.load_official_state_dict(sd)
+    try:
+        model.load_official_state_dict(sd)
+    except CheckpointError as exc:  # name the file: the network's message does not know it
+        raise CheckpointError(f"'{path}': {exc}") from None
     return model.to(map_location).eval()
 
 
@@ -281,7 +284,10 @@ def _build_biflownet(ckpt: Mapping[str, Any], path: Path, map_location: Any, ove
         model = BiFlowNet(**conf)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"'{path}': cannot build the BiFlowNet {conf}: {exc}") from exc
-    model.load_official_state_dict(sd)
+    try:
+        model.load_official_state_dict(sd)
+    except CheckpointError as exc:  # name the file: the network's message does not know it
+        raise CheckpointError(f"'{path}': {exc}") from None
     return model.to(map_location).eval()
 
 
@@ -334,10 +340,10 @@ def load_official_biflownet(path: str | os.PathLike[str], map_location: Any = "c
 
 
 def convert_official(path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                     overrides: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Convert an authors' checkpoint to our safetensors format (no pickle at load time); returns out_path."""
+                     overrides: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """Convert an authors' checkpoint to our safetensors format (no pickle at load time); returns the kind."""
     from .native import save_network
 
     kind, model = load_official(path, overrides=overrides)
-    info = {"converted_from": Path(path).name, **(extra or {})}
-    return save_network(model, out_path, kind, extra=info)
+    save_network(model, out_path, kind, extra={"converted_from": Path(path).name, **(extra or {})})
+    return kind

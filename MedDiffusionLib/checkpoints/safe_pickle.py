@@ -170,7 +170,10 @@ def _fixed_globals() -> dict[str, Any]:
     # Plain value types: calling or instantiating them cannot run stored code.
     for typ in (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray, bool):
         allowed[f"builtins.{typ.__name__}"] = typ
-    for dt_name in dir(torch):  # dtypes not in torch's table on older versions (torch.float32 ...)
+    # Common dtypes, in case torch's table is unavailable (named explicitly: getattr over dir(torch) would
+    # import lazily-loaded submodules).
+    for dt_name in ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64",
+                    "bool", "complex64", "complex128"):
         obj = getattr(torch, dt_name, None)
         if isinstance(obj, torch.dtype):
             allowed.setdefault(f"torch.{dt_name}", obj)

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CT only: map the model's [0,1] intensities to this HU range")
     p.add_argument("--out", required=True, help="output volume (.nrrd, .nii.gz, .nii, .mha)")
     p.add_argument("--preview", metavar="PNG", help="also write three orthogonal mid-slices as PNG")
-    p.add_argument("--decode-tile", type=int, help="latent tile size for decoding (memory bound)")
+    p.add_argument("--decode-budget-gb", type=float,
+                   help="memory budget of one decoding tile (default 2 on CPU, 3 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preview:
         check_writable(args.preview)
     bundle = load_bundle_from_args(args)
-    pipe = GenerationPipeline(bundle, args.device, decode_tile=args.decode_tile)
+    pipe = GenerationPipeline(bundle, args.device, decode_budget_gb=args.decode_budget_gb)
     bar = TqdmProgress(not args.quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "default 127.0.0.1 and use an SSH tunnel or a TLS reverse proxy (docs/SERVER.md).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--store", metavar="DIR", help=f"job records and results (default {default_store_dir()})")
+    p.add_argument("--store", metavar="DIR",
+                   help="job records and results (default: $XDG_CACHE_HOME or ~/.cache, then meddiffusion/server)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the access token (else $MEDDIFFUSION_TOKEN)")
     p.add_argument("--insecure", action="store_true",
                    help="no token (only allowed with a loopback --host such as 127.0.0.1)")

@@ -18,11 +18,23 @@ BONE = ("cortical", "cancellous", "marrow")
 def _bone(c: Canvas, center, radii, rot=(0, 0, 0), shell: float = 2.0, cartilage: float = 0.0,
           inside=None) -> None:
     """Ellipsoidal bone: optional cartilage cap, cortical shell, cancellous (trabecular) core."""
-    r = np.asarray(radii, float)
-    if cartilage:
-        c.ellipsoid("cartilage", center, r + cartilage, rot, inside=inside)
-    c.ellipsoid("cortical", center, r, rot, inside=None if inside is None else tuple(inside) + ("cartilage",))
-    c.ellipsoid("cancellous", center, r - shell, rot, inside=("cortical",))
+    _bones(c, [(center, radii, rot, shell, cartilage)], inside=inside)
+
+
+def _bones(c: Canvas, parts, inside=None, extra_cortical=()) -> None:
+    """Union of ellipsoidal bone parts (center, radii, rot, shell, cartilage): cartilage caps, then every
+    cortical shell, then every cancellous core, so overlapping parts show no internal cortical walls.
+    ``extra_cortical`` are callables painting more cortical parts (shafts) before the cores."""
+    for ctr, r, rot, _shell, cart in parts:
+        if cart:
+            c.ellipsoid("cartilage", ctr, np.asarray(r, float) + cart, rot, inside=inside)
+    ins = None if inside is None else tuple(inside) + ("cartilage",)
+    for ctr, r, rot, _shell, _cart in parts:
+        c.ellipsoid("cortical", ctr, r, rot, inside=ins)
+    for paint in extra_cortical:
+        paint()
+    for ctr, r, rot, shell, _cart in parts:
+        c.ellipsoid("cancellous", ctr, np.asarray(r, float) - shell, rot, inside=("cortical", "cancellous"))
 
 
 def _spine(c: Canvas, top: float, levels: list[tuple[float, float, float, float]],
@@ -66,19 +78,17 @@ def head(c: Canvas, ct: bool) -> None:
     fossae = [(cc, cr, 1), (pc, pr, 2)] + [(S(sd * 40, -5, -20), S(26, 38, 26), 3 + sd) for sd in (-1, 1)]
     # Neck and face soft tissue first; the cranium paints over their upper parts.
     nr = S(c.j(55, .06), c.j(60, .06))
-    for tissue, dr in (("skin", 0.0), ("fat", -2.5), ("muscle", -c.u(6, 12))):
-        c.cylinder(tissue, S(0, 8, -320), S(0, 18, -60), nr + dr)
     fc, fr = S(0, -35, -60), S(c.j(56, .05), 58, 55)
-    c.ellipsoid("skin", fc, fr, rh, lobe=.03, key=11)
-    c.ellipsoid("fat", fc, fr - 2.5, rh, lobe=.03, key=11)
+    c.layered([("skin", 0.0), ("fat", -2.5 * s)], [("cylinder", dict(p0=S(0, 8, -320), p1=S(0, 18, -60), r0=nr)),
+                                                  ("ellipsoid", dict(c=fc, r=fr, rot=rh, lobe=.03))])
+    c.cylinder("muscle", S(0, 8, -320), S(0, 18, -60), nr - c.u(6, 12) * s)
     c.ellipsoid("muscle", fc + S(0, 10, -5), fr * 0.78, rh, inside=("fat",))
     c.ellipsoid("skin", S(0, -97, -45), S(9, 12, 22), (-20, 0, 0))  # nose
     c.ellipsoid("air", S(0, -99, -62), S(6, 6, 5), inside=("skin",))  # nostrils opening
     # Scalp and skull: each layer over the union of cranium, posterior and temporal fossae (shells).
-    for tissue, dr in (("skin", 7.5), ("fat", 5.0), ("cortical", 0.0), ("cancellous", -1.8),
-                       ("cortical", -4.8), ("csf", -6.5)):
-        for ctr, rad, key in fossae:
-            c.ellipsoid(tissue, ctr, rad + dr * s, rh, lobe=0.02, key=key)
+    c.layered([(t, dr * s) for t, dr in (("skin", 7.5), ("fat", 5.0), ("cortical", 0.0), ("cancellous", -1.8),
+                                         ("cortical", -4.8), ("csf", -6.5))],
+              [("ellipsoid", dict(c=ctr, r=rad, rot=rh, lobe=0.02, key=key)) for ctr, rad, key in fossae])
     # Brain: cerebellum (folia), cerebrum and temporal lobes (gyri from the zero-set of a smooth field).
     folia, gyri = c.field("folia", 2.2), c.field("gyri", 4.0)
     c.ellipsoid("gm", pc, pr - 9 * s, rh, lobe=0.02, key=2, inside=("csf",))
@@ -93,19 +103,20 @@ def head(c: Canvas, ct: bool) -> None:
         c.ellipsoid("wm", S(sd * 40, -5, -18), S(14, 26, 14), rh, perturb=wm_perturb, inside=("gm",))
     c.replace("gm", "csf", np.abs(gyri) < 0.2)
     br = cr - 9 * s
-    for ctr, rad in ((cc + S(0, 0, 30), (1.6, br[1] * 1.05, br[2] * 0.72)),  # interhemispheric fissure
-                     (cc + S(0, -br[1] * 0.7, 0), (1.6, br[1] * 0.35, br[2] * 0.9)),
-                     (cc + S(0, br[1] * 0.7, 0), (1.6, br[1] * 0.35, br[2] * 0.9))):
+    top = (br[2] + 18 * s) / 2  # interhemispheric fissure: above the corpus callosum, full depth at the poles
+    for ctr, rad in ((cc + (0, 0, top), (0.9 * s, br[1] * 1.05, br[2] - top + 2 * s)),
+                     (cc + (0, -br[1] * 0.8, 0), (0.9 * s, br[1] * 0.3, br[2] * 0.9)),
+                     (cc + (0, br[1] * 0.8, 0), (0.9 * s, br[1] * 0.3, br[2] * 0.9))):
         c.ellipsoid("csf", ctr, rad, rh, inside=("gm", "wm"))
     for off, rad in (((10, 8, -8), (8, 14, 9)), ((13, -16, 2), (5.5, 9, 9)), ((24, -4, -10), (5.5, 15, 11))):
         for sd in (-1, 1):  # thalamus, caudate head, putamen
             c.ellipsoid("deep_gm", cc + S(sd * off[0], off[1], off[2]), S(*rad) * c.j(1, .05), rh,
                         inside=("wm", "gm", "csf"))
-    vs = c.u(0.7, 1.5)  # ventricle size varies strongly between subjects (age, atrophy)
-    for sd in (-1, 1):
-        pts = [cc + S(sd * x, y, z) for x, y, z in ((6, -28, 2), (10, -12, 8), (12, 10, 8), (16, 30, -2),
-                                                     (22, 34, -18), (28, 18, -32))]
-        c.tube("csf", pts, np.array([5, 4.5, 3.5, 4.5, 3.5, 2.5]) * vs * s, inside=("wm", "gm", "deep_gm"))
+    vs = c.u(0.75, 1.4)  # ventricle size varies strongly between subjects (age, atrophy)
+    for sd in (-1, 1):  # lateral ventricles: frontal horn, body, atrium, temporal horn
+        pts = [cc + S(sd * x * vs ** 0.5, y, z) for x, y, z in ((10, -30, 4), (12, -14, 10), (14, 8, 12),
+                                                                (18, 28, 4), (24, 34, -12), (30, 16, -28))]
+        c.tube("csf", pts, np.array([6.5, 7, 6.5, 7.5, 5, 3]) * vs * s, inside=("wm", "gm", "deep_gm"))
     c.ellipsoid("csf", cc + S(0, 2, -14), S(1.8 * vs, 13, 8), rh, inside=("wm", "gm", "deep_gm"))
     c.cylinder("wm", cc + S(0, 10, -18), S(0, 24, -75), S(12, 11), S(9, 9),
                inside=("csf", "gm", "wm", "cortical", "cancellous", "muscle", "deep_gm"))  # brainstem
@@ -113,7 +124,7 @@ def head(c: Canvas, ct: bool) -> None:
     # Orbits: bony walls, fat, globe (vitreous), lens, optic nerve.
     for sd in (-1, 1):
         oc = S(sd * 31, -64, -25)
-        c.ellipsoid("cortical", oc, S(20, 26, 18), (0, 0, sd * 10))
+        c.ellipsoid("cortical", oc, S(18.8, 25.5, 16.8), (0, 0, sd * 10))
         c.ellipsoid("fat", oc, S(17, 24, 15.5), (0, 0, sd * 10))
         eye = S(sd * 31, -72, -25) + c.n(0.8, 3)
         c.tube("wm", [eye, S(sd * 12, -30, -27)], 2.4 * s, inside=("fat",))
@@ -127,7 +138,7 @@ def head(c: Canvas, ct: bool) -> None:
         c.ellipsoid("cortical", ctr, rad + 3 * s)
         c.ellipsoid("soft", ctr, rad + 1.2 * s)
         c.ellipsoid("air", ctr, rad * c.j(1, .08), lobe=0.1)
-    c.cylinder("cortical", S(0, -90, -52), S(0, -45, -52), S(0.9, 14))  # nasal septum
+    c.cylinder("cartilage", S(0, -90, -52), S(0, -45, -52), S(0.9, 14))  # nasal septum
     for sd in (-1, 1):
         mc = S(sd * 55, 22, -42)
         c.ellipsoid("cancellous", mc, S(12, 15, 12))
@@ -139,7 +150,7 @@ def head(c: Canvas, ct: bool) -> None:
     c.tube("cancellous", [S(x, y, -98) for x, y in arc], 3.5 * s)
     for sd in (-1, 1):
         c.tube("cortical", [S(sd * 44, 0, -98), S(sd * 48, 4, -55)], [7 * s, 5 * s])  # ramus to TMJ
-    c.ellipsoid("cortical", S(0, -55, -70), S(34, 30, 5))  # hard palate
+    c.ellipsoid("cortical", S(0, -52, -70), S(20, 24, 3))  # hard palate
     for z, rr in ((-76, 1.0), (-88, 0.93)):
         for a in np.linspace(-1.25, 1.25, 14):
             c.ellipsoid("teeth", S(np.sin(a) * 38 * rr, -22 - np.cos(a) * 46 * rr, z), S(3.5, 3.5, 5))
@@ -154,8 +165,8 @@ def head(c: Canvas, ct: bool) -> None:
         c.tube("blood", [S(sd * 20, -8, -320), S(sd * 22, -4, -150), S(sd * 28, 10, -60)], 3.8 * s)
         c.tube("blood", [S(sd * 30, -2, -320), S(sd * 32, 4, -150), S(sd * 36, 16, -55)], 5.0 * s)
         c.ellipsoid("gland", S(sd * 16, -28, -245), S(8, 10, 22))  # thyroid lobes
-        c.ellipsoid("gland", S(sd * 46, 2, -68), S(12, 15, 18), inside=("fat", "muscle"))  # parotids
-        c.ellipsoid("gland", S(sd * 32, -40, -108), S(10, 12, 9), inside=("fat", "muscle"))  # submandibular
+        c.ellipsoid("soft", S(sd * 46, 2, -68), S(12, 15, 18), inside=("fat", "muscle"))  # parotids
+        c.ellipsoid("soft", S(sd * 32, -40, -108), S(10, 12, 9), inside=("fat", "muscle"))  # submandibular
 
 
 # --------------------------------------------------------------------------- chest and abdomen
@@ -166,18 +177,16 @@ def torso(c: Canvas, ct: bool) -> None:
     ft = c.u(8, 30)  # subcutaneous fat thickness
     wl, wa = rl - ft - 12, ra - 0.8 * ft - 12  # inner body-wall radii (ribs lie here)
     body = c.field("body", 40.0) * 0.02
-    if ct:  # patient couch under the back
-        cy = ra + c.u(8, 25)
-        c.cylinder("couch", (0, cy, -600), (0, cy, 500), (230, 9), power=8)
-        c.cylinder("foam", (0, cy, -600), (0, cy, 500), (225, 6), power=8)
+    if ct:  # patient couch under the back (straight: not warped)
+        cy = ra + c.u(9, 13)
+        c.cylinder("couch", (0, cy, -600), (0, cy, 500), (230, 9), power=8, warp=False)
+        c.cylinder("foam", (0, cy, -600), (0, cy, 500), (225, 6), power=8, warp=False)
     belly = c.u(0, 25)
-    for tissue, dr in (("skin", 0.0), ("fat", -2.5)):
-        c.cylinder(tissue, (0, 0, -600), (0, 0, 500), (rl + dr, ra + dr), power=2.4, perturb=body)
-        c.ellipsoid(tissue, (0, -ra * 0.35, -160), (rl * 0.85 + dr, ra * 0.65 + belly + dr, 170))
-    c.cylinder("muscle", (0, 0, -600), (0, 0, 500), (rl - ft, ra - 0.8 * ft), power=2.4, perturb=body)
-    c.cylinder("fat", (0, 0, -600), (0, 0, 500), (wl, wa), power=2.4, perturb=body)
-    for sd in (-1, 1):  # paraspinal and pectoral muscles
-        c.cylinder("muscle", (sd * 34, wa - 28, -600), (sd * 34, wa - 30, 500), (26, 25), inside=("fat",))
+    # Body wall: skin, subcutaneous fat, muscle, then the (fat-filled) body cavity; the belly bulges in front.
+    c.layered([("skin", 0.0), ("fat", -2.5), ("muscle", -ft), ("fat", -ft - 12)],
+              [("cylinder", dict(p0=(0, 0, -600), p1=(0, 0, 500), r0=(rl, ra), power=2.4, perturb=body)),
+               ("ellipsoid", dict(c=(0, -ra * 0.35, -160), r=(rl * 0.85, ra * 0.65 + belly, 170)))])
+    for sd in (-1, 1):  # pectoral muscles
         c.ellipsoid("muscle", (sd * 70, -wa - 2, 180), (60, 12, 70), (0, 0, -sd * 15), inside=("fat", "muscle"))
 
     def ap_of(z: float) -> float:  # thoracic kyphosis and lumbar lordosis
@@ -185,6 +194,11 @@ def torso(c: Canvas, ct: bool) -> None:
 
     levels = [(18 + i * 0.6, 4 + i * 0.2, 15 + i * 0.35, 8.0) for i in range(12)] + [(27, 9, 22, 9.0)] * 5
     verts = _spine(c, 320, levels, ap_of, cord_end=-35)
+    for sd in (-1, 1):  # paraspinal (erector spinae) muscles hugging the posterior elements
+        for (z0, ap0, rb0), (z1, ap1, rb1) in zip(verts[:-1], verts[1:]):
+            grow = 1.0 + 0.5 * (z1 < -40)
+            c.cylinder("muscle", (sd * (rb0 * 0.6 + 20), ap0 + rb0 + 28, z0), (sd * (rb1 * 0.6 + 20), ap1 + rb1 + 28, z1),
+                       (19 * grow, 17), ext=0.1, inside=("fat", "muscle"))
     # Ribs from the thoracic vertebrae around to the front; upper ribs end in costal cartilage at the sternum.
     for i, (zm, ap, rb) in enumerate(verts[:12]):
         w = 0.55 + 0.45 * min(1.0, i / 5)
@@ -220,9 +234,13 @@ def torso(c: Canvas, ct: bool) -> None:
         hil = np.array([sd * 42, 8.0, 125.0])
         c.tube("soft", [(0, 12, 150), hil], 8.0)
         c.tube("air", [(0, 12, 150), hil], 6.0)
-        for d in ((sd, 0.2, 0.9), (sd, -0.3, 0.0), (sd * 0.6, 0.3, -0.9), (sd, 0.8, -0.2)):
-            c.branch_tree("blood", hil, d, c.u(35, 50), 5.5, 4, inside=("lung",))
+        for d in ((sd, 0.2, 0.9), (sd, -0.6, 0.3), (sd, -0.3, -0.4), (sd * 0.6, 0.3, -0.9), (sd, 0.8, -0.2),
+                  (sd * 0.5, 0.9, 0.6)):
+            c.branch_tree("blood", hil, d, c.u(30, 42), 5.0, 5, inside=("lung",))
         c.branch_tree("air", hil, (sd, -0.5, -0.3), 35, 3.5, 3, inside=("lung",))
+    # Peripheral vessels: curves where two smooth random fields both cross zero (cheap vessel-like network).
+    eps = min(0.15, 0.1 * max(1.0, min(c.vox_mm) / 1.5))  # thicker on coarse grids, capped (~1.5 % of lung)
+    c.replace("lung", "blood", (np.abs(c.field("lv1", 7.0)) < eps) & (np.abs(c.field("lv2", 7.0)) < eps))
     for sd, ztop in ((-1, 30.0), (1, 15.0)):
         ctr, rad = (sd * 60, 5, ztop - 110), np.array([wl * 0.78, wa * 1.1, 110])
         c.ellipsoid("fat", ctr, rad, inside=("lung",))
@@ -274,6 +292,14 @@ def torso(c: Canvas, ct: bool) -> None:
         c.cylinder("muscle", (sd * 28, ap_of(-60) - 10, -60), (sd * 55, ap_of(-400) - 30, -420), (10, 10), (28, 26),
                    inside=("fat",))  # psoas
     c.tube("blood", [(-22, ap_of(-350) - 24, -350), (-22, 20, -60), hc + (-30, 0, -10)], 11.0, inside=vessel_ok)
+    # Pelvis: sacrum below L5 and the iliac wings with iliacus muscles.
+    zs = verts[-1][0] - 60
+    pelvis = [((0, ap_of(zs) + 12, zs), c.j(np.array([44.0, 18, 50]), .05), (-30, 0, 0), 3.0, 0.0)]
+    pelvis += [((sd * 95, ap_of(zs) - 5, zs - 10), c.j(np.array([50.0, 12, 55]), .06), (0, 0, -sd * 40), 3.0, 0.0)
+               for sd in (-1, 1)]
+    _bones(c, pelvis, inside=("fat", "muscle", "bowel", "soft", "disc"))
+    for sd in (-1, 1):
+        c.ellipsoid("muscle", (sd * 82, ap_of(zs) - 25, zs - 10), (42, 14, 50), (0, 0, -sd * 40), inside=("fat",))
     # Bowel: colon frame with air, small bowel loops below.
     colon = [(-95, 10, -330), (-98, 0, -130), (-80, -wa * 0.5, -120), (0, -wa * 0.7, -150), (80, -wa * 0.5, -110),
              (95, 15, -90), (95, 20, -330)]
@@ -302,11 +328,9 @@ def _leg(c: Canvas, sd: int, x0: float, ct: bool) -> None:
             ((x0, 5, -60), (x0 - sd * 5, 0, -450), rk * 0.95, rc)]
     ft = c.u(6, 18)
     calf_c, calf_r = np.array([x0, 22, -140]), c.j(np.array([44.0, 40, 110]), .06)
-    for tissue, dr in (("skin", 0.0), ("fat", -2.0), ("muscle", -ft)):
-        for i, (p0, p1, r0, r1) in enumerate(segs):
-            if not (tissue == "muscle" and i == 1):  # around the knee: tendons and fat, little muscle
-                c.cylinder(tissue, p0, p1, r0 + dr, r1 + dr, ext=0.03)
-        c.ellipsoid(tissue, calf_c, calf_r + dr)
+    shapes = [("cylinder", dict(p0=p0, p1=p1, r0=r0, r1=r1, ext=0.03)) for p0, p1, r0, r1 in segs]
+    c.layered([("skin", 0.0), ("fat", -2.0), ("muscle", -ft)], [shapes[0], shapes[2], ("ellipsoid", dict(c=calf_c, r=calf_r))])
+    c.layered([("skin", 0.0), ("fat", -2.0)], [shapes[1]])  # around the knee: tendons and fat, little muscle
     for i in range(3):  # fascial septa between muscle groups (thigh, calf)
         for z0, z1, ctr in ((470, 60, x0 + sd * 12), (-80, -440, x0)):
             a = c.u(0, np.pi)
@@ -316,13 +340,13 @@ def _leg(c: Canvas, sd: int, x0: float, ct: bool) -> None:
         c.ellipsoid("muscle", (x0 + gm * 17, 36, -45), (15, 16, 55), inside=("fat",))
     # Femur: cartilage-capped condyles, metaphysis, bowed shaft with fatty marrow; intercondylar notch.
     fx = x0 + c.n(2)
-    for gm in (-1, 1):
-        _bone(c, (fx + gm * 20, 14, 20), c.j(np.array([17.0, 27, 22]), .04), cartilage=2.5)
-    _bone(c, (fx, 8, 48), (30, 26, 34), shell=2.5)
-    c.ellipsoid("fat", (fx, 32, 6), (7, 14, 14), inside=BONE + ("cartilage",))
     shaft = ((fx + sd * 6, 6, 60), (fx + sd * 28, 10, 480))
-    c.cylinder("cortical", *shaft, (14, 14), (15, 15), bend=(0, -6))
-    c.cylinder("marrow", (fx + sd * 8, 6, 75), shaft[1], (8, 8), (9, 9), bend=(0, -6))
+    condyles = [((fx + gm * 20, 14, 20), c.j(np.array([17.0, 27, 22]), .04), (0, 0, 0), 2.0, 2.5) for gm in (-1, 1)]
+    _bones(c, condyles + [((fx, 8, 48), (30, 26, 34), (0, 0, 0), 2.5, 0.0)],
+           extra_cortical=[lambda: c.cylinder("cortical", *shaft, (14, 14), (15, 15), bend=(0, -6))])
+    c.ellipsoid("fat", (fx, 32, 6), (7, 14, 14), inside=BONE + ("cartilage",))
+    c.cylinder("marrow", (fx + sd * 8, 6, 72), shaft[1], (8, 8), (9, 9), bend=(0, -6),
+               inside=("cortical", "cancellous"))
     # Patella with cartilage, quadriceps and patellar tendons, fat pad, suprapatellar bursa.
     pc = (fx + sd * 3, -46, 38)
     c.ellipsoid("cartilage", (pc[0], -41, 38), (20, 8, 20))
@@ -333,14 +357,15 @@ def _leg(c: Canvas, sd: int, x0: float, ct: bool) -> None:
     c.ellipsoid("csf", (fx, -28, 66), (24, 3.5 * c.u(0.5, 1.8), 24), inside=("fat", "muscle"))
     # Tibia (cartilage on the plateau, metaphysis, shaft, tuberosity) and fibula.
     tx = x0 + c.n(2)
+    tshaft = ((tx - sd * 2, 4, -50), (tx - sd * 6, 0, -450))
     c.cylinder("cartilage", (tx, 8, -7), (tx, 8, -4.5), (35, 25), power=2.5)
-    c.cylinder("cortical", (tx, 8, -45), (tx, 8, -7), (38, 28), (37, 27), power=2.5)
-    c.cylinder("cancellous", (tx, 8, -42), (tx, 8, -9), (35, 25), (34, 24), power=2.5)
-    c.cylinder("cortical", (tx, 8, -45), (tx - sd * 2, 4, -110), (36, 26), (18, 16))
-    c.cylinder("cancellous", (tx, 8, -44), (tx - sd * 2, 4, -105), (33, 23), (14, 12), inside=("cortical",))
-    c.ellipsoid("cortical", (tx, -20, -62), (10, 8, 16))
-    c.cylinder("cortical", (tx - sd * 2, 4, -100), (tx - sd * 6, 0, -450), (17, 15), (12, 11), power=2.4)
-    c.cylinder("marrow", (tx - sd * 2, 4, -110), (tx - sd * 6, 0, -440), (10, 8), (7, 6), power=2.4)
+    _bones(c, [((tx, 7, -32), (36, 26, 30), (0, 0, 0), 2.5, 0.0), ((tx, -14, -62), (10, 8, 16), (0, 0, 0), 2.0, 0.0)],
+           extra_cortical=[lambda: c.cylinder("cortical", (tx, 8, -28), (tx, 8, -7), (38, 28), (37, 27), power=2.5),
+                           lambda: c.cylinder("cortical", *tshaft, (17, 15), (12, 11), power=2.4)])
+    c.cylinder("cancellous", (tx, 8, -30), (tx, 8, -9), (35.5, 25.5), (34.5, 24.5), power=2.5,
+               inside=("cortical", "cancellous"))
+    c.cylinder("marrow", (tx - sd * 2, 4, -75), tshaft[1], (10, 8), (7, 6), power=2.4,
+               inside=("cortical", "cancellous"))
     c.ellipsoid("csf", (x0, 8, -3), (40, 28, 1.5 * c.u(0.5, 2)), inside=("fat", "muscle", "ligament"))  # joint
     _bone(c, (tx + sd * 32, 24, -36), (11, 11, 12), shell=2.0)
     c.cylinder("cortical", (tx + sd * 32, 24, -40), (tx + sd * 34, 14, -450), (8, 8), (6, 6))
@@ -365,9 +390,9 @@ def _leg(c: Canvas, sd: int, x0: float, ct: bool) -> None:
 
 def legs(c: Canvas, ct: bool) -> None:
     if ct:
-        cy = c.u(95, 115)
-        c.cylinder("couch", (0, cy, -600), (0, cy, 600), (230, 9), power=8)
-        c.cylinder("foam", (0, cy, -600), (0, cy, 600), (225, 6), power=8)
+        cy = c.u(86, 92)
+        c.cylinder("couch", (0, cy, -600), (0, cy, 600), (230, 9), power=8, warp=False)
+        c.cylinder("foam", (0, cy, -600), (0, cy, 600), (225, 6), power=8, warp=False)
     gap = c.u(78, 95)
     for sd in (-1, 1):
         _leg(c, sd, sd * gap, ct)

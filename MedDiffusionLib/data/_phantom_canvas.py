@@ -7,7 +7,8 @@ outer structures first, inner ones last.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
@@ -51,18 +52,29 @@ TISSUES: tuple[tuple[str, tuple[float, ...]], ...] = (
 T = {name: i for i, (name, _row) in enumerate(TISSUES)}  # tissue name -> label value
 
 Vec = Sequence[float]
+MaskFn = Callable[[float], np.ndarray]
+
+
+def gaussian(img: sitk.Image, sigma_xyz: Sequence[float]) -> sitk.Image:
+    """Gaussian blur, sigma in voxels (X, Y, Z): a recursive (IIR) filter for wide kernels, whose cost does
+    not grow with sigma, and a sampled kernel for narrow ones, where the recursive filter is inaccurate."""
+    sig = [float(v) for v in sigma_xyz]
+    if max(sig) <= 0:
+        return img
+    if min(sig) >= 1.0:
+        spacing = img.GetSpacing()
+        return sitk.SmoothingRecursiveGaussian(img, [v * sp for v, sp in zip(sig, spacing)])
+    return sitk.DiscreteGaussian(img, variance=[v * v for v in sig], maximumKernelWidth=64, maximumError=0.01,
+                                 useImageSpacing=False)
 
 
 def smooth_noise(shape: Sequence[int], sigma_vox: Sequence[float], rng: np.random.Generator) -> np.ndarray:
     """Zero-mean, unit-std Gaussian-filtered white noise; wide kernels run on a coarser grid, then upsample."""
     shape = tuple(int(n) for n in shape)
-    factor = [max(1, int(s // 2.0)) for s in sigma_vox]
+    factor = [max(1, int(s / 1.5)) for s in sigma_vox]
     small = tuple(-(-n // f) + 1 for n, f in zip(shape, factor))
-    img = sitk.GetImageFromArray(rng.standard_normal(small).astype(np.float32))
-    var = [float(s / f) ** 2 for s, f in zip(reversed(sigma_vox), reversed(factor))]
-    if max(var) > 0:
-        img = sitk.DiscreteGaussian(img, variance=var, maximumKernelWidth=64, maximumError=0.01,
-                                    useImageSpacing=False)
+    img = gaussian(sitk.GetImageFromArray(rng.standard_normal(small).astype(np.float32)),
+                   [s / f for s, f in zip(reversed(sigma_vox), reversed(factor))])
     if any(f > 1 for f in factor):
         img.SetSpacing([float(f) for f in reversed(factor)])
         ref = sitk.Image([int(n) for n in reversed(shape)], sitk.sitkFloat32)
@@ -137,7 +149,7 @@ class Canvas:
         """Cached smooth noise (unit std); ``sigma_mm`` 0 means about one voxel (fine texture)."""
         if key not in self._fields:
             sig = [0.7 if sigma_mm <= 0 else sigma_mm / v for v in self.vox_mm]
-            rng = np.random.default_rng([self.seed, 2, sum(map(ord, key)), len(key)])
+            rng = np.random.default_rng([self.seed, 2, zlib.crc32(key.encode())])
             self._fields[key] = smooth_noise(self.shape, sig, rng)
         return self._fields[key]
 
@@ -157,27 +169,28 @@ class Canvas:
         shape[axis] = -1
         return vec.reshape(shape)
 
-    def _pts(self, sl: tuple[slice, ...]) -> list[np.ndarray]:
-        """Warped anatomical coordinates (lr, ap, si) of the voxels in box ``sl``, each of the box's shape."""
+    def _pts(self, sl: tuple[slice, ...], warp: bool = True) -> list[np.ndarray]:
+        """Anatomical coordinates (lr, ap, si) of the voxels in box ``sl``, warped unless ``warp`` is False."""
         out = []
         for k in range(3):
             p = self._along(self.coord[k][sl[self.axis[k]]], self.axis[k])
             for j in range(3):
                 d = self.disp[k][j]
-                if d is not None:
+                if d is not None and warp:
                     p = p + self._along(d[sl[self.axis[j]]], self.axis[j])
             out.append(p)
         return out
 
-    def _paint(self, sl: tuple[slice, ...], mask: np.ndarray, tissue: str,
-               inside: Sequence[str] | None) -> None:
+    def _paint(self, sl: tuple[slice, ...], mask: np.ndarray, tissue: str | int,
+               inside: Sequence[str] | None = None, allowed: np.ndarray | None = None) -> None:
         view = self.labels[sl]
         mask = np.broadcast_to(mask, view.shape)
         if inside is not None:
             allowed = np.zeros(256, dtype=bool)
             allowed[[T[t] for t in inside]] = True
+        if allowed is not None:
             mask = mask & allowed[view]
-        view[mask] = T[tissue]
+        view[mask] = T[tissue] if isinstance(tissue, str) else tissue
 
     def _lobes(self, key: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = self.rng if key is None else np.random.default_rng([self.seed, 3, key])
@@ -185,58 +198,62 @@ class Canvas:
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         return v, rng.uniform(1.5, 3.5, 2), rng.uniform(0, 2 * np.pi, 2)
 
-    # ------------------------------------------------------------------ primitives
-    def ellipsoid(self, tissue: str, c: Vec, r: Vec, rot: Vec = (0, 0, 0), lobe: float = 0.0,
-                  key: int | None = None, perturb: np.ndarray | None = None,
-                  inside: Sequence[str] | None = None) -> None:
-        """Ellipsoid with semi-axes ``r`` rotated by ``rot`` degrees; ``lobe`` bumps the surface (shells
-        painted with the same ``key`` share the bumps); ``perturb`` is a full-volume radius factor field."""
+    # ------------------------------------------------------------------ shape geometry
+    # Each *_geom returns the bounding box and a function dr -> mask of the shape grown by dr mm, so nested
+    # shells reuse one evaluation of coordinates, rotation and surface bumps.
+
+    def _ellipsoid_geom(self, c: Vec, r: Vec, rot: Vec = (0, 0, 0), lobe: float = 0.0, key: int | None = None,
+                        perturb: np.ndarray | None = None, pad: float = 0.0
+                        ) -> tuple[tuple[slice, ...], MaskFn] | None:
         c, r, R = np.asarray(c, float), np.maximum(np.asarray(r, float), 1e-3), rotation(rot)
         grow = 1.0 + abs(lobe) + (0.0 if perturb is None else 0.6)
-        half = np.sqrt(((R * r[None, :]) ** 2).sum(1)) * grow
+        half = np.sqrt((((R * (r[None, :] + pad)) ** 2).sum(1))) * grow
         sl = self._box(c - half, c + half)
         if sl is None:
-            return
+            return None
         P = self._pts(sl)
         d = [P[k] - np.float32(c[k]) for k in range(3)]
-        q = [sum(d[k] * np.float32(R[k, i]) for k in range(3)) / np.float32(r[i]) for i in range(3)]
-        f = q[0] * q[0] + q[1] * q[1] + q[2] * q[2]
+        q = [sum(d[k] * np.float32(R[k, i]) for k in range(3)) for i in range(3)]  # local mm offsets
         lim = np.float32(1.0)
         if lobe:
             v, kk, ph = self._lobes(key)
-            norm = np.sqrt(f) + np.float32(1e-6)
-            u1 = (q[0] * v[0, 0] + q[1] * v[0, 1] + q[2] * v[0, 2]) / norm
-            u2 = (q[0] * v[1, 0] + q[1] * v[1, 1] + q[2] * v[1, 2]) / norm
+            qn = [q[i] / np.float32(r[i]) for i in range(3)]
+            norm = np.sqrt(qn[0] * qn[0] + qn[1] * qn[1] + qn[2] * qn[2]) + np.float32(1e-6)
+            u1 = (qn[0] * v[0, 0] + qn[1] * v[0, 1] + qn[2] * v[0, 2]) / norm
+            u2 = (qn[0] * v[1, 0] + qn[1] * v[1, 1] + qn[2] * v[1, 2]) / norm
             lim = lim + np.float32(lobe) * np.sin(kk[0] * u1 + ph[0]) * np.cos(kk[1] * u2 + ph[1])
         if perturb is not None:
             lim = lim + perturb[sl]
-        self._paint(sl, f < np.maximum(lim, 0) ** 2, tissue, inside)
+        lim2 = np.maximum(lim, 0) ** 2
 
-    def cylinder(self, tissue: str, p0: Vec, p1: Vec, r0: Vec, r1: Vec | None = None,
-                 ref: Vec = (1.0, 0.0, 0.0), bend: Vec = (0.0, 0.0), power: float = 2.0, ext: float = 0.0,
-                 inside: Sequence[str] | None = None, perturb: np.ndarray | None = None) -> None:
-        """Elliptic (super-elliptic for ``power`` > 2) cylinder from p0 to p1 with cross-section radii ``r0``
-        (along ``ref`` and the third axis) tapering to ``r1``, bowed by ``bend`` mm at mid-length."""
+        def mask(dr: float) -> np.ndarray:
+            inv = [np.float32(1.0 / max(r[i] + dr, 1e-3)) for i in range(3)]
+            return (q[0] * inv[0]) ** 2 + (q[1] * inv[1]) ** 2 + (q[2] * inv[2]) ** 2 < lim2
+
+        return sl, mask
+
+    def _cylinder_geom(self, p0: Vec, p1: Vec, r0: Vec, r1: Vec | None = None, ref: Vec = (1.0, 0.0, 0.0),
+                       bend: Vec = (0.0, 0.0), power: float = 2.0, ext: float = 0.0,
+                       perturb: np.ndarray | None = None, warp: bool = True, pad: float = 0.0
+                       ) -> tuple[tuple[slice, ...], MaskFn] | None:
         p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
         r0 = np.asarray(r0, float)
         r1 = r0 if r1 is None else np.asarray(r1, float)
         w = p1 - p0
         length = float(np.linalg.norm(w))
         if length < 1e-6:
-            return
+            return None
         w /= length
         e1 = np.asarray(ref, float) - np.dot(ref, w) * w
         if np.linalg.norm(e1) < 1e-6:
             e1 = np.array([0.0, 1.0, 0.0]) - w[1] * w
         e1 /= np.linalg.norm(e1)
         e2 = np.cross(w, e1)
-        rad = float(max(r0.max(), r1.max()) * (1.4 if perturb is not None else 1.0) + np.abs(bend).max())
-        lo = np.minimum(p0, p1) - rad - ext * length
-        hi = np.maximum(p0, p1) + rad + ext * length
-        sl = self._box(lo, hi)
+        rad = float((max(r0.max(), r1.max()) + pad) * (1.4 if perturb is not None else 1.0) + np.abs(bend).max())
+        sl = self._box(np.minimum(p0, p1) - rad - ext * length, np.maximum(p0, p1) + rad + ext * length)
         if sl is None:
-            return
-        P = self._pts(sl)
+            return None
+        P = self._pts(sl, warp)
         d = [P[k] - np.float32(p0[k]) for k in range(3)]
         s = sum(d[k] * np.float32(w[k]) for k in range(3)) / np.float32(length)
         a = sum(d[k] * np.float32(e1[k]) for k in range(3))
@@ -247,9 +264,57 @@ class Canvas:
         sc = np.clip(s, 0.0, 1.0)
         ra = np.float32(r0[0]) + np.float32(r1[0] - r0[0]) * sc
         rb = np.float32(r0[1]) + np.float32(r1[1] - r0[1]) * sc
-        g = np.abs(a / ra) ** power + np.abs(b / rb) ** power if power != 2.0 else (a / ra) ** 2 + (b / rb) ** 2
         lim = np.float32(1.0) if perturb is None else np.maximum(1.0 + perturb[sl], 0.0) ** power
-        self._paint(sl, (s >= -ext) & (s <= 1.0 + ext) & (g < lim), tissue, inside)
+        within = (s >= -ext) & (s <= 1.0 + ext)
+        a, b = np.abs(a), np.abs(b)
+
+        def mask(dr: float) -> np.ndarray:
+            ga, gb = a / np.maximum(ra + np.float32(dr), 1e-3), b / np.maximum(rb + np.float32(dr), 1e-3)
+            g = ga * ga + gb * gb if power == 2.0 else ga ** power + gb ** power
+            return within & (g < lim)
+
+        return sl, mask
+
+    # ------------------------------------------------------------------ primitives
+    def ellipsoid(self, tissue: str, c: Vec, r: Vec, rot: Vec = (0, 0, 0), lobe: float = 0.0,
+                  key: int | None = None, perturb: np.ndarray | None = None,
+                  inside: Sequence[str] | None = None) -> None:
+        """Ellipsoid with semi-axes ``r`` rotated by ``rot`` degrees (about lr, ap, si); ``lobe`` bumps the
+        surface (same ``key``, same bumps); ``perturb`` is a full-volume relative radius field."""
+        geom = self._ellipsoid_geom(c, r, rot, lobe, key, perturb)
+        if geom is not None:
+            self._paint(geom[0], geom[1](0.0), tissue, inside)
+
+    def cylinder(self, tissue: str, p0: Vec, p1: Vec, r0: Vec, r1: Vec | None = None,
+                 ref: Vec = (1.0, 0.0, 0.0), bend: Vec = (0.0, 0.0), power: float = 2.0, ext: float = 0.0,
+                 inside: Sequence[str] | None = None, perturb: np.ndarray | None = None,
+                 warp: bool = True) -> None:
+        """Elliptic (super-elliptic for ``power`` > 2) cylinder from p0 to p1 with cross-section radii ``r0``
+        (along ``ref`` and the third axis) tapering to ``r1``, bowed by ``bend`` mm at mid-length.
+        ``warp`` False keeps man-made objects (the CT couch) straight."""
+        geom = self._cylinder_geom(p0, p1, r0, r1, ref, bend, power, ext, perturb, warp)
+        if geom is not None:
+            self._paint(geom[0], geom[1](0.0), tissue, inside)
+
+    def layered(self, layers: Sequence[tuple[str, float]], shapes: Sequence[tuple[str, dict]]) -> None:
+        """Nested shells over the union of ``shapes``: layers = (tissue, dr mm) from outside in; shapes =
+        ("ellipsoid" | "cylinder", keyword arguments). Layer i of one shape may cover outer layers of the
+        others but never their inner ones, so overlapping shapes merge into one smooth layered body."""
+        tmp0 = 255 - len(layers)  # temporary labels above every tissue id
+        pad = max(0.0, max(dr for _t, dr in layers))
+        for kind, kwargs in shapes:
+            geom = (self._ellipsoid_geom if kind == "ellipsoid" else self._cylinder_geom)(**kwargs, pad=pad)
+            if geom is None:
+                continue
+            sl, mask = geom
+            for i, (_tissue, dr) in enumerate(layers):
+                allowed = np.ones(256, dtype=bool)
+                allowed[tmp0 + i:] = False
+                self._paint(sl, mask(dr), tmp0 + i, allowed=allowed)
+        remap = np.arange(256, dtype=np.uint8)
+        for i, (tissue, _dr) in enumerate(layers):
+            remap[tmp0 + i] = T[tissue]
+        self.labels[...] = remap[self.labels]
 
     def tube(self, tissue: str, pts: Sequence[Vec], radii: Sequence[float] | float,
              inside: Sequence[str] | None = None) -> None:
@@ -284,10 +349,11 @@ class Canvas:
         while stack:
             p, dvec, ln, rad, dep = stack.pop()
             dvec = dvec / np.linalg.norm(dvec)
-            mid = p + dvec * ln * 0.5 + self.rng.normal(0, 0.15 * ln, 3)
             end = p + dvec * ln + self.rng.normal(0, 0.1 * ln, 3)
-            self.tube(tissue, [p, mid, end], [rad, rad * 0.9, rad * 0.8], inside=inside)
+            self.tube(tissue, [p, end], [rad, rad * 0.8], inside=inside)
             if dep > 0:
                 for _ in range(2):
                     nd = dvec + self.rng.normal(0, spread, 3)
-                    stack.append((end, nd, ln * self.u(0.6, 0.85), max(rad * 0.7, 0.6), dep - 1))
+                    # Thinnest branches stay about half a voxel wide so they survive coarse grids.
+                    floor = max(0.6, 0.3 * min(self.vox_mm))
+                    stack.append((end, nd, ln * self.u(0.6, 0.85), max(rad * 0.7, floor), dep - 1))

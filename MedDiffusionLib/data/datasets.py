@@ -10,7 +10,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -245,7 +245,8 @@ class PhantomDataset(Dataset):
     epoch costs one generation per distinct phantom.
     """
 
-    def __init__(self, anatomies: Sequence[str], size_xyz: Sequence[int], spacing_xyz: Sequence[float] | None = None,
+    def __init__(self, anatomies: Sequence[str], size_xyz: Sequence[int],
+                 spacing_xyz: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
                  volumes_per_class: int = 4, class_indices: dict[str, int] | None = None, seed: int = 0,
                  crop: int | Sequence[int] | None = None, pad_multiple: int | Sequence[int] = 1,
                  flip_axes: Sequence[int] = (1, 2), flip_prob: float = 0.5, min_foreground: float = 0.0,
@@ -258,8 +259,11 @@ class PhantomDataset(Dataset):
         self.anatomies = list(anatomies)
         self.class_indices = class_indices or _default_class_indices(self.anatomies)
         self.size_xyz = tuple(int(s) for s in size_xyz)
-        # None: each anatomy's official spacing (make_phantom's default).
-        self.spacing_xyz = None if spacing_xyz is None else tuple(float(s) for s in spacing_xyz)
+        # One spacing for all, one per anatomy (a mapping), or None: each anatomy's official spacing.
+        if isinstance(spacing_xyz, Mapping):
+            self.spacing_xyz: Any = {k: tuple(float(s) for s in v) for k, v in spacing_xyz.items()}
+        else:
+            self.spacing_xyz = None if spacing_xyz is None else tuple(float(s) for s in spacing_xyz)
         self.volumes_per_class = int(volumes_per_class)
         self.seed = int(seed)
         self.crop = _as3(crop)
@@ -275,11 +279,14 @@ class PhantomDataset(Dataset):
 
     def spacing_of(self, idx: int) -> tuple[float, float, float]:
         """(X, Y, Z) spacing of item ``idx``."""
-        if self.spacing_xyz is not None:
-            return self.spacing_xyz  # type: ignore[return-value]
         from .phantoms import DEFAULT_SPACING
 
-        return tuple(float(s) for s in DEFAULT_SPACING[self.describe(idx)[0]])  # type: ignore[return-value]
+        anatomy = self.describe(idx)[0]
+        if isinstance(self.spacing_xyz, dict):
+            return self.spacing_xyz.get(anatomy, DEFAULT_SPACING[anatomy])  # type: ignore[return-value]
+        if self.spacing_xyz is not None:
+            return self.spacing_xyz  # type: ignore[return-value]
+        return tuple(float(s) for s in DEFAULT_SPACING[anatomy])  # type: ignore[return-value]
 
     def describe(self, idx: int) -> tuple[str, int]:
         """(anatomy, phantom seed) of item ``idx``."""
@@ -291,7 +298,7 @@ class PhantomDataset(Dataset):
         from .phantoms import make_phantom
 
         anatomy, seed = self.describe(idx)
-        arr = image_to_network(make_phantom(anatomy, self.size_xyz, self.spacing_xyz, seed))
+        arr = image_to_network(make_phantom(anatomy, self.size_xyz, self.spacing_of(idx), seed))
         arr, _ = normalize_percentile(arr)
         arr, _ = pad_or_crop_to_multiple(arr, self.pad_multiple, value=-1.0)
         arr = np.ascontiguousarray(arr, dtype=np.float32)

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ._phantom_anatomy import BUILDERS
-from ._phantom_canvas import TISSUES, Canvas
+from ._phantom_canvas import TISSUES, Canvas, gaussian
 
 __all__ = ["ANATOMIES", "MODALITY", "DEFAULT_SPACING", "make_phantom", "make_phantom_array", "tissue_names"]
 
@@ -77,13 +77,8 @@ def _check(anatomy: str, size_xyz: Sequence[int], spacing_xyz: Sequence[float] |
 
 def _gauss(arr: np.ndarray, sigma_zyx: Sequence[float]) -> np.ndarray:
     """Gaussian blur with per-axis sigma in voxels (SimpleITK keeps scipy out of the run-time dependencies)."""
-    if max(sigma_zyx) <= 0:
-        return arr
-    img = sitk.GetImageFromArray(arr)
-    var = [float(s) ** 2 for s in reversed(sigma_zyx)]
-    out = sitk.DiscreteGaussian(img, variance=var, maximumKernelWidth=32, maximumError=0.01,
-                                useImageSpacing=False)
-    return sitk.GetArrayViewFromImage(out).astype(np.float32)
+    out = gaussian(sitk.GetImageFromArray(arr), list(reversed(sigma_zyx)))
+    return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)
 
 
 def _intensities(canvas: Canvas, contrast: str, rng: np.random.Generator) -> np.ndarray:
@@ -116,7 +111,7 @@ def _finish_ct(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(vol + noise), -1024.0, 3071.0).astype(np.float32)
 
 
-def _finish_mr(vol: np.ndarray, canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
+def _finish_mr(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     vol = _gauss(vol, (0.5, 0.5, 0.5))
     # Receive-coil bias: a smooth multiplicative field, exp of a random low-order polynomial (+-10..25 %).
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in vol.shape]
@@ -137,7 +132,7 @@ def _build(anatomy: str, size_xyz: tuple[int, int, int], spacing_xyz: tuple[floa
     BUILDERS[spec.builder](canvas, spec.contrast == "CT")
     rng = np.random.default_rng([int(seed), 7919])  # intensity/noise stream, independent of the shapes
     vol = _intensities(canvas, spec.contrast, rng)
-    vol = _finish_ct(vol, rng) if spec.contrast == "CT" else _finish_mr(vol, canvas, rng)
+    vol = _finish_ct(vol, rng) if spec.contrast == "CT" else _finish_mr(vol, rng)
     return vol, canvas.labels
 
 
@@ -150,7 +145,7 @@ def make_phantom(anatomy: str, size_xyz: Sequence[int] = (64, 64, 64),
     Deterministic for a given ``seed``; different seeds vary shape, size, intensities, contrast and noise.
     """
     size, spacing = _check(anatomy, size_xyz, spacing_xyz)
-    vol, _labels = _build(anatomy, size, spacing, int(seed))
+    vol, _labels = _build(anatomy, size, spacing, int(seed) % 2 ** 63)  # any int; numpy seeds must be >= 0
     img = sitk.GetImageFromArray(vol)
     img.SetSpacing(spacing)
     img.SetOrigin(tuple(-(n - 1) / 2.0 * s for n, s in zip(size, spacing)))
@@ -164,7 +159,7 @@ def make_phantom_array(anatomy: str, shape_zxy: Sequence[int] = (64, 64, 64),
         raise InputError(f"shape must be (Z, X, Y), got {tuple(shape_zxy)}")
     size = (int(shape_zxy[1]), int(shape_zxy[2]), int(shape_zxy[0]))
     size, spacing = _check(anatomy, size, spacing_xyz)
-    vol, _labels = _build(anatomy, size, spacing, int(seed))
+    vol, _labels = _build(anatomy, size, spacing, int(seed) % 2 ** 63)
     return np.ascontiguousarray(vol.transpose(0, 2, 1))
 
 

@@ -8,7 +8,10 @@ Structure (the numbers are the official 8x model, dim 72, 5 levels, F = 2 fusion
 
 The encoder side lives in `BiFlowNet.encoder` (a `BiFlowEncoder`) so that a ControlNet can be a trainable copy
 of exactly that module: `copy.deepcopy(denoiser.encoder)`, called as `encoder(x, cond, hint=h)` where `hint`
-(the embedded condition image, same shape as the init-conv output) is added after the init conv. Its
+(the embedded condition image, same shape as the init-conv output) is added after the init conv (or, the
+authors' fork's way, widen the copy's `init_conv`/`patch_embed` input channels and pass `cat(x, condition)`;
+the encoder only needs its convs to accept x). `cond` comes from the denoiser's `embed_condition` (or a copy of
+`denoiser.condition`). Its
 `EncoderFeatures.skips` (U-Net skip tensors in push order, `denoiser.skip_channels` channels) and `.h` (middle
 block output, `denoiser.mid_channels` channels) are what the ControlNet turns, through zero convs, into
 `ControlResiduals(down=[one per skip, push order], mid=...)`. `forward(..., control=...)` adds `down[i]` to the
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, replace
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, InputError
 from .dit import (DiTBlock, DiTStage, init_dit_weights, sincos_pos_table_3d, tokens_to_volume,
                   volume_to_tokens)
+from .official_keys import biflownet_to_official, ours_to_official_key, split_official
 from .unet_blocks import (ConditionEmbedding, ResnetBlock, UNetLevel, VolumeAttention, conv3d, downsample,
                           upsample)
 
@@ -62,6 +66,15 @@ def _triple(v: Union[int, Sequence[int]], name: str) -> Triple:
     return vals[0], vals[1], vals[2]
 
 
+# On CPU the whole U-Net runs in channels-last-3d memory: oneDNN convolutions are ~1.5x faster in NDHWC and
+# channel norms/linears need no permuting copies. Other devices keep PyTorch's default layout.
+CPU_CHANNELS_LAST = True
+
+
+def _channels_last(x: Tensor) -> bool:
+    return CPU_CHANNELS_LAST and x.device.type == "cpu"
+
+
 class BiFlowEncoder(nn.Module):
     """Encoder side: patch embedding + input DiT stages (fusion features), init conv, down path, middle."""
 
@@ -87,7 +100,8 @@ class BiFlowEncoder(nn.Module):
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             # The first fusion-1 levels keep full resolution (they receive DiT features); the last never halves.
             halve = not (i < fusion - 1 or i == n - 1)
-            self.downs.append(UNetLevel(ResnetBlock(cin, cout, groups, cond_dim), ResnetBlock(cout, cout, groups, cond_dim),
+            self.downs.append(UNetLevel(ResnetBlock(cin, cout, groups, cond_dim),
+                                        ResnetBlock(cout, cout, groups, cond_dim),
                                         attn(cout, i), attn(cout, i), downsample(cout) if halve else None))
         mid = dims[-1]
         self.mid_res1 = ResnetBlock(mid, mid, groups, cond_dim)
@@ -97,7 +111,10 @@ class BiFlowEncoder(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, hint: Optional[Tensor] = None) -> EncoderFeatures:
         """x: (B, C, D, H, W) latent (shape already validated), cond: (B, cond_dim) from embed_condition."""
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # faster convs, free channel views
+        x = x.to(self.init_conv.weight.dtype)  # a bf16/fp16 model takes float32 latents too
+        cl = _channels_last(x)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         grid: Triple = tuple(s // v for s, v in zip(x.shape[2:], self.sub_volume))  # type: ignore[assignment]
         n_tok = self.pos_embed.shape[1]
         # Patch-embedding the whole latent equals embedding each sub-volume (kernel = stride divides it).
@@ -108,7 +125,7 @@ class BiFlowEncoder(nn.Module):
         for stage in self.intra_in:
             tokens = stage.block(tokens, cond, n_tok)
             token_skips.append(tokens)
-            fused.append(tokens_to_volume(stage.head(tokens, cond), grid, self.per_sub, self.patch))
+            fused.append(tokens_to_volume(stage.head(tokens, cond), grid, self.per_sub, self.patch, cl))
 
         init = conv3d(x, self.init_conv)
         if hint is not None:
@@ -162,7 +179,8 @@ class BiFlowDecoder(nn.Module):
         token_skips, fused = list(feats.token_skips), []
         for stage in self.intra_out:
             tokens = stage.block(tokens, cond, n_tok, skip=token_skips.pop())
-            fused.append(tokens_to_volume(stage.head(tokens, cond), feats.grid, self.per_sub, self.patch))
+            fused.append(tokens_to_volume(stage.head(tokens, cond), feats.grid, self.per_sub, self.patch,
+                                          _channels_last(feats.h)))
 
         h, skips = feats.h, list(feats.skips)
         first_fused = len(self.ups) - len(fused)
@@ -289,6 +307,7 @@ class BiFlowNet(nn.Module):
         return replace(feats, skips=skips, h=feats.h + control.mid.to(feats.h.dtype))
 
     def decode(self, feats: EncoderFeatures, cond: Tensor, control: Optional[ControlResiduals] = None) -> Tensor:
+        """Decoder pass from `encode`'s features, with optional ControlNet residuals; returns eps (NCDHW)."""
         if control is not None:
             feats = self.apply_control(feats, control)
         return self.decoder(feats, cond).contiguous()  # hand back a plain NCDHW tensor
@@ -298,28 +317,31 @@ class BiFlowNet(nn.Module):
         """eps prediction for latent x at timesteps t, class y, resolution condition res = latent size / 64."""
         self.check_latent(x)
         cond = self.embed_condition(t, y, res, batch=x.shape[0])
-        return self.decode(self.encoder(x, cond), cond, control)
+        eps = self.decode(self.encoder(x, cond), cond, control)
+        return eps.to(x.dtype)  # under autocast the last conv gives bf16/fp16; samplers work in x's dtype
 
     # ---- the authors' checkpoints -------------------------------------------------------------------------
     def load_official_state_dict(self, sd: Mapping[str, Tensor]) -> None:
         """Load weights saved with the authors' key names; CheckpointError lists every mismatch."""
-        from .official_keys import split_official
-
         mapped, unknown = split_official(sd)
         own = self.state_dict()
+
+        def name(k: str) -> str:  # report the authors' name (what the file holds) and ours
+            return f"{ours_to_official_key(k)!r} (here {k!r})"
+
         problems = [f"unexpected key {k!r}" for k in unknown]
-        problems += [f"unexpected key {k!r}" for k in mapped if k not in own]
-        problems += [f"missing key {k!r}" for k in own if k not in mapped]
-        problems += [f"shape of {k!r}: checkpoint {tuple(v.shape)}, network {tuple(own[k].shape)}"
+        problems += [f"unexpected key {name(k)}" for k in mapped if k not in own]
+        problems += [f"missing key {name(k)}" for k in own if k not in mapped]
+        problems += [f"shape of {name(k)}: checkpoint {tuple(v.shape)}, network {tuple(own[k].shape)}"
                      for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if problems:
-            shown = "\n  ".join(problems[:25]) + (f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else "")
+            shown = "\n  ".join(problems[:25])
+            if len(problems) > 25:
+                shown += f"\n  ... and {len(problems) - 25} more"
             raise CheckpointError(f"the BiFlowNet checkpoint does not match this network configuration "
                                   f"{self.config} ({len(problems)} problems):\n  {shown}")
         self.load_state_dict(mapped, strict=True)
 
-    def official_state_dict(self) -> dict:
+    def official_state_dict(self) -> Dict[str, Tensor]:
         """Our weights under the authors' key names."""
-        from .official_keys import biflownet_to_official
-
         return biflownet_to_official(self.state_dict())

@@ -42,16 +42,18 @@ def volume_to_tokens(feat: Tensor, grid: Triple) -> Tensor:
     return rearrange(feat, "b c (g1 n1) (g2 n2) (g3 n3) -> b (g1 g2 g3 n1 n2 n3) c", g1=g1, g2=g2, g3=g3)
 
 
-def tokens_to_volume(tokens: Tensor, grid: Triple, per_sub: Triple, patch: int) -> Tensor:
-    """(B, G*N, p^3*C) per-patch outputs -> (B, C, D, H, W) feature volume (channels-last memory).
+def tokens_to_volume(tokens: Tensor, grid: Triple, per_sub: Triple, patch: int, channels_last: bool = True) -> Tensor:
+    """(B, G*N, p^3*C) per-patch outputs -> (B, C, D, H, W) feature volume (one copy, either memory layout).
 
     Each token's features are laid out (p, p, p, C); sub-volumes are tiled back in row-major order.
     """
     g1, g2, g3 = grid
     n1, n2, n3 = per_sub
-    vol = rearrange(tokens, "b (g1 g2 g3 n1 n2 n3) (p q r c) -> b (g1 n1 p) (g2 n2 q) (g3 n3 r) c",
-                    g1=g1, g2=g2, g3=g3, n1=n1, n2=n2, n3=n3, p=patch, q=patch, r=patch)
-    return vol.movedim(-1, 1)
+    sizes = dict(g1=g1, g2=g2, g3=g3, n1=n1, n2=n2, n3=n3, p=patch, q=patch, r=patch)
+    src = "b (g1 g2 g3 n1 n2 n3) (p q r c)"
+    if channels_last:
+        return rearrange(tokens, f"{src} -> b (g1 n1 p) (g2 n2 q) (g3 n3 r) c", **sizes).movedim(-1, 1)
+    return rearrange(tokens, f"{src} -> b c (g1 n1 p) (g2 n2 q) (g3 n3 r)", **sizes)
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -65,6 +67,9 @@ def _norm(x: Tensor) -> Tensor:
 
 class DiTAttention(nn.Module):
     """Multi-head self-attention inside each sub-volume (fused qkv projection with bias)."""
+
+    # Head sizes are zero-padded up to a multiple of this for the SDPA kernels (1 = no padding).
+    pad_heads_to: int = 8
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -80,7 +85,7 @@ class DiTAttention(nn.Module):
         hd = c // heads
         # Pad the head size to a multiple of 8 with zero weight rows/columns (72/8 = 9 -> 16): identical result,
         # but the SDPA kernels (CPU flash, CUDA flash/cuDNN) run ~1.5x faster or become usable at all.
-        hp = -(-hd // 8) * 8
+        hp = -(-hd // self.pad_heads_to) * self.pad_heads_to
         w_qkv, b_qkv, w_proj = self.qkv.weight, self.qkv.bias, self.proj.weight
         if hp != hd:
             w_qkv = F.pad(w_qkv.view(3, heads, hd, c), (0, 0, 0, hp - hd)).view(3 * heads * hp, c)
@@ -104,6 +109,19 @@ class DiTMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+# Tokens per chunk on CPU: a block's intermediates for ~4096 tokens (qkv, MLP hidden) stay in the caches, which
+# makes the memory-bound parts (bias, GELU, norms) about twice as fast. GPUs run the whole sequence at once.
+# 0 disables chunking.
+CPU_TOKEN_CHUNK = 4096
+
+
+def _chunk_len(x: Tensor, group: int) -> int:
+    b, length = x.shape[:2]
+    if x.device.type != "cpu" or CPU_TOKEN_CHUNK <= 0:
+        return length
+    return max(group, CPU_TOKEN_CHUNK // (b * group) * group)  # whole sub-volumes only
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block; with `skip=True` a long-skip input is concatenated and projected first."""
 
@@ -116,11 +134,19 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, group: int, skip: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, C) tokens, cond: (B, cond_dim), group: tokens per sub-volume (attention window)."""
-        if self.skip_proj is not None:
-            if skip is None:
-                raise ValueError("this DiT block needs its long-skip tokens")
+        if (self.skip_proj is None) != (skip is None):
+            raise ValueError("long-skip tokens must be given exactly to the output DiT blocks")
+        mods = self.modulation(F.silu(cond)).chunk(6, dim=1)
+        step = _chunk_len(x, group)
+        if step >= x.shape[1]:
+            return self._run(x, mods, group, skip)
+        return torch.cat([self._run(x[:, i:i + step], mods, group, None if skip is None else skip[:, i:i + step])
+                          for i in range(0, x.shape[1], step)], dim=1)
+
+    def _run(self, x: Tensor, mods: Tuple[Tensor, ...], group: int, skip: Optional[Tensor]) -> Tensor:
+        if self.skip_proj is not None and skip is not None:
             x = self.skip_proj(torch.cat((x, skip.to(x.dtype)), dim=-1))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(cond)).chunk(6, dim=1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         a = self.attn(_modulate(_norm(x), shift_a, scale_a), group)
         x = torch.addcmul(x, gate_a[:, None, :].to(a.dtype), a)
         m = self.mlp(_modulate(_norm(x), shift_m, scale_m))

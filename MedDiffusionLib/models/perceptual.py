@@ -55,6 +55,8 @@ class VGG16Features(nn.Module):
         outs = []
         h = x
         for i, layer in enumerate(self.features):
+            if isinstance(layer, nn.MaxPool2d) and min(h.shape[-2:]) < 2:
+                continue  # tiny slices (< 16 px, small test/demo patches): keep 1 px instead of failing
             h = layer(h)
             if i in _TAPS:
                 outs.append(h)
@@ -117,15 +119,25 @@ class LPIPSDistance(nn.Module):
     def __init__(self, vgg_path: str | os.PathLike[str] | None = None,
                  lin_weights: Sequence[torch.Tensor] | None = None, use_file_lin: bool = True) -> None:
         super().__init__()
-        self.net = VGG16Features()
+        if vgg_path is not None:
+            # Built without random init (meta tensors), then the file's tensors are assigned: fast.
+            with torch.device("meta"):
+                self.net = VGG16Features()
+        else:
+            self.net = VGG16Features()
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
         weights = [torch.ones(c) for c in _TAP_CHANNELS]
         if vgg_path is not None:
             feats, lins = load_vgg16_state_dict(vgg_path)
-            missing, _unexpected = self.net.load_state_dict(feats, strict=False)
+            expected = self.net.state_dict()
+            missing = [k for k in expected if k not in feats]
             if missing:
                 raise InputError(f"VGG-16 weights file '{vgg_path}' lacks {len(missing)} keys, e.g. {missing[:3]}")
+            bad = [k for k in expected if tuple(feats[k].shape) != tuple(expected[k].shape)]
+            if bad:
+                raise InputError(f"VGG-16 weights file '{vgg_path}' has wrong shapes for {bad[:3]}: not a VGG-16")
+            self.net.load_state_dict({k: feats[k].float() for k in expected}, strict=True, assign=True)
             if use_file_lin and len(lins) == len(_TAPS):
                 weights = [lins[f"lin{i}"].reshape(-1).float() for i in range(len(_TAPS))]
         if lin_weights is not None:

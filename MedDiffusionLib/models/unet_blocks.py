@@ -51,7 +51,9 @@ class ConditionEmbedding(nn.Module):
         self.out_dim = 2 * hidden
 
     def forward(self, t: Tensor, y: Optional[Tensor], res: Tensor) -> Tensor:
-        emb = self.time_fc2(F.gelu(self.time_fc1(self.sinusoid(t))))
+        # The sinusoid is computed in float32; cast it to the weights' dtype for bf16/fp16 models (autocast
+        # recasts as needed anyway).
+        emb = self.time_fc2(F.gelu(self.time_fc1(self.sinusoid(t).to(self.time_fc1.weight.dtype))))
         if self.class_emb is not None:
             if y is None:
                 raise ValueError("this BiFlowNet is class-conditional: y is required")
@@ -67,6 +69,10 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+# Call oneDNN directly for CPU inference convolutions (see conv3d); False restores PyTorch's own choice.
+ONEDNN_DIRECT = True
+
+
 def conv3d(x: Tensor, conv: nn.Conv3d) -> Tensor:
     """Apply `conv`, calling oneDNN directly on CPU inference where PyTorch's heuristic would not.
 
@@ -76,7 +82,7 @@ def conv3d(x: Tensor, conv: nn.Conv3d) -> Tensor:
     it saves. Autocast, gradients and other devices take the ordinary path.
     """
     w = conv.weight
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+    if (ONEDNN_DIRECT and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] >= 512 and torch.backends.mkldnn.is_available()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))

@@ -43,7 +43,9 @@ class _SparseLinear(torch.autograd.Function):
     """y = M @ x with dL/dx = M^T @ dL/dy; the backward reuses this Function so higher-order grads work."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor
+    ) -> torch.Tensor:
         ctx.mats = (mat, mat_t)
         return torch.sparse.mm(mat, x)
 

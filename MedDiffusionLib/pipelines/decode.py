@@ -1,31 +1,66 @@
-"""Memory-bounded decoding of large latents that matches decoding the whole latent at once.
+"""Memory-bounded decoding of large latents that computes the same volume as decoding the whole latent at once.
 
-The authors decode latents above 32^3 as separate 32^3 tiles without overlap, which leaves visible seams: every
-tile gets its own GroupNorm statistics and its own attention context. Here:
+The authors decode latents above 32^3 as separate 32^3 tiles without overlap: every tile gets its own GroupNorm
+statistics and attention context, so seams show. Here the decoder runs as a list of stages:
 
-1. the latent-resolution head of the decoder (post_vq_conv, conv_first and the middle block, which holds the only
-   attention) runs on the whole latent: it is small and keeps the global attention exact;
-2. the up-sampling tail (convolutions and GroupNorms only) runs tile by tile; each tile is a core plus a halo of
-   neighbouring latent voxels and only the core's output is kept, so there is no blending to hide seams;
-3. every GroupNorm of the tail normalises with the statistics of the *whole* volume. They are gathered one norm
-   at a time in passes over the tiles (a pass stops at the norm it measures), earlier norms already using their
-   exact global statistics.
+1. the latent-resolution head (post_vq_conv, conv_first and the middle block with the only attention) and every
+   following stage whose activations fit the memory budget run on the whole volume, exactly as usual;
+2. the remaining stages (convolutions, GroupNorms and up-sampling only) run tile by tile. A tile is a core plus a
+   halo as wide as those stages' receptive field, so the core's output is exact; only cores are kept;
+3. each GroupNorm among the tiled stages normalises with the statistics of the *whole* volume, gathered in one pass
+   over the tiles per norm (a pass stops at the norm it measures; earlier norms already use global statistics).
 
-Peak memory is one tile's activations plus the output volume. The result differs from the whole-volume decode only
-through the halo's truncation of the convolutions' receptive field (tested to a small tolerance).
+Peak memory is set by the budget, not the volume; the result equals the whole-volume decode to float rounding.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
+
+BYTES = 4  # activations are float32 (bf16 autocast is not used for decoding: it would blur fine intensities)
+
+
+@dataclass
+class _Stage:
+    module: nn.Module
+    in_channels: int
+    out_channels: int
+    scale_in: int     # spatial scale of the stage's input relative to the latent
+    scale_out: int
+    radius: float     # receptive-field radius in voxels of the stage's input grid
+
+
+def _channels(module: nn.Module) -> tuple[int, int]:
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    first, last = convs[0], convs[-1]
+    return first.in_channels, last.out_channels
+
+
+def _decoder_stages(decoder: nn.Module) -> list[_Stage]:
+    """The decoder after its head as a flat list: ResBlocks, up-samplings and the final block."""
+    stages, scale = [], 1
+    for level in decoder.conv_blocks:
+        for res in (level.res1, level.res2):
+            stages.append(_Stage(res, *_channels(res), scale, scale, 2.0))  # two 3x3x3 convs
+        if not isinstance(level.up, nn.Identity):
+            stages.append(_Stage(level.up, *_channels(level.up), scale, scale * 2, 1.0))  # k4 s2 p1: +-1 input voxel
+            scale *= 2
+    stages.append(_Stage(decoder.final_block, *_channels(decoder.final_block), scale, scale, 1.0))
+    return stages
+
+
+def _stage_bytes(stage: _Stage, voxels_in: int, batch: int) -> int:
+    """Rough peak of one stage: its input plus output, norm and residual temporaries."""
+    ratio = (stage.scale_out // stage.scale_in) ** 3
+    return BYTES * batch * voxels_in * (2 * stage.in_channels + 3 * stage.out_channels * ratio)
 
 
 class _StopForward(Exception):
@@ -33,29 +68,28 @@ class _StopForward(Exception):
 
 
 class _GlobalGroupNorms:
-    """Swaps the forward of each GroupNorm in a module for one using fixed (global) statistics."""
+    """Replaces the forward of each GroupNorm with one that uses whole-volume statistics (or measures them)."""
 
     def __init__(self, norms: list[nn.GroupNorm]) -> None:
         self.norms = norms
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # norm index -> (mean, var) (B, G)
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.measure: Optional[int] = None
-        self.core: tuple[slice, ...] = ()  # core region of the current tile, in latent voxels relative to the tile
-        self.tile_latent: tuple[int, ...] = ()
+        self.core: tuple[slice, ...] = ()
+        self.tile_shape: tuple[int, ...] = ()
         self.sums: Optional[torch.Tensor] = None
 
     def _forward(self, index: int, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         g = norm.num_groups
         if index == self.measure:
-            factor = x.shape[2] // self.tile_latent[0]
+            factor = x.shape[2] // self.tile_shape[0]
             region = tuple(slice(s.start * factor, s.stop * factor) for s in self.core)
             core = x[(slice(None), slice(None)) + region].double().reshape(b, g, -1)
             part = torch.stack([core.sum(-1), (core * core).sum(-1), torch.full_like(core[..., 0], core.shape[-1])])
             self.sums = part if self.sums is None else self.sums + part
             raise _StopForward
         mean, var = self.stats[index]
-        xg = x.reshape(b, g, -1)
-        y = (xg - mean[..., None].to(x.dtype)) * torch.rsqrt(var[..., None].to(x.dtype) + norm.eps)
+        y = (x.reshape(b, g, -1) - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
         y = y.reshape_as(x)
         if norm.affine:
             shape = (1, c) + (1,) * (x.ndim - 2)
@@ -80,7 +114,7 @@ class _GlobalGroupNorms:
 
 
 def _tiles(spatial: tuple[int, ...], core: int, halo: int) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-    """(input window, core within the window) per tile, in latent voxels; windows clipped at the volume."""
+    """(input window, core inside the window) per tile; windows are clipped at the volume's border."""
     per_axis = []
     for size in spatial:
         axis = []
@@ -92,62 +126,81 @@ def _tiles(spatial: tuple[int, ...], core: int, halo: int) -> list[tuple[tuple[s
     return [tuple(zip(*combo)) for combo in itertools.product(*per_axis)]
 
 
-def _tail(decoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    for block in decoder.conv_blocks:
-        h = block(h)
-    return decoder.final_block(h)
+def _run(stages: list[_Stage], h: torch.Tensor) -> torch.Tensor:
+    for stage in stages:
+        h = stage.module(h)
+    return h
+
+
+def default_budget_gb(device: torch.device) -> float:
+    """Activation budget: a GPU decode of every official size fits 12 GB; a CPU decode of 512^3 stays < 16 GB."""
+    return 3.0 if device.type == "cuda" else 2.0
 
 
 @torch.no_grad()
-def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, tile: Optional[int] = 16, overlap: int = 4,
+def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional[float] = None,
                   device: Optional[torch.device] = None, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelFlag] = None) -> torch.Tensor:
     """Decode a quantized latent (B, C, D, H, W) to a float32 CPU volume (B, 1, D*f, H*f, W*f).
 
-    `tile` is the core edge and `overlap` the halo on each side, both in latent voxels. `tile=None`, or a latent no
-    larger than one tile, decodes the whole latent at once exactly like `autoencoder.decode`.
+    `budget_gb` bounds the activations of one stage or tile (default by device); `budget_gb=inf` decodes the whole
+    latent at once like `autoencoder.decode`.
     """
     if z_q.ndim != 5:
         raise ValueError(f"decode_latent expects a (B, C, D, H, W) latent, got {tuple(z_q.shape)}")
-    device = device or z_q.device
-    spatial = tuple(z_q.shape[2:])
-    if tile is None or all(s <= tile for s in spatial):
-        tracker = ProgressTracker(1, progress, cancel, "decoding")
-        tracker.begin()
-        out = autoencoder.decode(z_q.to(device)).float().cpu()
-        tracker.advance()
-        return out
-    if tile < 1 or overlap < 0:
-        raise ValueError(f"tile must be positive and overlap non-negative, got {tile}, {overlap}")
-
+    device = torch.device(device) if device is not None else z_q.device
+    budget = (budget_gb if budget_gb is not None else default_budget_gb(device)) * 2**30
     decoder = autoencoder.decoder
-    head = decoder.mid_block(decoder.conv_first(autoencoder.post_vq_conv(z_q.to(device))))
-    tiles = _tiles(spatial, tile, overlap)
-    tail_modules = list(decoder.conv_blocks) + [decoder.final_block]
-    norms = [m for block in tail_modules for m in block.modules() if isinstance(m, nn.GroupNorm)]
-    global_norms = _GlobalGroupNorms(norms)
+    batch = z_q.shape[0]
+    stages = _decoder_stages(decoder)
+    tracker = ProgressTracker(1, progress, cancel, "decoding")
+    tracker.begin()
+
+    h = decoder.mid_block(decoder.conv_first(autoencoder.post_vq_conv(z_q.to(device))))
+    done = 0
+    while done < len(stages) and _stage_bytes(stages[done], math.prod(h.shape[2:]), batch) <= budget:
+        h = stages[done].module(h)
+        done += 1
+    if done == len(stages):
+        tracker.advance()
+        return h.float().cpu()
+
+    streamed = stages[done:]
+    base = streamed[0].scale_in
+    halo = math.ceil(sum(s.radius * base / s.scale_in for s in streamed))
+    factor = streamed[-1].scale_out // base
+    spatial = tuple(h.shape[2:])
+
+    def tile_bytes(core: int) -> int:
+        edge = [min(core + 2 * halo, s) for s in spatial]
+        return max(_stage_bytes(s, math.prod(edge) * (s.scale_in // base) ** 3, batch) for s in streamed)
+
+    core = max(spatial)
+    while core > 1 and tile_bytes(core) > budget:
+        core = max(1, core * 3 // 4)
+    tiles = _tiles(spatial, core, halo)
+    norms = [m for s in streamed for m in s.module.modules() if isinstance(m, nn.GroupNorm)]
     tracker = ProgressTracker((len(norms) + 1) * len(tiles), progress, cancel, "decoding")
     tracker.begin()
+    global_norms = _GlobalGroupNorms(norms)
+    out = torch.empty((batch, streamed[-1].out_channels) + tuple(s * factor for s in spatial))
     with global_norms.installed():
         for index in range(len(norms)):
             global_norms.measure = index
-            for window, core in tiles:
-                global_norms.core, global_norms.tile_latent = core, tuple(s.stop - s.start for s in window)
+            for window, tile_core in tiles:
+                global_norms.core, global_norms.tile_shape = tile_core, tuple(w.stop - w.start for w in window)
                 try:
-                    _tail(decoder, head[(slice(None), slice(None)) + window])
+                    _run(streamed, h[(slice(None), slice(None)) + window])
                 except _StopForward:
                     pass
                 tracker.advance()
             global_norms.finish_measure()
-        out = None
-        for window, core in tiles:
-            piece = _tail(decoder, head[(slice(None), slice(None)) + window]).float()
-            factor = piece.shape[2] // (window[0].stop - window[0].start)
-            if out is None:
-                out = torch.empty((z_q.shape[0], piece.shape[1]) + tuple(s * factor for s in spatial))
-            src = tuple(slice(c.start * factor, c.stop * factor) for c in core)
-            dst = tuple(slice((w.start + c.start) * factor, (w.start + c.stop) * factor) for w, c in zip(window, core))
-            out[(slice(None), slice(None)) + dst] = piece[(slice(None), slice(None)) + src].cpu()
+        for window, tile_core in tiles:
+            piece = _run(streamed, h[(slice(None), slice(None)) + window])
+            src = tuple(slice(c.start * factor, c.stop * factor) for c in tile_core)
+            dst = tuple(slice((w.start + c.start) * factor, (w.start + c.stop) * factor)
+                        for w, c in zip(window, tile_core))
+            out[(slice(None), slice(None)) + dst] = piece[(slice(None), slice(None)) + src].float().cpu()
             del piece
             tracker.advance()
     return out

@@ -67,16 +67,14 @@ def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multi
 class GenerationPipeline:
     """Composes a model bundle (autoencoder, denoiser, catalog) with a sampler into volumes with geometry."""
 
-    def __init__(self, bundle, device: str | torch.device | None = "auto", decode_tile: Optional[int] = None,
-                 decode_overlap: int = 4) -> None:
+    def __init__(self, bundle, device: str | torch.device | None = "auto",
+                 decode_budget_gb: Optional[float] = None) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.autoencoder = bundle.autoencoder.to(self.device).eval()
         self.denoiser = bundle.denoiser.to(self.device).eval()
         self.diffusion = GaussianDiffusion(timesteps=getattr(bundle, "timesteps", 1000))
-        # 16^3 latent tiles keep a CPU decode of an official 8x model within a few GB; GPUs take larger tiles.
-        self.decode_tile = decode_tile or (24 if self.device.type == "cuda" else 16)
-        self.decode_overlap = decode_overlap
+        self.decode_budget_gb = decode_budget_gb  # None: decode.default_budget_gb for the device
 
     def __call__(self, anatomy: str, size_xyz: SizeLike = None, sampler: str = "dpmpp", steps: Optional[int] = None,
                  seed: Optional[int] = None, hu_range: Optional[tuple[float, float]] = None,
@@ -110,7 +108,7 @@ class GenerationPipeline:
                               seed, dev, self.diffusion, progress=progress, cancel=cancel)
             z = denormalize_latent(z, self.bundle.latent_range)
             z_q, _ = self.autoencoder.quantize(z)
-            vol = decode_latent(self.autoencoder, z_q, self.decode_tile, self.decode_overlap, dev, progress, cancel)
+            vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, dev, progress, cancel)
         return ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
 
     @staticmethod

@@ -77,15 +77,15 @@ class Services:
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
 
     def _build_reconstructor(self) -> tuple[Any, str]:
+        # Generation must keep working when reconstruction cannot be offered (module or ControlNets missing).
         try:
             from ..pipelines.reconstruct import ReconstructionPipeline
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith("pipelines.reconstruct"):
-                return None, "reconstruction is not available in this server build"
-            raise
+        except ImportError as exc:
+            log.warning("reconstruction disabled: %s", exc)
+            return None, "reconstruction is not available in this server build"
         try:
             return ReconstructionPipeline(self.bundle, self.generator.device), ""
-        except MedDiffusionError as exc:
+        except Exception as exc:
             log.warning("reconstruction disabled: %s", exc)
             return None, f"reconstruction is not available with this model: {exc}"
 
@@ -169,7 +169,7 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     try:
         return _jsonable(v.item())  # numpy / torch scalars
-    except (AttributeError, ValueError, TypeError):
+    except (AttributeError, ValueError, TypeError, RuntimeError):
         return None  # images, arrays: not part of a status response
 
 
@@ -235,7 +235,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.add_middleware(BodySizeCap)
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: no thread hop for every request
         if not svc.verifier.check(request.headers.get("authorization")):
             raise HTTPException(401, "missing or wrong access token (send 'Authorization: Bearer <token>')",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -273,7 +273,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                                  f"{config.max_voxels} voxels")
         params = req.model_dump()
         params["anatomy"] = entry.name
-        return svc.status(svc.manager.submit("generate", params))
+        # In a worker thread: submitting writes (and fsyncs) the job record.
+        return svc.status(await run_in_threadpool(svc.manager.submit, "generate", params))
 
     @api.post("/reconstruct", status_code=202, response_model=JobStatus)
     async def reconstruct(request: Request) -> JobStatus:
@@ -292,7 +293,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise InputError(f"unknown reconstruction task '{params.task}'; this model offers: "
                                  f"{', '.join(svc.tasks) or 'none (it has no ControlNets)'}")
             path, suffix = await run_in_threadpool(store_upload, up, config.max_voxels)
-            rec = svc.manager.submit("reconstruct", params.model_dump(), input_file=path, input_suffix=suffix)
+            rec = await run_in_threadpool(svc.manager.submit, "reconstruct", params.model_dump(), path, suffix)
         except BaseException:
             up.discard()
             raise

@@ -151,7 +151,7 @@ async def receive_multipart(content_type: str, stream: AsyncIterator[bytes], des
 
 
 def detect_suffix(path: Path, filename: str = "") -> str:
-    """'.nrrd', '.nii' or '.nii.gz' from the magic bytes (the client's file name is only a fallback)."""
+    """'.nrrd', '.nii' or '.nii.gz' from the magic bytes; the client's file name only appears in messages."""
     with open(path, "rb") as fh:
         head = fh.read(352)
     if head.startswith(b"NRRD"):
@@ -166,12 +166,10 @@ def detect_suffix(path: Path, filename: str = "") -> str:
             return ".nii.gz"
     if _is_nifti(head):
         return ".nii"
-    name = filename.lower()
-    for suffix in (".nii.gz", ".nii", ".nrrd"):
-        if name.endswith(suffix):
-            return suffix  # reading with the forced reader will then say what is wrong
-    raise UploadError(400, f"the uploaded file{f' {filename!r}' if filename else ''} is neither NRRD nor NIfTI "
-                      "(.nrrd, .nii, .nii.gz)")
+    # The magic bytes decide: a file named .nii.gz that is not gzip'd NIfTI would only fail later, less clearly.
+    named = f" '{filename[:80]}'" if filename else ""
+    raise UploadError(400, f"the uploaded file{named} is neither NRRD nor NIfTI (its first bytes match neither "
+                      "format); send a single-file .nrrd, .nii or .nii.gz")
 
 
 def _is_nifti(head: bytes) -> bool:
@@ -257,4 +255,4 @@ def _short(exc: BaseException, path: Path) -> str:
     # ITK's last line describes the problem; the server's own paths are no business of the client.
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[-1] if lines else type(exc).__name__
-    return text.replace(str(path.parent), "").replace(path.name, "the upload")[:300]
+    return text.replace(str(path), "the upload").replace(str(path.parent), "the store")[:300]

@@ -71,6 +71,21 @@ def _from_training_checkpoint(path: Path, kind: str, prefer_ema: bool) -> nn.Mod
     return model
 
 
+def training_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The state of one of our training checkpoints, or None for any other file."""
+    from MedDiffusionLib.checkpoints.native import is_safetensors_file
+    from Training.trainer import CHECKPOINT_FORMAT, load_checkpoint
+
+    p = Path(path).expanduser()
+    if not p.is_file() or is_safetensors_file(p):
+        return None
+    try:
+        state = load_checkpoint(p)
+    except Exception:
+        return None
+    return state if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
+
+
 def load_network_any(path: str | os.PathLike[str], kind: str, prefer_ema: bool = True) -> nn.Module:
     """Our safetensors file, one of our training checkpoints (``step_*.pt``; EMA weights when present), or
     the authors' checkpoint. Returned in eval mode on the CPU."""

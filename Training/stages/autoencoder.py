@@ -20,7 +20,7 @@ from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.models.discriminator import PatchDiscriminator3D, feature_matching_loss, hinge_g_loss
 from MedDiffusionLib.models.perceptual import TriplanePerceptualLoss, missing_vgg_message
 from Training.stages._common import (build_model, build_volume_dataset, device_batch, export_network,
-                                     load_network_any, out_dir, set_requires_grad)
+                                     load_network_any, out_dir, set_requires_grad, training_checkpoint_state)
 from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
 
 DESCRIPTION = "train the Patch-Volume autoencoder (--stage 1: patches + GAN; --stage 2: decoder on whole volumes)"
@@ -123,6 +123,15 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         disc = PatchDiscriminator3D(int(model_cfg.get("image_channels", 1)), int(loss_cfg["disc_channels"]),
                                     int(loss_cfg["disc_layers"]), str(loss_cfg["disc_norm"])).to(env.device)
         opt_d = torch.optim.Adam(disc.parameters(), lr=float(t.get("disc_lr", lr)), betas=betas)  # type: ignore[arg-type]
+        # Stage 2 from a stage-1 training checkpoint keeps its trained discriminator (as the authors do).
+        init_state = training_checkpoint_state(cfg["init_from"]) if cfg.get("init_from") else None
+        if init_state is not None and "discriminator" in init_state.get("models", {}):
+            try:
+                disc.load_state_dict(init_state["models"]["discriminator"])
+                log.info("discriminator initialised from %s", cfg["init_from"])
+            except RuntimeError as exc:
+                log.warning("discriminator in %s does not match the config (%s): starting it fresh",
+                            cfg["init_from"], exc)
 
     trainer = Trainer(cfg, f"autoencoder{stage}", env, out_dir(cfg, f"runs/autoencoder_stage{stage}"))
     trainer.add_model("autoencoder", ae)

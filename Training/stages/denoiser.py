@@ -109,7 +109,12 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
     if not data_cfg.get("latents"):
         raise InputError("the denoiser config needs `data.latents:` (the folder written by `train.py latents`)")
     model_cfg = dict(cfg.get("model") or {})
+    # res = latent shape / vq_size; the pipelines read vq_size from the saved model config, so a custom
+    # divisor is stored there (BiFlowNet keeps vq_size only as this conditioning scale).
     res_divisor = float(data_cfg.get("res_divisor") or model_cfg.get("vq_size", 64))
+    if data_cfg.get("res_divisor"):
+        model_cfg["vq_size"] = int(res_divisor) if float(res_divisor).is_integer() else res_divisor
+        cfg["model"] = model_cfg
     batch_size = int(t.get("batch_size", 16))
     dataset = LatentDataset(data_cfg["latents"], shape=data_cfg.get("latent_shape"), res_divisor=res_divisor,
                             flip_axes=data_cfg.get("flip_axes") or ())

@@ -1,0 +1,357 @@
+"""Client for the MedDiffusion job server, using only the Python standard library (runs in 3D Slicer's Python).
+
+    client = RemoteClient("http://127.0.0.1:8000", token="...")   # e.g. through `ssh -N -L 8000:127.0.0.1:8000`
+    job = client.generate("ct-chest-abdomen", steps=50, seed=1)
+    client.wait(job, progress=lambda s: print(s["stage"], s["progress"]))
+    image = client.result(job)                                     # SimpleITK image with the server's geometry
+
+SimpleITK is imported only by the methods that take or return images. Every failure is a MedDiffusionError
+subclass with a message naming the server and the problem.
+"""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+from . import __version__
+from .errors import Cancelled, MedDiffusionError
+
+__all__ = ["RemoteClient", "ServerUnreachable", "AuthenticationError", "RemoteError", "JobNotFound",
+           "QueueFullError", "JobFailed", "JobCancelled", "WaitTimeout"]
+
+TOKEN_ENV = "MEDDIFFUSION_TOKEN"
+CHUNK = 1 << 20
+UPLOAD_SUFFIXES = (".nrrd", ".nii", ".nii.gz")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+class ServerUnreachable(MedDiffusionError):
+    """No HTTP answer: wrong address, server not running, tunnel down, TLS failure or timeout."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the MedDiffusion server at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class AuthenticationError(MedDiffusionError):
+    """HTTP 401: the token is missing or wrong."""
+
+
+class RemoteError(MedDiffusionError):
+    """Any other HTTP error; ``status`` is the code and ``detail`` the server's explanation."""
+
+    def __init__(self, status: int, detail: str, url: str = "") -> None:
+        super().__init__(f"server error {status}{f' for {url}' if url else ''}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class JobNotFound(RemoteError):
+    """HTTP 404 for a job: unknown id, or its result expired on the server."""
+
+
+class QueueFullError(RemoteError):
+    """HTTP 429: the server's job queue is full; try again later."""
+
+
+class JobFailed(MedDiffusionError):
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(f"job {job_id[:8]} failed on the server: {message}")
+        self.job_id = job_id
+        self.message = message
+
+
+class JobCancelled(Cancelled):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id[:8]} was cancelled")
+        self.job_id = job_id
+
+
+class WaitTimeout(MedDiffusionError, TimeoutError):
+    """wait() gave up; the job keeps running on the server."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would resend the Authorization header to wherever a redirect points; the API never redirects.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_size(size: Union[str, Sequence[int], None]) -> Optional[list[int]]:
+    if size is None:
+        return None
+    parts = size.lower().replace("\u00d7", "x").replace(",", "x").split("x") if isinstance(size, str) else size
+    try:
+        vals = [int(v) for v in parts]
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be 'XxYxZ' or three integers, got {size!r}") from None
+    if len(vals) != 3:
+        raise ValueError(f"size must have three values (X, Y, Z), got {size!r}")
+    return vals
+
+
+class RemoteClient:
+    """Talks to one server. ``token`` defaults to $MEDDIFFUSION_TOKEN; ``timeout`` is per network operation."""
+
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30) -> None:
+        parsed = urllib.parse.urlsplit(url.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"server URL must look like http://host:port or https://host, got {url!r}")
+        self.url = url.strip().rstrip("/")
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.timeout = timeout
+        loopback = _is_loopback(parsed.hostname)
+        if self.token and parsed.scheme == "http" and not loopback:
+            warnings.warn(f"sending the access token to {parsed.hostname} without TLS; use an SSH tunnel to "
+                          "127.0.0.1 or an https:// reverse proxy (docs/SERVER.md)", stacklevel=2)
+        # A loopback URL is an SSH tunnel or a local server: never send it through an HTTP proxy from the env.
+        handlers: list = [_NoRedirect()]
+        if loopback:
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
+        self._limits: Optional[dict] = None
+
+    # ---- plumbing ------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: Any = None, headers: Optional[dict[str, str]] = None,
+                 json_body: Any = None, sink: Optional[Path] = None) -> Any:
+        """One HTTP exchange; returns parsed JSON, or writes the body to ``sink`` (then returns None)."""
+        url = self.url + path
+        hdrs = {"User-Agent": f"meddiffusion-client/{__version__}", "Accept": "application/json"}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        if json_body is not None:
+            body = json.dumps(json_body).encode("utf-8")
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                if sink is not None:
+                    with open(sink, "wb") as fh:
+                        shutil.copyfileobj(resp, fh, CHUNK)
+                    return None
+                data = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc, url) from None
+        except urllib.error.URLError as exc:
+            raise ServerUnreachable(self.url, _reason(exc.reason)) from None
+        except (OSError, http.client.HTTPException) as exc:  # reset, broken pipe, timeout, truncated answer
+            hint = " (the upload may exceed the server's size limit)" if isinstance(body, Iterator) else ""
+            raise ServerUnreachable(self.url, _reason(exc) + hint) from None
+        try:
+            return json.loads(data.decode("utf-8")) if data else None
+        except ValueError:
+            raise RemoteError(200, "the answer is not JSON: is this URL a MedDiffusion server?", url) from None
+
+    def _http_error(self, exc: urllib.error.HTTPError, url: str) -> MedDiffusionError:
+        try:
+            raw = exc.read()
+        except OSError:
+            raw = b""
+        try:
+            detail = json.loads(raw.decode("utf-8")).get("detail", "")
+            detail = detail if isinstance(detail, str) else json.dumps(detail)
+        except (ValueError, AttributeError):
+            detail = raw.decode("utf-8", "replace").strip()[:300] or (exc.reason or "")
+        if exc.code == 401:
+            what = "no access token was sent" if not self.token else "the access token was rejected"
+            return AuthenticationError(f"the MedDiffusion server at {self.url} refused the request: {what} "
+                                       f"(set the token the server was started with; {detail})")
+        if exc.code == 404 and "/jobs/" in url:
+            return JobNotFound(404, detail, url)
+        if exc.code == 429:
+            return QueueFullError(429, detail, url)
+        return RemoteError(exc.code, str(detail), url)
+
+    @staticmethod
+    def _job_path(job_id: str, suffix: str = "") -> str:
+        return f"/v1/jobs/{urllib.parse.quote(str(job_id), safe='')}{suffix}"
+
+    # ---- API -----------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._request("GET", "/health")
+
+    def models(self) -> dict:
+        return self._request("GET", "/v1/models")
+
+    def generate(self, anatomy: str, size_xyz: Union[str, Sequence[int], None] = None, sampler: str = "dpmpp",
+                 steps: Optional[int] = None, seed: Optional[int] = None,
+                 hu_range: Optional[Sequence[float]] = None) -> str:
+        """Queue a generation; returns the job id."""
+        body = {"anatomy": anatomy, "size_xyz": _parse_size(size_xyz), "sampler": sampler, "steps": steps,
+                "seed": seed, "hu_range": list(hu_range) if hu_range is not None else None}
+        return self._request("POST", "/v1/generate", json_body=body)["id"]
+
+    def reconstruct(self, image: Any, task: str = "sparse-ct", views: int = 30, acceleration: float = 8,
+                    mask: str = "gaussian", simulate: bool = True, sampler: str = "dpmpp",
+                    steps: Optional[int] = None, seed: Optional[int] = None, data_consistency: bool = True) -> str:
+        """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id."""
+        fields = {"task": task, "views": views, "acceleration": acceleration, "mask": mask, "simulate": simulate,
+                  "sampler": sampler, "steps": steps, "seed": seed, "data_consistency": data_consistency}
+        tmpdir = None
+        try:
+            if isinstance(image, (str, os.PathLike)) and _upload_suffix(Path(image)) and Path(image).is_file():
+                path = Path(image)  # already a single-file format the server reads: send as is
+            else:
+                import SimpleITK as sitk
+
+                if not isinstance(image, sitk.Image):
+                    image = sitk.ReadImage(str(image))  # DICOM file, .mha, ...
+                tmpdir = tempfile.mkdtemp(prefix="meddiffusion-upload-")
+                path = Path(tmpdir) / "volume.nrrd"
+                sitk.WriteImage(image, str(path), True)  # compressed: smaller transfer
+            body, boundary, length = _multipart(fields, path)
+            self._check_upload_size(length)
+            headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+            return self._request("POST", "/v1/reconstruct", body=body, headers=headers)["id"]
+        finally:
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _check_upload_size(self, length: int) -> None:
+        # The server answers an oversize upload early and closes the connection, which a client that is still
+        # sending sees as a reset; checking the advertised limit first gives the clear message instead.
+        if self._limits is None:
+            self._limits = self.models().get("limits", {})
+        limit_mb = self._limits.get("max_upload_mb")
+        if limit_mb and length > limit_mb * 2**20:
+            raise RemoteError(413, f"the volume is {length / 2**20:.1f} MB to upload, above the server's limit of "
+                              f"{limit_mb:g} MB (server option --max-upload-mb)", self.url + "/v1/reconstruct")
+
+    def status(self, job_id: str) -> dict:
+        return self._request("GET", self._job_path(job_id))
+
+    def cancel(self, job_id: str) -> dict:
+        """Ask the server to stop the job (a running job stops at its next step); returns its status."""
+        return self._request("POST", self._job_path(job_id, "/cancel"))
+
+    def wait(self, job_id: str, poll_s: float = 0.5, timeout: Optional[float] = None,
+             progress: Optional[Callable[[dict], None]] = None) -> dict:
+        """Poll until the job ends; returns the final status. Raises JobFailed / JobCancelled / WaitTimeout.
+        A few network hiccups in a row (a tunnel reconnecting) are tolerated."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        misses = 0
+        while True:
+            try:
+                st = self.status(job_id)
+                misses = 0
+            except ServerUnreachable:
+                misses += 1
+                if misses > 3:
+                    raise
+                time.sleep(min(poll_s * 2**misses, 5.0))
+                continue
+            if progress is not None:
+                progress(st)
+            if st["state"] == "done":
+                return st
+            if st["state"] == "failed":
+                raise JobFailed(job_id, st.get("error") or "no reason given")
+            if st["state"] == "cancelled":
+                raise JobCancelled(job_id)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id[:8]} is still {st['state']} after {timeout:g} s")
+            time.sleep(poll_s)
+
+    def download(self, job_id: str, dest: Union[str, os.PathLike], which: str = "result") -> Path:
+        """Save the job's NRRD ('result' or 'degraded') to ``dest`` (written to a temp file, then renamed)."""
+        if which not in ("result", "degraded"):
+            raise ValueError("which must be 'result' or 'degraded'")
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        try:
+            self._request("GET", self._job_path(job_id, f"/{which}"), sink=tmp,
+                          headers={"Accept": "application/octet-stream"})
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return dest
+
+    def result(self, job_id: str) -> Any:
+        """The finished job's volume as a SimpleITK image (spacing, origin and direction included)."""
+        return self._fetch_image(job_id, "result")
+
+    def degraded(self, job_id: str) -> Any:
+        """A reconstruction job's degraded input (e.g. the sparse-view FBP), as a SimpleITK image."""
+        return self._fetch_image(job_id, "degraded")
+
+    def _fetch_image(self, job_id: str, which: str) -> Any:
+        import SimpleITK as sitk
+
+        tmpdir = tempfile.mkdtemp(prefix="meddiffusion-download-")
+        try:
+            path = self.download(job_id, Path(tmpdir) / f"{which}.nrrd", which)
+            return sitk.ReadImage(str(path))
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _upload_suffix(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    return next((s for s in UPLOAD_SUFFIXES if name.endswith(s)), None)
+
+
+def _form_value(v: Any) -> str:
+    if v is None:
+        return ""  # the server reads an empty field as "use the default"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _multipart(fields: dict[str, Any], path: Path) -> tuple[Iterator[bytes], str, int]:
+    """A streamed multipart/form-data body (fields, then the file) and its exact length."""
+    boundary = secrets.token_hex(16)
+    head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{_form_value(v)}\r\n'
+                    .encode("utf-8") for k, v in fields.items())
+    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="volume{_upload_suffix(path)}"'
+             f'\r\nContent-Type: application/octet-stream\r\n\r\n').encode("utf-8")
+    tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
+    size = path.stat().st_size
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with open(path, "rb") as fh:
+            while True:
+                block = fh.read(CHUNK)
+                if not block:
+                    break
+                yield block
+        yield tail
+
+    return chunks(), boundary, len(head) + size + len(tail)
+
+
+def _reason(reason: Any) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (is the server running, and the SSH tunnel open?)"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(reason, socket.gaierror):
+        return f"unknown host name ({reason.strerror or reason})"
+    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return text

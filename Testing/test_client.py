@@ -1,0 +1,138 @@
+"""RemoteClient in isolation: standard-library only, request encoding, and the mapping of failures to errors.
+(The client against the real server is exercised in test_server.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from MedDiffusionLib.client import (AuthenticationError, JobFailed, JobNotFound, QueueFullError, RemoteClient,
+                                    RemoteError, ServerUnreachable, _multipart, _parse_size)
+from MedDiffusionLib.errors import MedDiffusionError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_client_imports_only_the_standard_library():
+    code = ("import sys; import MedDiffusionLib.client; "
+            "bad = [m for m in ('torch', 'numpy', 'SimpleITK', 'fastapi', 'yaml') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing pre-imported by a sitecustomize
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_parse_size():
+    assert _parse_size("32x32x16") == [32, 32, 16]
+    assert _parse_size((8, 8, 8)) == [8, 8, 8]
+    assert _parse_size(None) is None
+    for bad in ("32x32", "axbxc", (1, 2)):
+        with pytest.raises(ValueError):
+            _parse_size(bad)
+
+
+def test_multipart_round_trip(tmp_path):
+    from python_multipart.multipart import MultipartParser
+
+    payload = bytes(range(256)) * 50 + b"\r\n--tricky--\r\n"
+    path = tmp_path / "v.nrrd"
+    path.write_bytes(payload)
+    body, boundary, length = _multipart({"task": "mri", "steps": None, "simulate": False, "views": 30}, path)
+    raw = b"".join(body)
+    assert len(raw) == length
+    parts, current = [], {}
+
+    def on_part_begin():
+        current.clear()
+        current["data"] = b""
+
+    def on_part_data(data, start, end):
+        current["data"] += data[start:end]
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_part_data": on_part_data,
+                                        "on_part_end": lambda: parts.append(current["data"])})
+    parser.write(raw)
+    parser.finalize()
+    assert parts == [b"mri", b"", b"false", b"30", payload]
+
+
+def test_plain_http_token_to_remote_host_warns():
+    with pytest.warns(UserWarning, match="without TLS"):
+        RemoteClient("http://gpu.example.org:8000", token="t" * 20)
+    RemoteClient("https://gpu.example.org", token="t" * 20)  # no warning with TLS
+    RemoteClient("http://127.0.0.1:8000", token="t" * 20)    # nor through a tunnel
+
+
+class _Canned(BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        status, body, ctype = self.routes.get(self.path, (404, b'{"detail": "not here"}', "application/json"))
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def canned():
+    _Canned.routes = {
+        "/v1/models": (401, b'{"detail": "missing or wrong access token"}', "application/json"),
+        "/v1/jobs/abc": (404, b'{"detail": "unknown job id"}', "application/json"),
+        "/v1/jobs/busy": (429, b'{"detail": "the job queue is full"}', "application/json"),
+        "/v1/jobs/boom": (500, b"Internal Server Error", "text/plain"),
+        "/v1/jobs/failed": (200, json.dumps({"state": "failed", "error": "out of memory"}).encode(),
+                            "application/json"),
+        "/health": (200, b"<html>not an API</html>", "text/html"),
+        "/redirect": (307, b"", "text/plain"),
+    }
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_errors_are_mapped(canned):
+    c = RemoteClient(canned, token="t" * 20, timeout=5)
+    with pytest.raises(AuthenticationError, match="rejected"):
+        c.models()
+    with pytest.raises(JobNotFound, match="unknown job id") as err:
+        c.status("abc")
+    assert err.value.status == 404
+    with pytest.raises(QueueFullError):
+        c.status("busy")
+    with pytest.raises(RemoteError, match="500") as err:
+        c.status("boom")
+    assert err.value.detail == "Internal Server Error"
+    with pytest.raises(RemoteError, match="not JSON"):
+        c.health()
+    with pytest.raises(RemoteError) as err:  # never follows redirects (it would resend the token elsewhere)
+        c._request("GET", "/redirect")
+    assert err.value.status == 307
+    with pytest.raises(JobFailed, match="out of memory"):
+        c.wait("failed", poll_s=0.01)
+    assert all(issubclass(e, MedDiffusionError) for e in (ServerUnreachable, AuthenticationError, RemoteError))
+
+
+def test_timeout_is_unreachable():
+    # A listening socket that never answers: the connection succeeds, the read times out.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(ServerUnreachable, match="timed out") as err:
+            RemoteClient(url, timeout=0.5).health()
+        assert url in str(err.value)

@@ -28,8 +28,7 @@ def _smooth_volume(shape, seed=0):
     return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear") * 2 - 1
 
 
-@pytest.mark.parametrize("budget", [0.004, 0.0015])
-def test_tiled_decode_matches_whole_volume_decode(reference_dir, budget):
+def test_tiled_decode_matches_whole_volume_decode(reference_dir):
     """GroupNorm statistics and attention are global in the joint decoder; tiles must not change the result."""
     sd = torch.load(reference_dir / "fixtures" / "ae_tiny.pt", weights_only=True)
     ae = PatchVolumeAutoencoder(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=64, num_groups=4).eval()
@@ -38,7 +37,7 @@ def test_tiled_decode_matches_whole_volume_decode(reference_dir, budget):
         z_q, _ = ae.quantize(ae.encode(_smooth_volume((32, 48, 32)), patch_size=16))
         full = ae.decode(z_q)
         steps = []
-        tiled = decode_latent(ae, z_q, budget_gb=budget, progress=steps.append)
+        tiled = decode_latent(ae, z_q, budget_gb=0.004, progress=steps.append)
     assert steps[-1].stage == "decoding" and steps[-1].total > 2, "the budget must force several tiles"
     assert tiled.shape == full.shape
     torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)

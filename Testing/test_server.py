@@ -312,7 +312,7 @@ def test_concurrent_status_polls(server, client):
 
 # ---- uploads and reconstruction ----------------------------------------------------------------------------
 def _echo_reconstruction(image, task, views, acceleration, mask, simulate, sampler, steps, seed, data_consistency,
-                         progress=None, cancel=None):
+                         anatomy=None, progress=None, cancel=None):
     """Stands in for the reconstruction pipeline: returns the input, so only the HTTP layer is under test."""
     from types import SimpleNamespace
 
@@ -337,7 +337,7 @@ def stub_server(model_dir, tmp_path_factory):
     app = create_app(ServerConfig(store_dir=d / "store", model_dir=str(model_dir), device="cpu", token=TOKEN,
                                   max_queue=1, max_upload_mb=1))
     svc = app.state.services
-    svc.reconstructor, svc.tasks = _echo_reconstruction, ["sparse-ct"]
+    svc.reconstructor, svc.tasks, svc.task_modality = _echo_reconstruction, ["sparse-ct"], {"sparse-ct": "CT"}
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -369,7 +369,9 @@ def test_upload_rejections(stub_server, tmp_path):
     ok = nrrd_bytes(volume(), tmp_path)
     for fields, message in [({"task": "dehaze"}, "unknown reconstruction task"),
                             ({"task": "sparse-ct", "views": 0}, "views"),
-                            ({"task": "sparse-ct", "colour": "red"}, "colour")]:
+                            ({"task": "sparse-ct", "colour": "red"}, "colour"),
+                            ({"task": "sparse-ct", "anatomy": "mr-knee"}, "needs a CT anatomy"),
+                            ({"task": "sparse-ct", "anatomy": "ct-brain"}, "unknown anatomy")]:
         status, body = upload(server, ok, "v.nrrd", fields, tmp=tmp_path)
         assert status == 400 and message in body["detail"], body
     assert not list((server.store / "uploads").iterdir())  # nothing left behind
@@ -409,12 +411,13 @@ def test_reconstruct_end_to_end(server, client):
     img = volume(size=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
     job = client.reconstruct(img, task=task, views=8, acceleration=4, steps=2, seed=3)
     final = client.wait(job, poll_s=0.1, timeout=90)
-    assert final["kind"] == "reconstruct" and "result" in final["outputs"]
+    assert final["kind"] == "reconstruct" and final["outputs"] == ["result", "degraded"]
+    assert final["info"]["task"] == task and final["info"]["seed"] == 3 and final["info"]["steps"] == 2
     out = client.result(job)
     assert out.GetSize() == img.GetSize()
     assert out.GetSpacing() == pytest.approx(img.GetSpacing()) and out.GetOrigin() == pytest.approx(img.GetOrigin())
-    if "degraded" in final["outputs"]:
-        assert client.degraded(job).GetSize() == img.GetSize()
+    degraded = client.degraded(job)
+    assert degraded.GetSize() == img.GetSize() and degraded.GetSpacing() == pytest.approx(img.GetSpacing())
 
 
 # ---- persistence and expiry --------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ def volume(size=(16, 16, 16), spacing=(1.0, 1.0, 2.0), dtype=np.float32, nan=Fal
     return img
 
 
+# Two equal axes: SimpleITK refuses to create such an image, but a file can say so.
+SINGULAR_NRRD = (b"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 2 2 2\n"
+                 b"space directions: (1,0,0) (1,0,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
+                 b"encoding: raw\nspace origin: (0,0,0)\n\n" + bytes(32))
+
+
 def test_upload_checks_in_process(tmp_path):
     """The validation behind POST /v1/reconstruct, without a server (runs before reconstruction exists)."""
     from MedDiffusionLib.server.uploads import UploadError, check_volume, detect_suffix
@@ -42,7 +48,8 @@ def test_upload_checks_in_process(tmp_path):
              (volume(nan=True), "v.nrrd", "NaN"),
              (volume(spacing=(1.0, 1.0, 250.0)), "v.nrrd", "spacing"),
              (sitk.Compose(volume(), volume()), "v.nrrd", "components"),
-             (volume(size=(128, 128, 128)), "v.nrrd", "voxels")]
+             (volume(size=(128, 128, 128)), "v.nrrd", "voxels"),
+             (SINGULAR_NRRD, "v.nrrd", "direction")]
     for data, name, message in cases:
         with pytest.raises(UploadError, match=message) as err:
             check(data, name)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _training_helpers import write_latents, write_manifest, write_volumes
+from _training_helpers import single_thread, write_latents, write_manifest, write_volumes  # noqa: F401
 from MedDiffusionLib.data.datasets import LatentDataset, VolumeDataset, load_manifest
 from MedDiffusionLib.errors import InputError
 from Training.config import apply_overrides, load_config
@@ -52,16 +52,21 @@ def test_unreadable_and_empty_files_reported_by_name_and_skipped(tmp_path: Path,
     empty.write_bytes(b"")
     corrupt = tmp_path / "data" / "corrupt.nrrd"
     corrupt.write_bytes(b"NRRD0004\ngarbage that is not a header\n")
-    entries = load_manifest({"a": [str(empty), str(vols[0]), str(corrupt), str(tmp_path / "missing.nii")]})
+    import SimpleITK as sitk
+
+    blank = tmp_path / "data" / "blank.nrrd"
+    sitk.WriteImage(sitk.Image(6, 6, 6, sitk.sitkInt16), str(blank))  # readable but all zeros
+    entries = load_manifest({"a": [str(empty), str(vols[0]), str(corrupt), str(tmp_path / "missing.nii"),
+                                   str(blank)]})
     ds = VolumeDataset(entries, crop=8)
     with caplog.at_level(logging.WARNING):
         items = [ds[(i, 100 + i)] for i in range(len(ds))]  # a whole "epoch": never raises
     assert all(it["image"].shape == (1, 8, 8, 8) for it in items)
     assert all(int(it["index"]) == 1 for it in items)  # every bad item replaced by the readable one
     text = caplog.text
-    for bad in (empty, corrupt, tmp_path / "missing.nii"):
+    for bad in (empty, corrupt, tmp_path / "missing.nii", blank):
         assert bad.name in text
-    assert ds.bad == {0, 2, 3}
+    assert ds.bad == {0, 2, 3, 4}
     all_bad = VolumeDataset(load_manifest({"a": [str(empty)]}))
     with pytest.raises(InputError, match="No readable volume"):
         all_bad[0]

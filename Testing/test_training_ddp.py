@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _training_helpers import REPO, ae_config, denoiser_config, write_latents, write_manifest, write_volumes
+from _training_helpers import (REPO, ae_config, denoiser_config, single_thread, write_latents,  # noqa: F401
+                               write_manifest, write_volumes)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun + gloo on CPU: Linux/macOS")
 
@@ -24,7 +25,7 @@ def _torchrun(tmp: Path, stage: str, cfg: dict) -> dict[int, dict[str, str]]:
            str(REPO / "Training" / "train.py"), stage, "--config", str(cfg_path)]
     proc = subprocess.run(cmd, env=env, cwd=str(tmp), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    prefix = "autoencoder1" if stage == "autoencoder" else stage
+    prefix = f"autoencoder{cfg['train']['stage']}" if stage == "autoencoder" else stage
     return {r: json.loads((dump / f"{prefix}_rank{r}.json").read_text()) for r in (0, 1)}
 
 
@@ -38,6 +39,13 @@ def test_ddp_autoencoder_and_denoiser_ranks_agree(tmp_path: Path) -> None:
     assert hashes[0] == hashes[1]
     ckpts = sorted(p.name for p in (tmp_path / "ae" / "checkpoints").iterdir())
     assert ckpts == ["step_0000002.pt", "step_0000003.pt"]  # rank 0 only, no temp files left
+
+    # Stage 2: frozen encoder/codebook inside the DDP-wrapped module, trained discriminator carried over.
+    ae2_cfg = ae_config(tmp_path / "ae2", manifest, stage=2, max_steps=2, batch_size=1)
+    ae2_cfg.update(init_from=str(tmp_path / "ae" / "checkpoints" / "step_0000003.pt"), encode_patch_size=8)
+    ae2_cfg["data"].update(max_voxels=512, max_crop=8)
+    hashes = _torchrun(tmp_path, "autoencoder", ae2_cfg)
+    assert hashes[0] == hashes[1]
 
     latents = write_latents(tmp_path / "lat", n=6)
     dn_cfg = denoiser_config(tmp_path / "dn", latents, max_steps=3, checkpoint_every=3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _training_helpers import TINY_AE, TINY_BIFLOW
+from _training_helpers import TINY_AE, TINY_BIFLOW, single_thread  # noqa: F401
 
 
 def _cli(args: list[str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _training_helpers import ae_config, write_manifest, write_volumes
+from _training_helpers import ae_config, single_thread, write_manifest, write_volumes  # noqa: F401
 from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.models.discriminator import (PatchDiscriminator3D, feature_matching_loss, hinge_d_loss,
                                                   hinge_g_loss)

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg["out_dir"] = args.out
         if hasattr(module, "apply_arguments"):
             module.apply_arguments(cfg, args)
+        if cfg.get("threads"):
+            # CPU threads for torch ops; small networks on a shared machine run much faster on 1 thread.
+            import torch
+
+            torch.set_num_threads(int(cfg["threads"]))
         env = init_distributed(str(cfg.get("device", "auto")))
         result = module.run(cfg, env=env, resume=bool(args.resume))
         if env.is_main:

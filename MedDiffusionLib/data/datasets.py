@@ -195,7 +195,9 @@ class VolumeDataset(Dataset):
         arr = image_to_network(img)
         if arr.size == 0:
             raise InputError(f"Volume file '{entry.path}' is empty")
-        arr, _ = normalize_percentile(arr, *self.percentiles)
+        arr, (lo, hi) = normalize_percentile(arr, *self.percentiles)
+        if not hi > lo:  # blank scan (all one value): nothing to learn from, treat like an empty file
+            raise InputError(f"Volume file '{entry.path}' is constant (every voxel {lo:g})")
         arr, _ = pad_or_crop_to_multiple(arr, self.pad_multiple, value=-1.0)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if self.cache:

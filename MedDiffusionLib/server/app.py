@@ -62,6 +62,7 @@ class Services:
         self.bundle = config.bundle if config.bundle is not None else load_bundle(config.model_dir)
         self.generator = GenerationPipeline(self.bundle, config.device)
         self.device = str(self.generator.device)
+        self.task_modality: dict[str, str] = {}  # reconstruction task -> modality of its anatomies
         self.reconstructor, self.recon_reason = self._build_reconstructor()
         self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
         self.verifier = TokenVerifier(config.token)
@@ -79,10 +80,11 @@ class Services:
     def _build_reconstructor(self) -> tuple[Any, str]:
         # Generation must keep working when reconstruction cannot be offered (module or ControlNets missing).
         try:
-            from ..pipelines.reconstruct import ReconstructionPipeline
+            from ..pipelines.reconstruct import TASKS, ReconstructionPipeline
         except ImportError as exc:
             log.warning("reconstruction disabled: %s", exc)
             return None, "reconstruction is not available in this server build"
+        self.task_modality = dict(TASKS)
         try:
             return ReconstructionPipeline(self.bundle, self.generator.device), ""
         except Exception as exc:
@@ -292,6 +294,13 @@ def create_app(config: ServerConfig) -> FastAPI:
             if params.task not in svc.tasks:
                 raise InputError(f"unknown reconstruction task '{params.task}'; this model offers: "
                                  f"{', '.join(svc.tasks) or 'none (it has no ControlNets)'}")
+            if params.anatomy is not None:
+                entry = svc.bundle.catalog.get(params.anatomy)
+                modality = svc.task_modality.get(params.task)
+                if modality and entry.modality != modality:
+                    raise InputError(f"anatomy '{entry.name}' is {entry.modality}; task '{params.task}' needs a "
+                                     f"{modality} anatomy")
+                params.anatomy = entry.name
             path, suffix = await run_in_threadpool(store_upload, up, config.max_voxels)
             rec = await run_in_threadpool(svc.manager.submit, "reconstruct", params.model_dump(), path, suffix)
         except BaseException:

@@ -24,8 +24,8 @@ from .store import JobRecord, JobStore
 log = logging.getLogger("meddiffusion.server")
 
 # Overall progress: sampling dominates the run time; decoding and writing share the rest. Other stages (those a
-# reconstruction adds before sampling, for example) report their own step/total but leave the overall value.
-STAGE_SPANS = {"sampling": (0.0, 0.9), "decoding": (0.9, 0.98), "writing": (0.98, 1.0)}
+# reconstruction adds after decoding, for example) report their own step/total but leave the overall value.
+STAGE_SPANS = {"preparing": (0.0, 0.02), "sampling": (0.02, 0.9), "decoding": (0.9, 0.98), "writing": (0.98, 1.0)}
 
 
 class QueueFull(MedDiffusionError):

@@ -43,6 +43,7 @@ class ReconstructParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field("sparse-ct", min_length=1, max_length=64)
+    anatomy: Optional[str] = Field(None, max_length=64, description="default: the first of the task's modality")
     views: int = Field(30, ge=1, le=2000)
     acceleration: float = Field(8, ge=1, le=64)
     mask: Literal["gaussian", "poisson"] = "gaussian"

@@ -217,6 +217,11 @@ def check_volume(path: Path, suffix: str, max_voxels: int) -> sitk.Image:
     if not all(math.isfinite(s) and 0 < s < MAX_SPACING_MM for s in spacing):
         raise UploadError(400, f"the uploaded volume's spacing {spacing} mm is not plausible (each must be "
                           f"between 0 and {MAX_SPACING_MM:g} mm)")
+    direction = np.asarray(reader.GetDirection(), dtype=float)
+    n = math.isqrt(direction.size)  # 3x3, or 4x4 for a squeezed X x Y x Z x 1 file
+    direction = direction.reshape(n, n)[:3, :3]
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-6:
+        raise UploadError(400, "the uploaded volume's direction matrix is singular or not finite")
     try:
         image = reader.Execute()
     except RuntimeError as exc:

@@ -17,6 +17,7 @@ Config keys: ``task``, ``bundle`` (or ``autoencoder`` + ``denoiser`` [+ ``latent
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 from typing import Any, Sequence
@@ -27,6 +28,9 @@ from MedDiffusionLib.errors import InputError
 from Training.stages._common import (build_volume_dataset, device_batch, export_network, load_network_any, out_dir,
                                      set_requires_grad)
 from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
+
+__all__ = ["run", "add_arguments", "apply_arguments", "ConditionSimulator", "FrozenParts", "LatentCache",
+           "DESCRIPTION"]
 
 DESCRIPTION = "train a ControlNet (sparse-ct or mri) on simulated measurements; denoiser and autoencoder frozen"
 log = logging.getLogger("meddiffusion.train")
@@ -135,6 +139,47 @@ class ConditionSimulator:
         return to_network(deg).clamp(-1.0, 1.0).to(x.dtype)
 
 
+class LatentCache:
+    """Normalised latents of clean volumes, keyed by a hash of the volume's bytes (``data.latent_cache`` entries).
+
+    Small datasets (the demo's phantoms) show the same volumes, in one of a few flip states, every epoch: the frozen
+    encoder's output is then looked up instead of recomputed. Random crops of large scans rarely repeat; leave it
+    at 0 there. The latents equal those encoded every step up to the float rounding of batched convolutions
+    (the encoder is frozen), so a resumed run (empty cache) matches a straight one only to that rounding.
+    """
+
+    def __init__(self, ae: torch.nn.Module, patch: int, latent_range: tuple[float, float], max_entries: int = 0,
+                 encode_batch: int = 16) -> None:
+        self.ae, self.patch, self.lo, self.hi = ae, int(patch), float(latent_range[0]), float(latent_range[1])
+        self.max_entries, self.encode_batch = int(max_entries), max(1, int(encode_batch))
+        self.store: dict[bytes, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.ae.encode(x, self.patch, patches_per_batch=self.encode_batch).float()
+        return (z - self.lo) / (self.hi - self.lo) * 2.0 - 1.0
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.max_entries <= 0:
+            return self._encode(x)
+        keys = [hashlib.sha1(v.detach().cpu().numpy().tobytes()).digest() + bytes(str(tuple(v.shape)), "ascii")
+                for v in x]
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        fresh = {i: j for j, i in enumerate(missing)}
+        z = self._encode(x[missing]) if missing else None
+        out = []
+        for i, k in enumerate(keys):
+            if i in fresh:
+                v = z[fresh[i]]  # type: ignore[index]
+                if len(self.store) < self.max_entries:
+                    self.store[k] = v
+            else:
+                v = self.store[k]
+            out.append(v)
+        return torch.stack(out)
+
+
 def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
     from MedDiffusionLib.diffusion import GaussianDiffusion
     from MedDiffusionLib.models.controlnet import ControlNet
@@ -151,6 +196,10 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
     step = parts.downsample * latent_multiple(denoiser)
     pad = math.lcm(step, parts.patch) if data_cfg.get("crop") is None else step
     phantoms = data_cfg.get("phantoms")
+    wrong = [a for a in (phantoms or {}).get("anatomies", []) if not str(a).lower().startswith(
+        "ct" if task == "sparse-ct" else "mr")]
+    if wrong:
+        log.warning("training the %s ControlNet on phantoms of another modality: %s", task, ", ".join(wrong))
     if phantoms and not phantoms.get("class_indices"):
         indices = _class_indices(parts, phantoms.get("anatomies", []))
         if indices is not None:
@@ -186,13 +235,14 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         trainer.resume()
     net = wrap_ddp(controlnet, env)
     vq = float(denoiser.config.get("vq_size", 64))
-    lo, hi = parts.latent_range
+    encode = LatentCache(ae, parts.patch, parts.latent_range, int(data_cfg.get("latent_cache", 0) or 0),
+                         int(data_cfg.get("encode_batch", 16)))
 
     def step_fn(batch: dict[str, Any], step_index: int) -> dict[str, Any]:
         b = device_batch(batch, env.device)
         x = b["image"]
         with torch.no_grad():
-            z = (ae.encode(x, parts.patch).float() - lo) / (hi - lo) * 2.0 - 1.0
+            z = encode(x)
             cond = simulate(x)
         y = b["class_index"]
         if n_classes and bool((y >= int(n_classes)).any()):
@@ -232,5 +282,3 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         log.info("added the %s ControlNet to %s", task, cfg["export_bundle"])
     return out
 
-
-__all__ = ["run", "add_arguments", "apply_arguments", "ConditionSimulator", "FrozenParts", "DESCRIPTION"]

@@ -117,7 +117,7 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         cfg["model"] = model_cfg
     batch_size = int(t.get("batch_size", 16))
     dataset = LatentDataset(data_cfg["latents"], shape=data_cfg.get("latent_shape"), res_divisor=res_divisor,
-                            flip_axes=data_cfg.get("flip_axes") or ())
+                            flip_axes=data_cfg.get("flip_axes") or (), cache=bool(data_cfg.get("cache", True)))
     if len(dataset.shapes) > 1 and batch_size > 1:
         raise InputError(f"cached latents have several shapes {dataset.shapes}; a batch needs one: set "
                          "`data.latent_shape: [D, H, W]` (train one run per size) or `train.batch_size: 1`")

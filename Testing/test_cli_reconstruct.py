@@ -107,3 +107,18 @@ def test_evaluate_mri_uses_mr_phantoms(model, capsys):
                      *FAST]) == 0
     out = capsys.readouterr().out
     assert "zero-filled" in out and "mr-" in out
+
+
+def test_controlnet_file_option_supplies_a_missing_task(tmp_path, ct_file, capsys):
+    from MedDiffusionLib.checkpoints.bundle import load_bundle
+    from MedDiffusionLib.checkpoints.native import save_network
+    from MedDiffusionLib.models.controlnet import ControlNet
+
+    plain = make_tiny_bundle(tmp_path / "plain")
+    bundle = load_bundle(plain)
+    cn = ControlNet.from_denoiser(bundle.denoiser, image_downsample=bundle.downsample)
+    path = save_network(cn, tmp_path / "cn.safetensors", "controlnet")
+    rc = cli_main(["reconstruct", "--task", "sparse-ct", "--views", "4", "--input", str(ct_file), "--out",
+                   str(tmp_path / "o.nrrd"), "--model", str(plain), "--controlnet", str(path), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "o.nrrd").is_file()

@@ -25,7 +25,7 @@ def test_client_imports_only_the_standard_library():
             "bad = [m for m in ('torch', 'numpy', 'SimpleITK', 'fastapi', 'yaml') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing pre-imported by a sitecustomize
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -22,27 +22,20 @@ def pipe():
     return GenerationPipeline(tiny_bundle(), device="cpu")
 
 
-def _smooth_volume(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((1, 1) + tuple(s // 8 for s in shape), generator=g)
-    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear") * 2 - 1
-
-
 def test_tiled_decode_matches_whole_volume_decode(reference_dir):
     """GroupNorm statistics and attention are global in the joint decoder; tiles must not change the result."""
     sd = torch.load(reference_dir / "fixtures" / "ae_tiny.pt", weights_only=True)
     ae = PatchVolumeAutoencoder(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=64, num_groups=4).eval()
     ae.load_official_state_dict(sd["state_dict"])
     with torch.no_grad():
-        z_q, _ = ae.quantize(ae.encode(_smooth_volume((32, 48, 32)), patch_size=16))
+        z_q, _ = ae.quantize(torch.randn(1, 4, 8, 12, 8, generator=torch.Generator().manual_seed(0)))
         full = ae.decode(z_q)
         steps = []
-        tiled = decode_latent(ae, z_q, budget_gb=0.004, progress=steps.append)
-    assert steps[-1].stage == "decoding" and steps[-1].total > 2, "the budget must force several tiles"
+        # A budget this small streams the last stages in many tiles (the progress total counts tile passes).
+        tiled = decode_latent(ae, z_q, budget_gb=0.008, progress=steps.append)
+    assert steps[-1].stage == "decoding" and steps[-1].total > 8, "the budget must force several tiles"
     assert tiled.shape == full.shape
     torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)
-    # Tile borders are where a naive tiling shows seams: check a plane across them explicitly.
-    torch.testing.assert_close(tiled[..., 15:17, :], full[..., 15:17, :], rtol=1e-4, atol=2e-5)
 
 
 def test_generation_geometry_and_range(pipe):

@@ -217,7 +217,7 @@ def test_refuses_unsafe_configurations(extra, token, message, tmp_path):
     cmd = [sys.executable, "-m", "MedDiffusionLib", "serve", "--port", str(free_port()), "--store",
            str(tmp_path / "s"), *extra]
     env = server_env(token)
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "refus" in r.stderr or "short" in r.stderr
 

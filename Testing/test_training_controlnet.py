@@ -89,7 +89,8 @@ def test_train_py_mri_with_export_into_the_bundle(bundle_dir, tmp_path):
     assert (tmp_path / "mri" / "controlnet-mri.safetensors").is_file()
     bundle = load_bundle(bundle_dir)
     assert sorted(bundle.controlnets) == ["mri"]
-    assert yaml.safe_load((bundle_dir / "model.yaml").read_text())["controlnets"] == {"mri": "controlnet-mri.safetensors"}
+    manifest = yaml.safe_load((bundle_dir / "model.yaml").read_text())
+    assert manifest["controlnets"] == {"mri": "controlnet-mri.safetensors"}
     import SimpleITK as sitk
 
     from MedDiffusionLib.data.phantoms import make_phantom

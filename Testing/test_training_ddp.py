@@ -23,7 +23,7 @@ def _torchrun(tmp: Path, stage: str, cfg: dict) -> dict[int, dict[str, str]]:
     env = dict(os.environ, MEDDIFFUSION_TRAIN_DUMP=str(dump), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "Training" / "train.py"), stage, "--config", str(cfg_path)]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prefix = f"autoencoder{cfg['train']['stage']}" if stage == "autoencoder" else stage
     return {r: json.loads((dump / f"{prefix}_rank{r}.json").read_text()) for r in (0, 1)}

@@ -104,7 +104,7 @@ def test_killed_during_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
         torch.save = slow_save
         mgr.save({{"step": 2}}, 2)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

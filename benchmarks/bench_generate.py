@@ -99,7 +99,7 @@ def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: flo
                 continue
             cmd = [sys.executable, __file__, "--decode-child", str(latent), "--budget-gb",
                    "inf" if mode == "plain" else str(budget), "--device", device]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
             if proc.returncode:
                 rows.append(dict(latent=f"{latent}^3", volume=f"{vol}^3", mode=mode, seconds=None, peak_gb=None,
                                  note=f"failed: {proc.stderr.strip().splitlines()[-1:]}"))

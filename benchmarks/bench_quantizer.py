@@ -81,7 +81,7 @@ def main() -> None:
     for edge, n_codes in CASES:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--threads",
                str(args.threads), "--worker", str(edge), str(n_codes)]
-        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, encoding="utf-8", errors="replace").stdout.splitlines()[-1])
         n = edge ** 3
         naive_mib = n * n_codes * 4 / 2 ** 20  # what a one-shot distance matrix (or one-hot) would need
         latent = f"1x{EMBEDDING_DIM}x{edge}x{edge}x{edge}"

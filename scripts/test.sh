@@ -2,6 +2,8 @@
 # Set up a virtual environment (CPU torch wheel) and run the test suite. This is the README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# UTF-8 everywhere: progress bars and messages contain non-ASCII characters even under a bare C locale.
+export PYTHONUTF8=1 LC_ALL=C.UTF-8 LANG=C.UTF-8
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m pytest -q -p no:cacheprovider "$@"

@@ -67,7 +67,8 @@ def _pipeline(args: argparse.Namespace):
 
     bundle = load_bundle_from_args(args)
     if args.controlnet:
-        bundle.controlnets = {**bundle.controlnets, str(args.task).strip().lower(): load_any_controlnet(args.controlnet)}
+        task = str(args.task).strip().lower()
+        bundle.controlnets = {**bundle.controlnets, task: load_any_controlnet(args.controlnet)}
     return ReconstructionPipeline(bundle, args.device, decode_budget_gb=args.decode_budget_gb)
 
 
@@ -159,13 +160,15 @@ def _eval_anatomies(bundle, task: str, anatomy: Optional[str]) -> list:
 
     modality = TASKS[task]
     if anatomy:
-        entries = [bundle.catalog.get(anatomy)]
+        entry = bundle.catalog.get(anatomy)
+        if entry.modality != modality:
+            raise InputError(f"anatomy '{entry.name}' is {entry.modality}; task '{task}' needs a {modality} anatomy")
+        entries = [entry]
     else:
         entries = [a for a in bundle.catalog.by_modality(modality) if a.name in ANATOMIES]
-    entries = [a for a in entries if a.modality == modality]
-    unknown = [a.name for a in entries if a.name not in ANATOMIES]
-    if unknown or not entries:
-        raise InputError(f"no phantom generator for {', '.join(unknown) or f'any {modality} anatomy of the model'}; "
+    missing = [a.name for a in entries if a.name not in ANATOMIES]
+    if missing or not entries:
+        raise InputError(f"no phantom generator for {', '.join(missing) or f'any {modality} anatomy of the model'}; "
                          f"phantoms exist for {', '.join(ANATOMIES)}")
     return entries
 

@@ -75,6 +75,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _default_file_mode() -> int:
+    # Some writers (safetensors) create 0600 files; give results the mode a plain open() would.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is deleted.
@@ -92,6 +102,7 @@ def atomic_write_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if not tmp.exists():
             raise OSError(f"nothing was written to the temporary file for '{dest}'")
         _fsync_file(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import InputError

@@ -1,8 +1,8 @@
 """Inter-patch flow building blocks of BiFlowNet: condition embeddings, ResNet blocks, attention, resampling.
 
 All blocks accept volumes in either contiguous (N, C, D, H, W) or channels-last-3d memory format and keep the
-format they are given: BiFlowNet runs channels-last because oneDNN (CPU) and cuDNN convolutions are faster in
-NDHWC, and because channel-wise norms/linears then work on contiguous rows without permuting copies.
+format they are given: on CPU BiFlowNet runs channels-last because oneDNN convolutions are faster in NDHWC and
+channel-wise norms/linears then work on contiguous rows without permuting copies.
 """
 from __future__ import annotations
 

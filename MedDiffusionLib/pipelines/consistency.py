@@ -61,9 +61,10 @@ def _slice_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=(-2, -1), keepdim=True)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _projector(h: int, w: int, views: int) -> ParallelBeamProjector:
-    # Building the sparse matrices takes ~1 s at 256^2; repeated runs with the same geometry reuse them.
+    # Building the sparse matrices takes ~1 s at 256^2; repeated runs (and training batches drawing from a few
+    # view counts) reuse them. Each holds ~2 x 8 bytes x 0.9 views H W non-zeros per device it was used on.
     return ParallelBeamProjector((h, w), views)
 
 

@@ -214,8 +214,8 @@ class ReconstructionPipeline:
                  dc_every: Optional[int] = None, dc_iters: int = 8, progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
         """Reconstruct ``image``; see the module docstring. ``dc_every``: latent corrections every k sampler
-        steps (default: about 4 per run; 0: only the final image-space step); ``dc_iters``: CGLS iterations
-        per CT correction; ``dc_weight`` in [0, 1] blends each correction."""
+        steps (default: about 4 per run; 0: only the final image-space step); ``dc_iters``: iterations per
+        correction (CT: CGLS, MRI: k-space / real-part projections); ``dc_weight`` in [0, 1] blends each one."""
         start = time.perf_counter()
         task = str(task).strip().lower()
         controlnet = self._controlnet(task)

@@ -204,8 +204,8 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         indices = _class_indices(parts, phantoms.get("anatomies", []))
         if indices is not None:
             data_cfg["phantoms"] = {**phantoms, "class_indices": indices}
-    dataset = build_volume_dataset(data_cfg, crop=data_cfg.get("crop"), pad_multiple=int(data_cfg.get("pad_multiple",
-                                                                                                      pad)))
+    pad = int(data_cfg.get("pad_multiple", pad))
+    dataset = build_volume_dataset(data_cfg, crop=data_cfg.get("crop"), pad_multiple=pad)
     simulate = ConditionSimulator(task, cfg.get("physics") or {})
 
     seed_all(int(cfg.get("seed", 0)))

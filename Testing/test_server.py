@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -22,75 +21,24 @@ import SimpleITK as sitk
 
 from MedDiffusionLib.client import (AuthenticationError, JobCancelled, JobNotFound, QueueFullError, RemoteClient,
                                     RemoteError, ServerUnreachable, _multipart)
+from server_fixture import REPO, ServerProcess, free_port
+from server_fixture import server_env as _server_env
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = secrets.token_urlsafe(24)
 HAS_RECON = importlib.util.find_spec("MedDiffusionLib.pipelines.reconstruct") is not None
 HAS_CONTROLNET = importlib.util.find_spec("MedDiffusionLib.models.controlnet") is not None
 SLOW = dict(anatomy="ct-head-neck", sampler="ddpm", steps=1000)  # ~a minute on a CPU: always cancelled
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_env(token: Optional[str] = TOKEN) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MEDDIFFUSION_TOKEN"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # leave a core to the test
-    if token:
-        env["MEDDIFFUSION_TOKEN"] = token
-    return env
+    return _server_env(token)
 
 
-class Server:
-    """A `python -m MedDiffusionLib serve` subprocess; always stopped by its fixture."""
+class Server(ServerProcess):
+    """A `python -m MedDiffusionLib serve` subprocess with this file's token; always stopped by its fixture."""
 
     def __init__(self, model: Path, store: Path, log: Path, *extra: str, token_mode: str = "env") -> None:
-        self.port = free_port()
-        env = server_env(TOKEN if token_mode == "env" else None)
-        if token_mode == "file":
-            token_file = log.with_name("token.txt")
-            token_file.write_text(TOKEN + "\n")
-            token_file.chmod(0o600)
-            extra = (*extra, "--token-file", str(token_file))
-        elif token_mode == "none":
-            extra = (*extra, "--insecure")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.store = store
-        cmd = [sys.executable, "-m", "MedDiffusionLib", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu", "--model", str(model), "--store", str(store), "--log-level", "warning", *extra]
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"server did not answer /health within 90 s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def client(self, token: Optional[str] = TOKEN) -> RemoteClient:
-        return RemoteClient(self.url, token=token, timeout=20)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().__init__(model, store, log, *extra, token=TOKEN, token_mode=token_mode)
 
 
 def http(url: str, method: str = "GET", token: Optional[str] = TOKEN, body: Optional[bytes] = None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -201,93 +202,200 @@ class LocalBackend:
                        info={"backend": "local", "sampler": params.sampler, "steps": str(params.steps)})
 
 
-_DONE = {"done", "succeeded", "success", "completed", "finished"}
-_FAILED = {"failed", "error"}
-_CANCELLED = {"cancelled", "canceled"}
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 class RemoteBackend:
-    """Submits the job to a MedDiffusion server and polls it; cancelling also cancels the server job."""
+    """Submits the job to a MedDiffusion server (`meddiffusion serve`, docs/SERVER.md) through
+    `MedDiffusionLib.client.RemoteClient`, polls its status and downloads the result volumes with their geometry.
 
-    def __init__(self, url: str, token: str = "", poll_interval_s: float = 0.5) -> None:
-        self.url = url
+    Cancelling also cancels the server job. Client failures become `MedDiffusionError`s whose message tells the
+    user what to do (token, server busy, request refused...), so the logic shows them without a traceback.
+    An empty `token` means the client's default, $MEDDIFFUSION_TOKEN.
+    """
+
+    def __init__(self, url: str, token: str = "", poll_interval_s: float = 0.5, timeout_s: float = 30.0,
+                 max_missed_polls: int = 3) -> None:
+        self.url = (url or "").strip()
         self.token = token
         self.poll_interval_s = poll_interval_s
+        self.timeout_s = timeout_s  # per network operation
+        self.max_missed_polls = max_missed_polls  # unanswered status polls in a row (a tunnel reconnecting)
+        self.job_id: str | None = None  # the latest server job submitted by this backend
 
     def client(self) -> Any:
         from MedDiffusionLib.client import RemoteClient
         from MedDiffusionLib.errors import InputError
 
         if not self.url:
-            raise InputError("the remote backend needs a server URL")
-        return RemoteClient(self.url, self.token or None)
+            raise InputError("the remote backend needs a server URL (e.g. http://127.0.0.1:8000 through an SSH "
+                             "tunnel)")
+        try:
+            return RemoteClient(self.url, token=self.token or None, timeout=self.timeout_s)
+        except ValueError as exc:  # a malformed URL
+            raise InputError(str(exc)) from None
+
+    # ---------------------------------------------------------------- errors
+
+    def _user_message(self, exc: Exception, client: Any = None) -> str | None:
+        """The message for a client error that needs rewording for the panel; None keeps the client's own
+        (ServerUnreachable, JobFailed, WaitTimeout already name the server and the problem)."""
+        from MedDiffusionLib.client import AuthenticationError, JobNotFound, QueueFullError, RemoteError
+
+        if isinstance(exc, AuthenticationError):
+            sent = bool(getattr(client, "token", None) or self.token)
+            what = "rejected the access token" if sent else "needs an access token, and none was given"
+            return (f"the MedDiffusion server at {self.url} {what}: enter the token the server was started with "
+                    "(its --token-file or $MEDDIFFUSION_TOKEN) in the remote server settings")
+        if isinstance(exc, QueueFullError):
+            return f"the MedDiffusion server is busy: {exc.detail}"
+        if isinstance(exc, JobNotFound):
+            job = f"job {self.job_id[:8]}" if self.job_id else "the job"
+            return (f"the MedDiffusion server no longer has {job} ({exc.detail}); it may have been restarted with "
+                    "another store, or the result expired")
+        if isinstance(exc, RemoteError):
+            if exc.status == 400:
+                return f"the MedDiffusion server refused the job: {exc.detail}"
+            if exc.status == 413:
+                return f"the MedDiffusion server refused the upload: {exc.detail}"
+            if exc.status == 501:
+                return f"the MedDiffusion server cannot run this job: {exc.detail}"
+            return f"the MedDiffusion server at {self.url} answered with error {exc.status}: {exc.detail}"
+        return None
+
+    @contextmanager
+    def _errors(self, client: Any = None) -> Iterator[None]:
+        from MedDiffusionLib.errors import MedDiffusionError
+
+        try:
+            yield
+        except MedDiffusionError as exc:
+            message = self._user_message(exc, client)
+            if message is None:
+                raise
+            raise MedDiffusionError(message) from exc
+
+    # ---------------------------------------------------------------- catalog
+
+    def models(self) -> dict[str, Any]:
+        """The server's GET /v1/models answer (model, device, anatomies, samplers, tasks, limits...)."""
+        client = self.client()
+        with self._errors(client):
+            return client.models()
 
     def anatomies(self) -> list[AnatomyChoice]:
-        models = self.client().models()
-        entries = models.get("anatomies", models) if isinstance(models, dict) else models
-        if isinstance(entries, dict):
-            entries = [dict(v, name=k) if isinstance(v, dict) else {"name": k} for k, v in entries.items()]
-        choices = []
-        for entry in entries:
-            sizes = entry.get("sizes_xyz") or entry.get("volume_sizes_xyz") or entry.get("sizes") or ()
-            spacing = entry.get("spacing_xyz")
-            choices.append(AnatomyChoice(str(entry["name"]), str(entry.get("modality", "CT")),
-                                         tuple(tuple(int(v) for v in s) for s in sizes),
-                                         tuple(float(v) for v in spacing) if spacing else None))
-        return choices
+        return [AnatomyChoice(str(entry["name"]), str(entry.get("modality") or "CT"),
+                              tuple(tuple(int(v) for v in s) for s in entry.get("sizes_xyz") or ()),
+                              tuple(float(v) for v in entry["spacing_xyz"]) if entry.get("spacing_xyz") else None)
+                for entry in self.models().get("anatomies", [])]
 
-    def _wait(self, client: Any, job_id: str, progress: ProgressFn, cancel: threading.Event) -> None:
-        from MedDiffusionLib.errors import Cancelled, MedDiffusionError
+    # ---------------------------------------------------------------- jobs
+
+    def _wait(self, client: Any, job_id: str, progress: ProgressFn, cancel: threading.Event) -> dict[str, Any]:
+        """Poll the job until it ends; returns the final status (state 'done'). A cancel request cancels the
+        server job too; the job's own failure or cancellation on the server raises JobFailed / JobCancelled."""
+        from MedDiffusionLib.client import JobCancelled, JobFailed, ServerUnreachable
+        from MedDiffusionLib.errors import Cancelled
 
         start = time.monotonic()
+        missed = 0
         while True:
             if cancel.is_set():
                 try:
-                    client.cancel(job_id)
+                    client.cancel(job_id)  # a running job stops at its next sampler step
                 except Exception as exc:  # the job is abandoned either way; say so in the log only
-                    _log.warning("could not cancel server job %s: %s", job_id, exc)
+                    _log.warning("could not cancel server job %s: %s", job_id[:8], exc)
                 raise Cancelled("cancelled by the user")
-            status = client.status(job_id)
-            state = str(status.get("state", "")).lower()
-            if state in _DONE:
-                return
-            if state in _FAILED:
-                raise MedDiffusionError(f"the server job failed: {status.get('error') or 'no reason given'}")
-            if state in _CANCELLED:
-                raise Cancelled("the job was cancelled on the server")
-            progress(ProgressUpdate(int(status.get("step") or 0), int(status.get("total") or 0),
-                                    time.monotonic() - start, status.get("eta_s"),
-                                    "queued on server" if state == "queued" else (state or "running")))
+            try:
+                status = client.status(job_id)
+                missed = 0
+            except ServerUnreachable:
+                missed += 1
+                if missed > self.max_missed_polls:
+                    raise
+                cancel.wait(min(self.poll_interval_s * 2**missed, 5.0))
+                continue
+            state = status.get("state")
+            if state == "done":
+                return status
+            if state == "failed":
+                raise JobFailed(job_id, status.get("error") or "no reason given")
+            if state == "cancelled":
+                raise JobCancelled(job_id)
+            progress(self._progress(status, time.monotonic() - start))
             cancel.wait(self.poll_interval_s)  # wakes at once on cancel
+
+    @staticmethod
+    def _progress(status: dict[str, Any], elapsed_s: float) -> ProgressUpdate:
+        if status.get("state") == "queued":
+            position = status.get("queue_position")
+            stage = f"queued on the server (position {position})" if position else "queued on the server"
+            return ProgressUpdate(0, 0, elapsed_s, None, stage)
+        return ProgressUpdate(int(status.get("step") or 0), int(status.get("total") or 0), elapsed_s,
+                              status.get("eta_s"), str(status.get("stage") or "running on the server"))
+
+    def _submitted(self, job_id: str) -> str:
+        self.job_id = str(job_id)
+        _log.info("MedDiffusion server %s: job %s submitted", self.url, self.job_id[:8])
+        return self.job_id
+
+    def _info(self, params: MedDiffusionParameters, job_id: str, final: dict[str, Any]) -> dict[str, str]:
+        info = final.get("info") or {}
+        steps = info.get("steps", params.steps)
+        return {"backend": "remote", "server": self.url, "job": job_id,
+                "sampler": str(info.get("sampler") or params.sampler), "steps": str(steps)}
+
+    @staticmethod
+    def _modality(client: Any, anatomy: str, fallback: str) -> str:
+        from MedDiffusionLib.errors import MedDiffusionError
+
+        try:  # the server's catalog knows the modality; the panel's modality filter may be stale
+            entries = client.models().get("anatomies", [])
+            return str(next(e["modality"] for e in entries if e.get("name") == anatomy))
+        except (MedDiffusionError, StopIteration, KeyError, AttributeError):
+            return fallback
 
     def generate(self, params: MedDiffusionParameters, seed: int, progress: ProgressFn,
                  cancel: threading.Event) -> Outcome:
         client = self.client()
-        progress(ProgressUpdate(stage="submitting"))
-        job_id = client.generate(anatomy=params.anatomy, size_xyz=params.size_xyz, sampler=params.sampler,
-                                 steps=params.steps, seed=seed)
-        self._wait(client, job_id, progress, cancel)
-        progress(ProgressUpdate(stage="downloading"))
-        return Outcome(image=client.result(job_id), seed=seed, modality=params.modality, anatomy=params.anatomy,
-                       info={"backend": "remote", "server": self.url, "job": str(job_id),
-                             "sampler": params.sampler, "steps": str(params.steps)})
+        with self._errors(client):
+            progress(ProgressUpdate(stage="submitting"))
+            job_id = self._submitted(client.generate(params.anatomy, size_xyz=params.size_xyz,
+                                                     sampler=params.sampler, steps=params.steps, seed=seed))
+            final = self._wait(client, job_id, progress, cancel)
+            progress(ProgressUpdate(stage="downloading"))
+            image = client.result(job_id)
+            info = final.get("info") or {}
+            anatomy = str(info.get("anatomy") or params.anatomy)
+            modality = self._modality(client, anatomy, params.modality)
+        return Outcome(image=image, seed=_int_or(info.get("seed"), seed), modality=modality, anatomy=anatomy,
+                       info=self._info(params, job_id, final))
 
     def reconstruct(self, params: MedDiffusionParameters, image: sitk.Image, seed: int, progress: ProgressFn,
                     cancel: threading.Event) -> Outcome:
+        from MedDiffusionLib.errors import MedDiffusionError
+
         client = self.client()
-        progress(ProgressUpdate(stage="uploading"))
-        job_id = client.reconstruct(image, task=params.task, views=params.views, acceleration=params.acceleration,
-                                    mask=params.mask, simulate=params.simulate, sampler=params.sampler,
-                                    steps=params.steps, seed=seed, data_consistency=params.data_consistency)
-        self._wait(client, job_id, progress, cancel)
-        progress(ProgressUpdate(stage="downloading"))
-        degraded = None
-        if params.simulate:
-            try:
-                degraded = client.degraded(job_id)
-            except Exception as exc:  # the reconstruction is what matters; keep it even without the input view
-                _log.warning("server job %s: degraded volume unavailable: %s", job_id, exc)
-        return Outcome(image=client.result(job_id), degraded=degraded, seed=seed,
+        with self._errors(client):
+            progress(ProgressUpdate(stage="uploading"))
+            job_id = self._submitted(client.reconstruct(
+                image, task=params.task, views=params.views, acceleration=params.acceleration, mask=params.mask,
+                simulate=params.simulate, sampler=params.sampler, steps=params.steps, seed=seed,
+                data_consistency=params.data_consistency))
+            final = self._wait(client, job_id, progress, cancel)
+            progress(ProgressUpdate(stage="downloading"))
+            result = client.result(job_id)
+            degraded = None
+            if params.simulate and "degraded" in (final.get("outputs") or ()):
+                try:
+                    degraded = client.degraded(job_id)
+                except MedDiffusionError as exc:  # the reconstruction is what matters; keep it without the input
+                    _log.warning("server job %s: degraded volume unavailable: %s", job_id[:8], exc)
+            info = final.get("info") or {}
+        return Outcome(image=result, degraded=degraded, seed=_int_or(info.get("seed"), seed),
                        modality="CT" if params.task == "sparse-ct" else "MR",
-                       info={"backend": "remote", "server": self.url, "job": str(job_id),
-                             "sampler": params.sampler, "steps": str(params.steps)})
+                       info=self._info(params, job_id, final))

@@ -1,0 +1,105 @@
+"""A real `python -m MedDiffusionLib serve` subprocess on 127.0.0.1, for the server and Slicer-logic tests::
+
+    from server_fixture import ServerProcess
+    srv = ServerProcess(model_dir, tmp / "store", tmp / "server.log", token=TOKEN)
+    try:
+        srv.client().generate(...)
+    finally:
+        srv.stop()
+
+The subprocess gets one thread per math library, so it leaves a core to the test process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from MedDiffusionLib.client import RemoteClient
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_S = 90
+_SAME = object()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(token: Optional[str]) -> dict[str, str]:
+    """This process's environment with $MEDDIFFUSION_TOKEN set to ``token`` (removed when None)."""
+    env = {k: v for k, v in os.environ.items() if k != "MEDDIFFUSION_TOKEN"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # leave a core to the test
+    if token:
+        env["MEDDIFFUSION_TOKEN"] = token
+    return env
+
+
+class ServerProcess:
+    """A `python -m MedDiffusionLib serve` subprocess on a free port, on the CPU; ready when constructed.
+
+    ``token_mode``: "env" passes ``token`` as $MEDDIFFUSION_TOKEN, "file" through --token-file (a file beside
+    ``log``), "none" starts with --insecure and no token. Always call ``stop()`` (a fixture's finally).
+    """
+
+    def __init__(self, model: Path, store: Path, log: Path, *extra: str, token: Optional[str],
+                 token_mode: str = "env") -> None:
+        self.port = free_port()
+        self.token = token
+        env = server_env(token if token_mode == "env" else None)
+        if token_mode == "file":
+            token_file = log.with_name("token.txt")
+            token_file.write_text(f"{token}\n")
+            token_file.chmod(0o600)
+            extra = (*extra, "--token-file", str(token_file))
+        elif token_mode == "none":
+            extra = (*extra, "--insecure")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.store = store
+        cmd = [sys.executable, "-m", "MedDiffusionLib", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--device", "cpu", "--model", str(model), "--store", str(store), "--log-level", "warning", *extra]
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        pytest.fail(f"server did not answer /health within {STARTUP_S} s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def client(self, token: Optional[str] = _SAME) -> RemoteClient:  # type: ignore[assignment]
+        return RemoteClient(self.url, token=self.token if token is _SAME else token, timeout=20)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

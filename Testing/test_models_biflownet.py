@@ -77,9 +77,11 @@ def _inputs(batch: int, size=(16, 16, 16), channels: int = 4, seed: int = 0):
 
 
 # ---- exactness against the authors' classes -----------------------------------------------------------------
-@pytest.mark.parametrize("fast", [True, False])
-def test_reproduces_official_fixture(fixture, official_tiny, monkeypatch, fast):
-    if not fast:  # the layout/kernels other devices use: NCDHW, PyTorch's conv choice, no padding or chunking
+@pytest.mark.parametrize("mode", ["fast", "chunked", "plain"])
+def test_reproduces_official_fixture(fixture, official_tiny, monkeypatch, mode):
+    if mode == "chunked":  # DiT blocks run one sub-volume (512 tokens) at a time
+        monkeypatch.setattr(dit, "CPU_TOKEN_CHUNK", 1)
+    if mode == "plain":  # the layout/kernels other devices use: NCDHW, PyTorch's conv choice, no padding or chunking
         monkeypatch.setattr(biflownet, "CPU_CHANNELS_LAST", False)
         monkeypatch.setattr(unet_blocks, "ONEDNN_DIRECT", False)
         monkeypatch.setattr(dit, "CPU_TOKEN_CHUNK", 0)

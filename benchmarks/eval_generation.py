@@ -69,7 +69,8 @@ def preview(bundle, ref: list[np.ndarray], gen: list[np.ndarray], per_class: int
     for k, a in enumerate(bundle.catalog):
         cells = [ref[k * per_class]] + gen[k * per_class:k * per_class + columns]
         # network (Z, X, Y) -> SimpleITK order (Z, Y, X) for the montage; [-1, 1] window
-        tiles = [mid_slice_montage(v.transpose(0, 2, 1), a.spacing_xyz, window=(-1, 1)) for v in cells]
+        tiles = [mid_slice_montage(v.transpose(0, 2, 1), a.spacing_xyz, window=(-1, 1), min_height=96)
+                 for v in cells]
         h = max(t.shape[0] for t in tiles)
         tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 8)), constant_values=255) for t in tiles]
         rows.append(np.pad(np.concatenate(tiles, axis=1), ((0, 8), (0, 0)), constant_values=255))

@@ -32,10 +32,11 @@ def _to_uint8(slice_: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def mid_slice_montage(volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, float] | None = None,
-                      window: tuple[float, float] | None = None, gap: int = 4) -> np.ndarray:
+                      window: tuple[float, float] | None = None, gap: int = 4, min_height: int = 160) -> np.ndarray:
     """Axial, coronal and sagittal mid-slices of a SimpleITK-ordered (Z, Y, X) array as one uint8 image.
 
-    Slices are resampled (nearest) to square pixels when a spacing is given, so anisotropic volumes look right.
+    Slices are resampled (nearest) to square pixels when a spacing is given, so anisotropic volumes look right,
+    and small volumes are enlarged (nearest, whole pixels) to at least `min_height` pixels so they can be seen.
     """
     vol = np.asarray(volume_zyx, np.float32)
     if vol.ndim != 3:
@@ -57,6 +58,8 @@ def mid_slice_montage(volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, f
         ri = np.minimum((np.arange(rows) * img.shape[0] / rows).astype(int), img.shape[0] - 1)
         ci = np.minimum((np.arange(cols) * img.shape[1] / cols).astype(int), img.shape[1] - 1)
         tiles.append(_to_uint8(img[ri][:, ci], lo, hi))
+    zoom = max(1, -(-min_height // max(t.shape[0] for t in tiles)))
+    tiles = [np.repeat(np.repeat(t, zoom, axis=0), zoom, axis=1) for t in tiles]
     height = max(t.shape[0] for t in tiles)
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, gap))) for t in tiles]
     return np.concatenate(padded, axis=1)[:, :-gap]

@@ -89,6 +89,19 @@ def sample_latent(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return x
 
 
+class BundlePipeline:
+    """What every pipeline holds: the bundle's networks on one device, the diffusion schedule, the decode budget."""
+
+    def __init__(self, bundle, device: str | torch.device | None = "auto",
+                 decode_budget_gb: Optional[float] = None) -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.autoencoder = bundle.autoencoder.to(self.device).eval()
+        self.denoiser = bundle.denoiser.to(self.device).eval()
+        self.diffusion = GaussianDiffusion(timesteps=getattr(bundle, "timesteps", 1000))
+        self.decode_budget_gb = decode_budget_gb  # None: decode.default_budget_gb for the device
+
+
 @contextlib.contextmanager
 def inference_mode() -> Iterator[None]:
     with torch.inference_mode():

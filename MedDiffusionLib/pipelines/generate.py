@@ -13,9 +13,8 @@ import torch
 
 from ..catalog import Anatomy, parse_size
 from ..data.transforms import network_to_image
-from ..diffusion import GaussianDiffusion
 from ..errors import InputError
-from .common import (denormalize_latent, inference_mode, resolve_device, resolve_seed, resolve_steps,
+from .common import (BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps,
                      sample_latent)
 from .decode import decode_latent
 from .progress import CancelFlag, ProgressCallback
@@ -64,17 +63,8 @@ def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multi
     return latent
 
 
-class GenerationPipeline:
+class GenerationPipeline(BundlePipeline):
     """Composes a model bundle (autoencoder, denoiser, catalog) with a sampler into volumes with geometry."""
-
-    def __init__(self, bundle, device: str | torch.device | None = "auto",
-                 decode_budget_gb: Optional[float] = None) -> None:
-        self.bundle = bundle
-        self.device = resolve_device(device)
-        self.autoencoder = bundle.autoencoder.to(self.device).eval()
-        self.denoiser = bundle.denoiser.to(self.device).eval()
-        self.diffusion = GaussianDiffusion(timesteps=getattr(bundle, "timesteps", 1000))
-        self.decode_budget_gb = decode_budget_gb  # None: decode.default_budget_gb for the device
 
     def __call__(self, anatomy: str, size_xyz: SizeLike = None, sampler: str = "dpmpp", steps: Optional[int] = None,
                  seed: Optional[int] = None, hu_range: Optional[tuple[float, float]] = None,

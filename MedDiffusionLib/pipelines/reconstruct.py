@@ -31,10 +31,10 @@ import torch
 from ..catalog import Anatomy
 from ..data.transforms import (center_pad_or_crop, denormalize, image_to_network, network_to_image_like,
                                normalize_percentile, resample_like, resample_to_spacing)
-from ..diffusion import GaussianDiffusion, make_sampler
+from ..diffusion import make_sampler
 from ..errors import CheckpointError, InputError
 from ..metrics import psnr, ssim3d
-from .common import (denormalize_latent, inference_mode, resolve_device, resolve_seed, resolve_steps,
+from .common import (BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps,
                      sample_latent)
 from .consistency import MASKS, TASKS, LatentDataConsistency, make_operator, to_network, to_physics
 from .decode import decode_latent
@@ -154,20 +154,15 @@ def back_to_input(arr_zxy: np.ndarray, prep: PreparedVolume, image: sitk.Image) 
     return result
 
 
-class ReconstructionPipeline:
+class ReconstructionPipeline(BundlePipeline):
     """Sparse-view CT / accelerated MRI reconstruction with the bundle's ControlNets (``bundle.controlnets``)."""
 
     def __init__(self, bundle, device: str | torch.device | None = "auto",
                  decode_budget_gb: Optional[float] = None) -> None:
-        self.bundle = bundle
-        self.device = resolve_device(device)
-        self.autoencoder = bundle.autoencoder.to(self.device).eval()
-        self.denoiser = bundle.denoiser.to(self.device).eval()
+        super().__init__(bundle, device, decode_budget_gb)
         self.controlnets = {task: net.to(self.device).eval() for task, net in bundle.controlnets.items()}
         for task, net in self.controlnets.items():
             self._check_controlnet(task, net)
-        self.diffusion = GaussianDiffusion(timesteps=getattr(bundle, "timesteps", 1000))
-        self.decode_budget_gb = decode_budget_gb
         self.step = int(bundle.downsample) * latent_multiple(self.denoiser)
 
     @property

@@ -42,19 +42,21 @@ def phantoms(bundle, per_class: int, seed0: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def samples(bundle, denoiser, sampler: str, steps: int, per_class: int, seed: int) -> list[np.ndarray]:
-    """Batched sampling of every anatomy (one batch per latent size), decoded to [-1, 1] volumes."""
-    out = []
+    """Sampling of every anatomy, batched across anatomies that share a latent size; decoded to [-1, 1]."""
+    by_size: dict[tuple, list] = {}
     for a in bundle.catalog:
-        latent = tuple(a.latent_sizes[0])
-        y = torch.full((per_class,), a.class_index)
-        res = torch.tensor([latent] * per_class, dtype=torch.float32) / float(denoiser.config.get("vq_size", 64))
-        shape = (per_class, denoiser.config["channels"]) + latent
-        z = sample_latent(lambda x, t: denoiser(x, t, y, res), shape, sampler, steps, seed + a.class_index,
-                          torch.device("cpu"))
+        by_size.setdefault(tuple(a.latent_sizes[0]), []).append(a)
+    vols: dict[str, list[np.ndarray]] = {}
+    for latent, group in by_size.items():
+        y = torch.tensor([a.class_index for a in group for _ in range(per_class)])
+        res = torch.tensor([latent] * len(y), dtype=torch.float32) / float(denoiser.config.get("vq_size", 64))
+        shape = (len(y), denoiser.config["channels"]) + latent
+        z = sample_latent(lambda x, t: denoiser(x, t, y, res), shape, sampler, steps, seed, torch.device("cpu"))
         z_q, _ = bundle.autoencoder.quantize(denormalize_latent(z, bundle.latent_range))
-        vols = decode_latent(bundle.autoencoder, z_q).clamp(-1, 1)
-        out += [v[0].numpy() for v in vols]
-    return out
+        decoded = decode_latent(bundle.autoencoder, z_q).clamp(-1, 1)
+        for k, a in enumerate(group):
+            vols[a.name] = [v[0].numpy() for v in decoded[k * per_class:(k + 1) * per_class]]
+    return [v for a in bundle.catalog for v in vols[a.name]]
 
 
 def scores(gen: list[np.ndarray], ref: list[np.ndarray], feat: AutoencoderFeatures) -> dict[str, float]:

@@ -46,11 +46,11 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _fsync_file(path: Path) -> None:
-    # Writers such as SimpleITK close their own handle; reopen to force the data to disk before the rename.
-    # Best effort: some platforms refuse fsync on certain handles, and the rename stays atomic regardless.
+def _fsync(path: Path, flags: int) -> None:
+    # Writers such as SimpleITK close their own handle, so reopen to force data (or, for a folder, the rename)
+    # to disk. Best effort: some platforms refuse fsync on some handles; the rename stays atomic regardless.
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
@@ -59,20 +59,14 @@ def _fsync_file(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    _fsync(path, os.O_RDWR)
 
 
 def _fsync_dir(folder: Path) -> None:
-    # Persist the rename itself; not supported on every platform (Windows), so best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _fsync(folder, os.O_RDONLY)
 
 
 def _default_file_mode() -> int:

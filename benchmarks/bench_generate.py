@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="denoiser latent edge (official 8x: 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="decode latent edges")
-    ap.add_argument("--budget-gb", type=float, default=2.0, help="tiled decode budget (see pipelines/decode.py)")
+    ap.add_argument("--budget-gb", type=float, default=6.0, help="tiled decode budget (see pipelines/decode.py)")
     ap.add_argument("--max-plain-gb", type=float,
                     default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8)
     ap.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output volume (.nrrd, .nii.gz, .nii, .mha)")
     p.add_argument("--preview", metavar="PNG", help="also write three orthogonal mid-slices as PNG")
     p.add_argument("--decode-budget-gb", type=float,
-                   help="memory budget of one decoding tile (default 2 on CPU, 3 on GPU)")
+                   help="memory budget of one decoding tile (default 6 on CPU, 3 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=run)

@@ -20,7 +20,9 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from MedDiffusionLib.client import RemoteClient
 
@@ -103,3 +105,15 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def volume(size=(16, 16, 16), spacing=(1.0, 1.0, 2.0), dtype=np.float32, nan=False,
+           origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """A small random upload volume (optionally with a NaN voxel) for the server tests."""
+    arr = np.random.default_rng(0).normal(size=size[::-1]).astype(dtype)
+    if nan:
+        arr[1, 2, 3] = np.nan
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    return img

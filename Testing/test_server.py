@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from MedDiffusionLib.client import (AuthenticationError, JobCancelled, JobNotFound, QueueFullError, RemoteClient,
                                     RemoteError, ServerUnreachable, _multipart)
 from server_fixture import REPO, ServerProcess, free_port
+from server_fixture import volume as _volume
 from server_fixture import server_env as _server_env
 
 TOKEN = secrets.token_urlsafe(24)
@@ -86,13 +87,7 @@ def client(server) -> RemoteClient:
 
 
 def volume(size=(16, 16, 16), spacing=(1.0, 1.0, 2.0), dtype=np.float32, nan=False) -> sitk.Image:
-    arr = np.random.default_rng(0).normal(size=size[::-1]).astype(dtype)
-    if nan:
-        arr[1, 2, 3] = np.nan
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    img.SetOrigin((10.0, -5.0, 3.0))
-    return img
+    return _volume(size, spacing, dtype, nan, origin=(10.0, -5.0, 3.0))
 
 
 def upload(server: Server, data: bytes, filename: str = "volume.nrrd", fields: Optional[dict] = None,

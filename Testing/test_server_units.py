@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from server_fixture import volume
 
 
-def volume(size=(16, 16, 16), spacing=(1.0, 1.0, 2.0), dtype=np.float32, nan=False) -> sitk.Image:
-    arr = np.random.default_rng(0).normal(size=size[::-1]).astype(dtype)
-    if nan:
-        arr[1, 2, 3] = np.nan
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(spacing)
-    return img
+
 
 
 # Two equal axes: SimpleITK refuses to create such an image, but a file can say so.

@@ -164,10 +164,16 @@ def _build_autoencoder(ckpt: Mapping[str, Any], path: Path, map_location: Any,
     sd = _tensor_dict(raw, "the autoencoder state_dict", path)
     conf = infer_autoencoder_config(sd, {**_ae_model_cfg(ckpt), **(overrides or {})}, path)
     conf.update({k: v for k, v in (overrides or {}).items() if k in conf})
+    return _build_and_load(PatchVolumeAutoencoder, "autoencoder", conf, sd, path, map_location)
+
+
+def _build_and_load(cls: type, what: str, conf: dict[str, Any], sd: Mapping[str, Any], path: Any,
+                    map_location: Any) -> nn.Module:
+    """Construct the network from its inferred config and load the authors' weights; errors name the file."""
     try:
-        model = PatchVolumeAutoencoder(**conf)
+        model = cls(**conf)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"'{path}': cannot build the autoencoder {conf}: {exc}") from exc
+        raise CheckpointError(f"'{path}': cannot build the {what} {conf}: {exc}") from exc
     try:
         model.load_official_state_dict(sd)
     except CheckpointError as exc:  # name the file: the network's message does not know it
@@ -280,15 +286,7 @@ def _build_biflownet(ckpt: Mapping[str, Any], path: Path, map_location: Any, ove
 
     sd = _biflownet_weights(ckpt, path, use_ema)
     conf = infer_biflownet_config(sd, {**_biflownet_args(ckpt), **(overrides or {})}, path)
-    try:
-        model = BiFlowNet(**conf)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"'{path}': cannot build the BiFlowNet {conf}: {exc}") from exc
-    try:
-        model.load_official_state_dict(sd)
-    except CheckpointError as exc:  # name the file: the network's message does not know it
-        raise CheckpointError(f"'{path}': {exc}") from None
-    return model.to(map_location).eval()
+    return _build_and_load(BiFlowNet, "BiFlowNet", conf, sd, path, map_location)
 
 
 # ------------------------------------------------------------------------------------------------ public

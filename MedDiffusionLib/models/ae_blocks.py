@@ -58,16 +58,40 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Linear(channels, 3 * inner, bias=False)
         self.to_out = nn.Conv3d(inner, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
+        """`query_chunk` bounds memory on large volumes: queries in chunks, keys and values computed once, no
+        (N, 3*inner) qkv tensor. The result equals the one-pass path up to float rounding."""
         b, _, d, h, w = x.shape
         n = d * h * w
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        if query_chunk is not None and query_chunk < n:
+            return self._chunked(x, tokens, int(query_chunk))
         qkv = self.to_qkv(tokens).view(b, n, 3, self.heads, self.dim_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, dim_head)
         # SDPA picks a memory-efficient kernel: the 4x model attends over 16^3 = 4096 tokens per patch.
         out = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
         out = out.permute(0, 1, 3, 2).reshape(b, self.heads * self.dim_head, d, h, w)
         return x + self.to_out(out)
+
+    def _chunked(self, x: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+        b, n = tokens.shape[:2]
+        inner = self.heads * self.dim_head
+        w_q, w_k, w_v = self.to_qkv.weight.split(inner)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, inner) -> (B, heads, L, dim_head)
+            return t.view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+
+        k, v = heads(F.linear(tokens, w_k)), heads(F.linear(tokens, w_v))
+        w_out = self.to_out.weight.flatten(1)  # the 1x1x1 conv as a linear map
+        out = torch.empty_like(x)
+        x_flat, out_flat = x.flatten(2), out.flatten(2)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            q = heads(F.linear(tokens[:, start:stop], w_q))
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)
+            o = F.linear(o.transpose(1, 2).reshape(b, stop - start, inner), w_out, self.to_out.bias)
+            out_flat[:, :, start:stop] = x_flat[:, :, start:stop] + o.transpose(1, 2)
+        return out
 
 
 class MidBlock(nn.Module):
@@ -77,8 +101,8 @@ class MidBlock(nn.Module):
         self.attn = AttentionBlock(channels, num_groups)
         self.res2 = ResBlock(channels, channels, num_groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x)))
+    def forward(self, x: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x), query_chunk))
 
 
 class EncoderLevel(nn.Module):

@@ -3,8 +3,9 @@
 The authors decode latents above 32^3 as separate 32^3 tiles without overlap: every tile gets its own GroupNorm
 statistics and attention context, so seams show. Here the decoder runs as a list of stages:
 
-1. the latent-resolution head (post_vq_conv, conv_first and the middle block with the only attention) and every
-   following stage whose activations fit the memory budget run on the whole volume, exactly as usual;
+1. the latent-resolution head (post_vq_conv, conv_first and the middle block with the only attention, its queries
+   in chunks when the volume is large) and every following stage whose activations fit the memory budget run on
+   the whole volume, exactly as usual;
 2. the remaining stages (convolutions, GroupNorms and up-sampling only) run tile by tile. A tile is a core plus a
    halo as wide as those stages' receptive field, so the core's output is exact; only cores are kept;
 3. each GroupNorm among the tiled stages normalises with the statistics of the *whole* volume, gathered in one pass
@@ -132,6 +133,14 @@ def _run(stages: list[_Stage], h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _query_chunk(attn: nn.Module, channels: int, tokens: int, batch: int, budget: float) -> Optional[int]:
+    """None when the one-pass attention fits the budget; else a query chunk using an eighth of it."""
+    inner = attn.heads * attn.dim_head
+    if BYTES * batch * tokens * (4 * inner + 3 * channels) <= budget:
+        return None
+    return max(64, int(budget / 8 / (BYTES * batch * (2 * inner + channels))))
+
+
 def default_budget_gb(device: torch.device) -> float:
     """Activation budget per stage or tile. On the CPU 6 GB decodes up to 128^3 whole and 256^3 (official 8x) in
     tiles at 6.7 GB peak RSS (benchmarks/bench_generate.py); 3 GB on GPUs keeps every official size within 12 GB."""
@@ -157,7 +166,9 @@ def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional
     tracker = ProgressTracker(1, progress, cancel, "decoding")
     tracker.begin()
 
-    h = decoder.mid_block(decoder.conv_first(autoencoder.post_vq_conv(z_q.to(device))))
+    h = decoder.conv_first(autoencoder.post_vq_conv(z_q.to(device)))
+    chunk = _query_chunk(decoder.mid_block.attn, h.shape[1], math.prod(h.shape[2:]), batch, budget)
+    h = decoder.mid_block(h, query_chunk=chunk)  # the only attention: whole volume, queries chunked if large
     done = 0
     while done < len(stages) and _stage_bytes(stages[done], math.prod(h.shape[2:]), batch) <= budget:
         h = stages[done].module(h)

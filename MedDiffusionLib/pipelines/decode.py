@@ -143,7 +143,8 @@ def _query_chunk(attn: nn.Module, channels: int, tokens: int, batch: int, budget
 
 def default_budget_gb(device: torch.device) -> float:
     """Activation budget per stage or tile. On the CPU 6 GB decodes up to 128^3 whole and 256^3 (official 8x) in
-    tiles at 6.7 GB peak RSS (benchmarks/bench_generate.py); 3 GB on GPUs keeps every official size within 12 GB."""
+    tiles at 6.7 GB peak RSS (benchmarks/bench_generate.py); 3 GB on GPUs keeps every official size within 12 GB
+    (estimated on fake tensors: benchmarks/estimate_memory.py)."""
     return 3.0 if device.type == "cuda" else 6.0
 
 

@@ -5,10 +5,12 @@ memory do not depend on the values). Each decode runs in a fresh subprocess so i
 
     python benchmarks/bench_generate.py                       # everything that fits this machine
     python benchmarks/bench_generate.py --part decode --sizes 8 16 32 --device cpu
+    python benchmarks/bench_generate.py --part decode --sizes 64 --memory-only     # 512^3 peak RSS in minutes
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -64,8 +66,9 @@ def bench_denoiser(device: torch.device, latent: int, repeats: int) -> list[dict
     return rows
 
 
-def _decode_child(latent: int, budget: float, device: str) -> None:
+def _decode_child(latent: int, budget: float, device: str, memory_only: bool) -> None:
     """Runs in a subprocess: decode one latent, print time and peak memory as JSON."""
+    from _decode_shortcuts import memory_only as shortcuts
     from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
     from MedDiffusionLib.pipelines.decode import decode_latent
 
@@ -75,7 +78,7 @@ def _decode_child(latent: int, budget: float, device: str) -> None:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), (shortcuts() if memory_only else contextlib.nullcontext()):
         z_q, _ = ae.quantize(z)
         decode_latent(ae, z_q, budget_gb=budget, device=dev)
     _sync(dev)
@@ -86,7 +89,8 @@ def _decode_child(latent: int, budget: float, device: str) -> None:
     print(json.dumps(out))
 
 
-def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: float) -> list[dict]:
+def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: float,
+                 memory_only: bool = False) -> list[dict]:
     rows = []
     for latent in sizes:
         for mode in ("plain", "tiled"):
@@ -98,7 +102,8 @@ def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: flo
                                  peak_gb=None, note=f"skipped: needs ~{est_plain:.0f} GB"))
                 continue
             cmd = [sys.executable, __file__, "--decode-child", str(latent), "--budget-gb",
-                   "inf" if mode == "plain" else str(budget), "--device", device]
+                   "inf" if mode == "plain" else str(budget), "--device", device] + \
+                (["--memory-only"] if memory_only else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
             if proc.returncode:
                 rows.append(dict(latent=f"{latent}^3", volume=f"{vol}^3", mode=mode, seconds=None, peak_gb=None,
@@ -132,10 +137,13 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=6.0, help="tiled decode budget (see pipelines/decode.py)")
     ap.add_argument("--max-plain-gb", type=float,
                     default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="decode: peak memory only, each distinct tile once and no statistics passes "
+                         "(benchmarks/_decode_shortcuts.py); times are then not decode times")
     ap.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.decode_child is not None:
-        _decode_child(args.decode_child, args.budget_gb, args.device)
+        _decode_child(args.decode_child, args.budget_gb, args.device, args.memory_only)
         return
     print(f"# {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"# device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -144,7 +152,7 @@ def main() -> None:
                      bench_denoiser(torch.device(args.device), args.latent, args.repeats))
     if args.part in ("all", "decode"):
         _print_table(f"Official 8x decoder: plain vs tiled (budget {args.budget_gb} GB per stage/tile)",
-                     bench_decode(args.device, args.sizes, args.budget_gb, args.max_plain_gb))
+                     bench_decode(args.device, args.sizes, args.budget_gb, args.max_plain_gb, args.memory_only))
 
 
 if __name__ == "__main__":

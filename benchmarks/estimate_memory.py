@@ -33,13 +33,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, ".."), _HERE]
 
 from MedDiffusionLib.catalog import OFFICIAL_ANATOMIES  # noqa: E402
 from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlNet  # noqa: E402
 from MedDiffusionLib.pipelines import decode  # noqa: E402
+from _decode_shortcuts import one_tile_per_shape  # noqa: E402
 from MedDiffusionLib.pipelines.decode import decode_latent, default_budget_gb  # noqa: E402
 
 # The accelerator stand-in: fake tensors on "meta" are the GPU's, fake tensors on "cpu" are the host's.
@@ -122,18 +124,6 @@ def _bf16_autocast(weights: set[int]) -> Iterator[None]:
     cache.clear()
 
 
-def _one_tile_per_shape(spatial: tuple[int, ...], core: int, halo: int) -> list:
-    """The decoder's tiles, one per distinct window shape. Tiles run one after another and free everything but
-    their output core (kept on the host), so the peak is the largest tile's: the other tiles only cost time."""
-    seen: dict[tuple[int, ...], Any] = {}
-    for window, tile_core in _all_tiles(spatial, core, halo):
-        seen.setdefault(tuple(w.stop - w.start for w in window), (window, tile_core))
-    return list(seen.values())
-
-
-_all_tiles = decode._tiles
-
-
 @contextlib.contextmanager
 def _fake_gpu() -> Iterator[None]:
     original = F.scaled_dot_product_attention
@@ -167,7 +157,7 @@ def estimate(downsample: int, latent: tuple[int, int, int], controlnet: bool, au
     # The condition vector (B, 8*dim) is tiny, but its input checks read values that fake tensors do not have.
     condition = lambda *a, **k: torch.zeros(1, 8 * bfn_cfg["dim"], device=GPU)  # noqa: E731
     with _fake_gpu(), mock.patch.object(BiFlowNet, "embed_condition", condition), \
-            mock.patch.object(decode, "_tiles", _one_tile_per_shape):
+            mock.patch.object(decode, "_tiles", one_tile_per_shape):
         _on_gpu(ae), _on_gpu(net)
         if cn is not None:
             _on_gpu(cn.eval())

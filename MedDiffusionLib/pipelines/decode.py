@@ -77,7 +77,7 @@ class _GlobalGroupNorms:
         self.measure: Optional[int] = None
         self.core: tuple[slice, ...] = ()
         self.tile_shape: tuple[int, ...] = ()
-        self.sums: Optional[torch.Tensor] = None
+        self.sums: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None
 
     def _forward(self, index: int, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -85,9 +85,11 @@ class _GlobalGroupNorms:
         if index == self.measure:
             factor = x.shape[2] // self.tile_shape[0]
             region = tuple(slice(s.start * factor, s.stop * factor) for s in self.core)
-            core = x[(slice(None), slice(None)) + region].double().reshape(b, g, -1)
-            part = torch.stack([core.sum(-1), (core * core).sum(-1), torch.full_like(core[..., 0], core.shape[-1])])
-            self.sums = part if self.sums is None else self.sums + part
+            # Per-tile mean and variance in fp32 (one copy of the core, no float64 copies), merged in float64.
+            var, mean = torch.var_mean(x[(slice(None), slice(None)) + region].reshape(b, g, -1), dim=-1,
+                                       correction=0)
+            count = math.prod(x.shape[1:2]) // g * math.prod(s.stop - s.start for s in region)
+            self._merge(count, mean.double(), var.double() * count)
             raise _StopForward
         mean, var = self.stats[index]
         y = (x.reshape(b, g, -1) - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
@@ -107,10 +109,19 @@ class _GlobalGroupNorms:
             for norm in self.norms:
                 del norm.forward  # back to the class's forward
 
+    def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan et al.'s pairwise update of (count, mean, sum of squared deviations) per group."""
+        if self.sums is None:
+            self.sums = (count, mean, m2)
+            return
+        n_a, mean_a, m2_a = self.sums
+        n = n_a + count
+        delta = mean - mean_a
+        self.sums = (n, mean_a + delta * (count / n), m2_a + m2 + delta * delta * (n_a * count / n))
+
     def finish_measure(self) -> None:
-        total, total_sq, count = self.sums
-        mean = total / count
-        self.stats[self.measure] = (mean.float(), (total_sq / count - mean * mean).clamp_min(0).float())
+        count, mean, m2 = self.sums
+        self.stats[self.measure] = (mean.float(), (m2 / count).float())
         self.measure, self.sums = None, None
 
 

@@ -55,3 +55,24 @@ def test_official_8x_knee_estimate_is_bounded_by_the_gpu_decode_budget(estimator
     # Tiles are sized to the budget; the head (whole latent) and the stage in flight come on top of it.
     assert 1.0 < r["decode_gb"] <= budget + 0.5
     assert r["total_gb"] == pytest.approx(r["weights_gb"] + max(r["step_gb"], r["decode_gb"]))
+
+
+def test_memory_only_decode_runs_each_tile_shape_once_and_restores_the_decoder(estimator, reference_dir):
+    from _decode_shortcuts import memory_only  # on sys.path through the estimator module
+
+    from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
+    from MedDiffusionLib.pipelines import decode
+
+    sd = torch.load(reference_dir / "fixtures" / "ae_tiny.pt", weights_only=True)
+    ae = PatchVolumeAutoencoder(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=64, num_groups=4).eval()
+    ae.load_official_state_dict(sd["state_dict"])
+    z = torch.randn(1, 4, 8, 12, 8, generator=torch.Generator().manual_seed(0))
+    original = (decode._tiles, decode._run, decode._GlobalGroupNorms.finish_measure)
+    steps_full, steps_short = [], []
+    with torch.no_grad():
+        full = decode.decode_latent(ae, z, budget_gb=0.004, progress=steps_full.append)
+        with memory_only():
+            short = decode.decode_latent(ae, z, budget_gb=0.004, progress=steps_short.append)
+    assert short.shape == full.shape
+    assert steps_short[-1].total < steps_full[-1].total      # fewer tiles
+    assert (decode._tiles, decode._run, decode._GlobalGroupNorms.finish_measure) == original

@@ -1,6 +1,7 @@
 """Shortcuts through `pipelines/decode.py` for memory measurements of very large decodes (benchmarks only).
 
-Tiles run one after another and free everything but their output core, so a decode's peak memory is set by its
+Tiles run one after another and free everything but their output core (written into a host buffer that
+`decode_latent` zero-fills up front, so its pages count from the start), so a decode's peak memory is set by its
 largest tile, not by how many tiles there are; and a statistics pass (which stops at the GroupNorm it measures)
 never holds more than the final pass over the same tile. `memory_only()` therefore runs each distinct tile shape
 once and skips the statistics passes (neutral statistics instead): the same allocations at a fraction of the time.

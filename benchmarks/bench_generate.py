@@ -111,7 +111,8 @@ def bench_decode(device: str, sizes: list[int], budget: float, max_plain_gb: flo
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(dict(latent=f"{latent}^3", volume=f"{vol}^3", mode=mode, seconds=r["seconds"],
-                             peak_gb=r.get("peak_gpu_gb", r["peak_rss_gb"]), note=""))
+                             peak_gb=r.get("peak_gpu_gb", r["peak_rss_gb"]),
+                             note="memory-only: not a decode time" if memory_only and mode == "tiled" else ""))
     return rows
 
 

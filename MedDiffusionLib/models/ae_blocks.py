@@ -65,7 +65,7 @@ class AttentionBlock(nn.Module):
         n = d * h * w
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
         if query_chunk is not None and query_chunk < n:
-            return self._chunked(x, tokens, int(query_chunk))
+            return self._chunked(x, tokens, max(1, int(query_chunk)))
         qkv = self.to_qkv(tokens).view(b, n, 3, self.heads, self.dim_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, dim_head)
         # SDPA picks a memory-efficient kernel: the 4x model attends over 16^3 = 4096 tokens per patch.
@@ -83,7 +83,7 @@ class AttentionBlock(nn.Module):
 
         k, v = heads(F.linear(tokens, w_k)), heads(F.linear(tokens, w_v))
         w_out = self.to_out.weight.flatten(1)  # the 1x1x1 conv as a linear map
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)  # flatten(2) must be a view to write into
         x_flat, out_flat = x.flatten(2), out.flatten(2)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)

@@ -145,7 +145,8 @@ def _run(stages: list[_Stage], h: torch.Tensor) -> torch.Tensor:
 
 
 def _query_chunk(attn: nn.Module, channels: int, tokens: int, batch: int, budget: float) -> Optional[int]:
-    """None when the one-pass attention fits the budget; else a query chunk using an eighth of it."""
+    """None when the one-pass attention fits the budget; else a query chunk using an eighth of it. The chunk only
+    bounds memory because SDPA's flash/memory-efficient kernels (CPU fp32, CUDA) never build the score matrix."""
     inner = attn.heads * attn.dim_head
     if BYTES * batch * tokens * (4 * inner + 3 * channels) <= budget:
         return None
@@ -207,7 +208,8 @@ def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional
     tracker = ProgressTracker((len(norms) + 1) * len(tiles), progress, cancel, "decoding")
     tracker.begin()
     global_norms = _GlobalGroupNorms(norms)
-    out = torch.empty((batch, streamed[-1].out_channels) + tuple(s * factor for s in spatial))
+    # zeros, not empty: the host buffer is committed up front, so peak RSS does not depend on the tile order
+    out = torch.zeros((batch, streamed[-1].out_channels) + tuple(s * factor for s in spatial))
     with global_norms.installed():
         for index in range(len(norms)):
             global_norms.measure = index

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -108,6 +108,13 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.995, update_every: int = 10, warmup_steps: int = 2000):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.update_every, self.warmup_steps = float(decay), int(update_every), int(warmup_steps)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, section: Mapping[str, Any], decay: float = 0.995, update_every: int = 10,
+                    warmup_steps: int = 2000) -> "EMA":
+        """From a config's ``ema`` section; the keyword arguments are the stage's defaults."""
+        return cls(model, float(section.get("decay", decay)), int(section.get("update_every", update_every)),
+                   int(section.get("warmup_steps", warmup_steps)))
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:

@@ -88,7 +88,7 @@ class _GlobalGroupNorms:
             # Per-tile mean and variance in fp32 (one copy of the core, no float64 copies), merged in float64.
             var, mean = torch.var_mean(x[(slice(None), slice(None)) + region].reshape(b, g, -1), dim=-1,
                                        correction=0)
-            count = math.prod(x.shape[1:2]) // g * math.prod(s.stop - s.start for s in region)
+            count = c // g * math.prod(s.stop - s.start for s in region)
             self._merge(count, mean.double(), var.double() * count)
             raise _StopForward
         mean, var = self.stats[index]

@@ -140,10 +140,8 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         trainer.add_model("discriminator", disc)
         trainer.add_optimizer("discriminator", opt_d)
     ema_cfg = cfg.get("ema") or {}
-    ema = None
-    if ema_cfg.get("enabled", False):
-        ema = EMA(ae, float(ema_cfg.get("decay", 0.995)), int(ema_cfg.get("update_every", 10)),
-                  int(ema_cfg.get("warmup_steps", 2000)))
+    ema = EMA.from_config(ae, ema_cfg) if ema_cfg.get("enabled", False) else None
+    if ema is not None:
         trainer.add_ema("autoencoder", ema, ae)
     trainer.make_loader(dataset, int(t.get("batch_size", 24 if stage == 1 else 1)), int(t.get("num_workers", 0)))
     if resume:

@@ -225,10 +225,9 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
     trainer.add_model("controlnet", controlnet)
     trainer.add_optimizer("controlnet", opt)
     ema_cfg = cfg.get("ema") or {}
-    ema = None
-    if ema_cfg.get("enabled", False):
-        ema = EMA(controlnet, float(ema_cfg.get("decay", 0.999)), int(ema_cfg.get("update_every", 1)),
-                  int(ema_cfg.get("warmup_steps", 100)))
+    ema = (EMA.from_config(controlnet, ema_cfg, decay=0.999, update_every=1, warmup_steps=100)
+           if ema_cfg.get("enabled", False) else None)
+    if ema is not None:
         trainer.add_ema("controlnet", ema, controlnet)
     trainer.make_loader(dataset, int(t.get("batch_size", 4)), int(t.get("num_workers", 0)))
     if resume:

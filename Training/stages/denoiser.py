@@ -130,9 +130,7 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
     loss_type = str(dcfg.get("loss", "l1"))
     opt = torch.optim.Adam(model.parameters(), lr=float(t.get("lr", 1e-4)),
                            betas=tuple(float(b) for b in t.get("betas", (0.9, 0.999))))  # type: ignore[arg-type]
-    ema_cfg = cfg.get("ema") or {}
-    ema = EMA(model, float(ema_cfg.get("decay", 0.995)), int(ema_cfg.get("update_every", 10)),
-              int(ema_cfg.get("warmup_steps", 2000)))
+    ema = EMA.from_config(model, cfg.get("ema") or {})
 
     trainer = Trainer(cfg, "denoiser", env, out_dir(cfg, "runs/denoiser"))
     trainer.add_model("denoiser", model)

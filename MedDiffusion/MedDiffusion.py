@@ -37,10 +37,12 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
 from slicer.util import VTKObservationMixin  # noqa: E402
 
 from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
-from MedDiffusionLogic.backends import AnatomyChoice, anatomy_choices  # noqa: E402
-from MedDiffusionLogic.logic import MedDiffusionLogic  # noqa: E402
+from MedDiffusionLogic.backends import AnatomyChoice  # noqa: E402
+from MedDiffusionLogic.logic import MedDiffusionLogic, suggest_anatomy  # noqa: E402
 from MedDiffusionLogic.parameters import (  # noqa: E402
-    DEVICES, MASKS, MODALITIES, SAMPLERS, TASKS, MedDiffusionParameterNode, MedDiffusionParameters, format_size)
+    DEVICES, MASKS, MODALITIES, SAMPLERS, TASK_MODALITY, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
+    format_size)
+from MedDiffusionLogic.tokens import ServerTrust, TokenStore  # noqa: E402
 
 try:
     from slicer.i18n import tr as _
@@ -48,8 +50,8 @@ except ImportError:  # Slicer < 5.4
     def _(text: str) -> str:
         return text
 
-TOKEN_SETTING = "MedDiffusion/ServerToken"
-POLL_INTERVAL_MS = 200
+# The timer drives jobs: each tick is one short step (a status request, or ~0.1 s of transfer).
+POLL_INTERVAL_MS = 100
 
 
 class MedDiffusion(ScriptedLoadableModule):
@@ -58,19 +60,20 @@ class MedDiffusion(ScriptedLoadableModule):
         self.parent.title = _("MedDiffusion")
         self.parent.categories = [_("Reconstruction")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedDiffusion project contributors"]
+        self.parent.contributors = ["MedDiffusion Slicer extension developers (MedDiffusion project)"]
         self.parent.helpText = _(
             "Generate synthetic 3D CT and MR volumes with the 3D MedDiffusion latent diffusion model, and "
-            "reconstruct sparse-view CT or undersampled MRI with the model as a prior. Runs on this computer "
-            "(PyTorch, GPU recommended) or on a MedDiffusion server. See docs/SLICER.md of the project for the "
-            "controls. Generated images are synthetic and not for diagnostic use.")
+            "reconstruct sparse-view CT or undersampled MRI with the model as a prior. Jobs run in a MedDiffusion "
+            "server process on this computer (PyTorch, GPU recommended) or on a remote MedDiffusion server. See "
+            "docs/SLICER.md of the project for the controls. Generated images are synthetic and not for "
+            "diagnostic use.")
         self.parent.acknowledgementText = _(
             "Based on 3D MedDiffusion (Wang et al., 'A 3D Latent Diffusion Model for Controllable and "
             "High-quality Medical Image Generation'). The module follows the 3D Slicer scripted module template.")
 
 
 class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: copies controls into the parameter node, starts jobs in the logic, polls them with a timer."""
+    """The panel: copies controls into the parameter node, starts jobs in the logic, drives them with a timer."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -78,9 +81,12 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: MedDiffusionLogic | None = None
         self._parameterNode: MedDiffusionParameterNode | None = None
         self._updatingGUI = False
+        self._importing = False
         self._anatomies: list[AnatomyChoice] = []
         self._runningButton = None
         self._timer = None
+        self._tokens: TokenStore | None = None
+        self._trust: ServerTrust | None = None
 
     # ------------------------------------------------------------------ setup and lifetime
 
@@ -91,46 +97,58 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDiffusionLogic(slicer.mrmlScene)
+        # Tokens live in application settings, per server origin; never in the scene (tokens.py).
+        self._tokens = TokenStore(qt.QSettings())
+        self._trust = ServerTrust(qt.QSettings())
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onPoll)
+        # The local server stops with Slicer (its child also exits by itself when Slicer's end of its stdin pipe
+        # closes, e.g. after a crash).
+        slicer.app.connect("aboutToQuit()", self.logic.stop_server)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         ui = self.ui
         for radio in (ui.localRadioButton, ui.remoteRadioButton, ui.useDemoModelCheckBox, ui.randomSeedCheckBox,
                       ui.simulateRadioButton, ui.degradedRadioButton, ui.dataConsistencyCheckBox):
             radio.connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        for combo in (ui.deviceComboBox, ui.samplerComboBox, ui.taskComboBox, ui.maskComboBox, ui.sizeComboBox):
+        for combo in (ui.deviceComboBox, ui.samplerComboBox, ui.maskComboBox, ui.sizeComboBox,
+                      ui.reconAnatomyComboBox):
             combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
         ui.modalityComboBox.connect("currentIndexChanged(int)", self.onModalityChanged)
         ui.anatomyComboBox.connect("currentIndexChanged(int)", self.onAnatomyChanged)
         for spin in (ui.stepsSpinBox, ui.seedSpinBox, ui.viewsSpinBox, ui.accelerationSpinBox):
             spin.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+        ui.serverUrlLineEdit.connect("editingFinished()", self.onServerUrlEdited)
+        ui.huRangeLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         for path in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
-            path.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
-        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-
-        # The token stays in application settings: scenes are shared, tokens must not travel with them.
-        ui.tokenLineEdit.text = qt.QSettings().value(TOKEN_SETTING, "") or ""
+            path.connect("currentPathChanged(QString)", self.onModelChanged)
+        ui.useDemoModelCheckBox.connect("toggled(bool)", self.onModelChanged)
+        ui.remoteRadioButton.connect("toggled(bool)", self.onModelChanged)
+        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
 
         ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
         ui.generateButton.connect("clicked(bool)", self.onGenerateButton)
         ui.reconstructButton.connect("clicked(bool)", self.onReconstructButton)
+        ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
+        ui.showServerLogButton.connect("clicked(bool)", self.onShowServerLog)
 
-        self._anatomies = self._builtinAnatomies()
         self.initializeParameterNode()
+        self._refreshModelLists(quiet=True)
 
     def cleanup(self) -> None:
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
-            self.logic.cancel(wait_s=2.0)
+            self.logic.stop_server()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -148,10 +166,21 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneStartImport(self, caller, event) -> None:
+        # While a scene loads, node selectors fire with transient values: never write them back.
+        self._importing = True
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """After loading a scene: its parameter node (and its node references) replace ours, and a server URL
+        that came with it is only contacted after the user agreed (tokens.ServerTrust)."""
+        self._importing = False
+        self.setParameterNode(self.logic.parameter_node(slicer.mrmlScene))
+        self._refreshModelLists(quiet=True)
+
     def onReload(self) -> None:
         """Developer 'Reload': also reload the logic package, not just this file."""
         if self.logic is not None:
-            self.logic.cancel(wait_s=2.0)
+            self.logic.stop_server()
         for name in [n for n in sys.modules if n == "MedDiffusionLogic" or n.startswith("MedDiffusionLogic.")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -160,7 +189,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.parameter_node(slicer.mrmlScene))
-        if self._parameterNode.input_volume is None:
+        if self._parameterNode.input_volume is None and not self._importing:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first is not None:
                 self._parameterNode.input_volume = first
@@ -185,6 +214,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.remoteRadioButton.checked = p.backend == "remote"
             ui.deviceComboBox.currentIndex = DEVICES.index(p.device)
             ui.serverUrlLineEdit.text = p.server_url
+            ui.tokenLineEdit.text = self._tokens.get(p.server_url) if self._tokens else ""
             ui.useDemoModelCheckBox.checked = p.use_demo_model
             ui.bundlePathLineEdit.currentPath = p.bundle_dir
             ui.autoencoderPathLineEdit.currentPath = p.autoencoder_path
@@ -196,8 +226,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.stepsSpinBox.value = p.steps
             ui.seedSpinBox.value = p.seed
             ui.randomSeedCheckBox.checked = p.random_seed
+            ui.huRangeLineEdit.text = p.ct_hu_range
             ui.inputVolumeSelector.setCurrentNode(self._parameterNode.input_volume)
             ui.taskComboBox.currentIndex = TASKS.index(p.task)
+            self._fillReconAnatomies(p)
             ui.viewsSpinBox.value = p.views
             ui.accelerationSpinBox.value = p.acceleration
             ui.maskComboBox.currentIndex = MASKS.index(p.mask)
@@ -217,23 +249,34 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not remote and not p.use_demo_model
         ui.useDemoModelCheckBox.enabled = not remote
         ui.seedSpinBox.enabled = not p.random_seed
+        ui.huRangeLineEdit.enabled = p.modality == "CT"
         sparse_ct = p.task == "sparse-ct"
         ui.viewsSpinBox.enabled = sparse_ct
         ui.accelerationSpinBox.enabled = ui.maskComboBox.enabled = not sparse_ct
         running = self.logic is not None and self.logic.is_running
         ui.generateButton.enabled = not running or self._runningButton is ui.generateButton
-        ui.loadModelButton.enabled = not running  # the worker may be loading the same model right now
+        ui.loadModelButton.enabled = not running
         has_input = self._parameterNode is not None and self._parameterNode.input_volume is not None
         ui.reconstructButton.enabled = self._runningButton is ui.reconstructButton if running else has_input
         if not running:
             ui.reconstructButton.toolTip = (_("Reconstruct the input volume. While running, the button cancels.")
                                             if ui.reconstructButton.enabled else _("Select an input volume first."))
+        self._updateServerStatus()
+
+    def _updateServerStatus(self) -> None:
+        server = self.logic.local.server if self.logic is not None else None
+        state = server.state if server is not None else "stopped"
+        self.ui.localServerStatusLabel.text = {"ready": _("running"), "starting": _("starting..."),
+                                               "failed": _("failed (see log)")}.get(state, _("not running"))
+        self.ui.stopServerButton.enabled = state in ("ready", "starting")
+        self.ui.showServerLogButton.enabled = bool(self.logic is not None and self.logic.server_log_path)
 
     def updateParameterNodeFromGUI(self, *args) -> None:
-        if self._parameterNode is None or self._updatingGUI:
+        if self._parameterNode is None or self._updatingGUI or self._importing:
             return
         ui = self.ui
         sizeData = ui.sizeComboBox.itemData(ui.sizeComboBox.currentIndex)
+        reconAnatomy = ui.reconAnatomyComboBox.itemData(ui.reconAnatomyComboBox.currentIndex)
         changes = dict(
             backend="remote" if ui.remoteRadioButton.checked else "local",
             device=DEVICES[max(ui.deviceComboBox.currentIndex, 0)],
@@ -247,14 +290,16 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sampler=SAMPLERS[max(ui.samplerComboBox.currentIndex, 0)],
             steps=int(ui.stepsSpinBox.value), seed=int(ui.seedSpinBox.value),
             random_seed=ui.randomSeedCheckBox.checked,
+            ct_hu_range=ui.huRangeLineEdit.text.strip(),
             task=TASKS[max(ui.taskComboBox.currentIndex, 0)],
+            recon_anatomy=str(reconAnatomy) if reconAnatomy else "",
             views=int(ui.viewsSpinBox.value), acceleration=int(ui.accelerationSpinBox.value),
             mask=MASKS[max(ui.maskComboBox.currentIndex, 0)],
             simulate=ui.simulateRadioButton.checked, data_consistency=ui.dataConsistencyCheckBox.checked)
         try:
             self._parameterNode.update(**changes)
-        except ValueError as exc:  # a value the panel should not be able to produce; keep the old one
-            logging.warning("MedDiffusion: %s", exc)
+        except ValueError as exc:  # e.g. a malformed HU range: say so, keep the old value
+            self.ui.statusLabel.text = str(exc)
         node = ui.inputVolumeSelector.currentNode()
         if node is not self._parameterNode.input_volume:
             self._parameterNode.input_volume = node
@@ -273,19 +318,72 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Sizes differ per anatomy: fall back to the new anatomy's default size.
         self._parameterNode.update(anatomy=self.ui.anatomyComboBox.currentText, size="")
 
+    def onTaskChanged(self, index: int) -> None:
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        self._parameterNode.update(task=TASKS[max(index, 0)], recon_anatomy="")  # a new suggestion
+
+    def onInputVolumeChanged(self, node) -> None:
+        if self._parameterNode is None or self._updatingGUI or self._importing:
+            return
+        self._parameterNode.input_volume = node
+        self._parameterNode.update(recon_anatomy="")  # suggested again from the new volume
+
+    def onServerUrlEdited(self) -> None:
+        url = self.ui.serverUrlLineEdit.text.strip()
+        if self._parameterNode is not None and url and url != self._parameterNode.read().server_url:
+            try:
+                self._trust.trust(url)  # typed by the user: agreed
+            except Exception as exc:
+                self.ui.statusLabel.text = str(exc)
+        self.updateParameterNodeFromGUI()
+        self.ui.tokenLineEdit.text = self._tokens.get(url)  # the token entered for this server, if any
+
     def onTokenEdited(self) -> None:
-        qt.QSettings().setValue(TOKEN_SETTING, self.ui.tokenLineEdit.text)
+        url = self.ui.serverUrlLineEdit.text.strip()
+        try:
+            self._tokens.set(url, self.ui.tokenLineEdit.text)
+        except Exception as exc:
+            self.ui.statusLabel.text = str(exc)
+
+    def onModelChanged(self, *args) -> None:
+        if self._updatingGUI:
+            return
+        self.updateParameterNodeFromGUI()
+        self._refreshModelLists(quiet=True)
 
     # ------------------------------------------------------------------ anatomy and size lists
 
-    @staticmethod
-    def _builtinAnatomies() -> list[AnatomyChoice]:
-        """The published models' table: fills the lists before any model is loaded (no torch needed)."""
+    def _refreshModelLists(self, quiet: bool = False) -> None:
+        """Lists from the selected model: its model.yaml (local, instant) or the server's model list (remote,
+        one short request, only for a server the user agreed to contact)."""
+        if self._parameterNode is None:
+            return
+        params = self._parameterNode.read()
+        if params.backend == "remote" and (quiet or not self._serverAllowed(params)):
+            self.updateGUIFromParameterNode()
+            return
         try:
-            from MedDiffusionLib.catalog import OFFICIAL_ANATOMIES
-        except ImportError:
-            return []
-        return anatomy_choices(OFFICIAL_ANATOMIES, 8)
+            summary = self.logic.model_summary(params, self._token(params))
+        except Exception as exc:
+            if not quiet:
+                slicer.util.errorDisplay(str(exc), windowTitle=_("MedDiffusion"))
+            self.ui.statusLabel.text = _("Model lists unavailable: {reason}").format(reason=exc)
+            return
+        self._anatomies = list(summary.anatomies)
+        current = summary.anatomy(params.anatomy) or next(
+            (a for a in self._anatomies if a.modality == params.modality), None)
+        if current is not None:
+            sizes = [format_size(s) for s in current.sizes_xyz]
+            self._parameterNode.update(anatomy=current.name, modality=current.modality,
+                                       size=params.size if params.size in sizes else "")
+        hu = summary.hu_range
+        self.ui.huRangeLineEdit.placeholderText = (_("model default ({low:g},{high:g})").format(low=hu[0], high=hu[1])
+                                                   if hu else _("model default (0..1, none declared)"))
+        if not quiet:
+            self.ui.statusLabel.text = _("Model {name}: {count} anatomies.").format(
+                name=summary.name or "-", count=len(self._anatomies))
+        self.updateGUIFromParameterNode()
 
     def _fillAnatomies(self, p: MedDiffusionParameters) -> None:
         combo = self.ui.anatomyComboBox
@@ -309,48 +407,71 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(size, size)
         combo.currentIndex = sizes.index(p.size) + 1 if p.size in sizes else 0
 
+    def _fillReconAnatomies(self, p: MedDiffusionParameters) -> None:
+        combo = self.ui.reconAnatomyComboBox
+        combo.clear()
+        names = [a.name for a in self._anatomies if a.modality == TASK_MODALITY[p.task]]
+        node = self._parameterNode.input_volume if self._parameterNode is not None else None
+        suggested = suggest_anatomy(node.GetName() if node else "",
+                                    (node.GetAttribute("MedDiffusion.anatomy") or "") if node else "",
+                                    p.task, self._anatomies)
+        combo.addItem(_("Suggested: {name}").format(name=suggested) if suggested else _("Model default"), "")
+        for name in names:
+            combo.addItem(name, name)
+        combo.currentIndex = names.index(p.recon_anatomy) + 1 if p.recon_anatomy in names else 0
+
     def onLoadModel(self) -> None:
-        params = self._parameterNode.read()
-        with slicer.util.tryWithErrorDisplay(_("Could not load the model's anatomy list."), waitCursor=True):
-            dependencies.ensure_dependencies(params.backend)
-            self._anatomies = self.logic.anatomies(params, self._token())
-            self.ui.statusLabel.text = _("Model ready: {count} anatomies.").format(count=len(self._anatomies))
-            # Keep the choice if the new model offers it, else fall back to its first anatomy / default size.
-            current = next((a for a in self._anatomies if a.name == params.anatomy), None)
-            if current is None:
-                current = next((a for a in self._anatomies if a.modality == params.modality), None)
-            if current is not None:
-                sizes = [format_size(s) for s in current.sizes_xyz]
-                self._parameterNode.update(anatomy=current.name, modality=current.modality,
-                                           size=params.size if params.size in sizes else "")
-        self.updateGUIFromParameterNode()
+        self.updateParameterNodeFromGUI()
+        self._refreshModelLists(quiet=False)
+
+    # ------------------------------------------------------------------ servers
+
+    def _token(self, params: MedDiffusionParameters) -> str:
+        return self._tokens.get(params.server_url) if params.backend == "remote" else ""
+
+    def _serverAllowed(self, params: MedDiffusionParameters) -> bool:
+        """A remote server is contacted only if the user typed or approved its address (a scene may carry any
+        URL); tokens.check_transport then refuses plain http to another machine when a token is set."""
+        if params.backend != "remote":
+            return True
+        return self._trust.allow(params.server_url, lambda text: slicer.util.confirmYesNoDisplay(
+            text, windowTitle=_("MedDiffusion: unknown server")))
+
+    def onStopServer(self) -> None:
+        if self.logic.is_running and self.logic.job.backend is self.logic.local:
+            self._cancel()
+        self.logic.stop_server()
+        self._updateServerStatus()
+
+    def onShowServerLog(self) -> None:
+        path = self.logic.server_log_path
+        if path and os.path.exists(path):
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(path))
+        else:
+            slicer.util.infoDisplay(_("The local server has not been started in this session."),
+                                    windowTitle=_("MedDiffusion"))
 
     # ------------------------------------------------------------------ running jobs
 
-    def _token(self) -> str:
-        return self.ui.tokenLineEdit.text.strip()
+    def _start(self, button, start) -> None:
+        if self.logic.is_running:
+            self._cancel()
+            return
+        self.updateParameterNodeFromGUI()
+        params = self._parameterNode.read()
+        with slicer.util.tryWithErrorDisplay(_("Could not start the job."), waitCursor=True):
+            if not self._serverAllowed(params):
+                return
+            dependencies.ensure_dependencies(params.backend)
+            start(params)
+            self._onStarted(button)
 
     def onGenerateButton(self) -> None:
-        if self.logic.is_running:
-            self._cancel()
-            return
-        self.updateParameterNodeFromGUI()
-        params = self._parameterNode.read()
-        with slicer.util.tryWithErrorDisplay(_("Could not start the generation."), waitCursor=True):
-            dependencies.ensure_dependencies(params.backend)
-            self.logic.start_generate(params, self._token())
-            self._onStarted(self.ui.generateButton)
+        self._start(self.ui.generateButton, lambda p: self.logic.start_generate(p, self._token(p)))
 
     def onReconstructButton(self) -> None:
-        if self.logic.is_running:
-            self._cancel()
-            return
-        self.updateParameterNodeFromGUI()
-        params = self._parameterNode.read()
-        with slicer.util.tryWithErrorDisplay(_("Could not start the reconstruction."), waitCursor=True):
-            dependencies.ensure_dependencies(params.backend)
-            self.logic.start_reconstruct(params, self._token(), self._parameterNode.input_volume)
-            self._onStarted(self.ui.reconstructButton)
+        self._start(self.ui.reconstructButton, lambda p: self.logic.start_reconstruct(
+            p, self._token(p), self._parameterNode.input_volume))
 
     def _onStarted(self, button) -> None:
         self._runningButton = button
@@ -363,12 +484,12 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _cancel(self) -> None:
         self.logic.cancel()
-        self.ui.statusLabel.text = _("Cancelling after the current step...")
+        self.ui.statusLabel.text = _("Cancelling...")
         if self._runningButton is not None:
             self._runningButton.enabled = False  # one click is enough; re-enabled when the job has stopped
 
     def _onPoll(self) -> None:
-        """Runs on the GUI thread every POLL_INTERVAL_MS: mirror the job's progress; collect the result."""
+        """Every POLL_INTERVAL_MS on the GUI thread: one short job step; mirror progress; collect the result."""
         state = self.logic.poll()
         bar = self.ui.progressBar
         if state.running:
@@ -378,6 +499,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 bar.setRange(0, 0)
             self.ui.statusLabel.text = state.describe()
+            self._updateServerStatus()
             return
         self._timer.stop()
         nodes = self.logic.finish()
@@ -407,7 +529,7 @@ class MedDiffusionTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_parameter_round_trip()
         self.setUp()
-        self.test_generate_demo_model()
+        self.test_generate_and_reconstruct_demo_model()
 
     def test_volume_round_trip(self) -> None:
         self.delayDisplay("Volume round trip (SimpleITK <-> node <-> NRRD/NIfTI, oblique geometry)")
@@ -421,22 +543,15 @@ class MedDiffusionTest(ScriptedLoadableModuleTest):
         selfchecks.check_parameter_round_trip()
         self.delayDisplay("Parameter node round trip passed")
 
-    def test_generate_demo_model(self) -> None:
-        self.delayDisplay("Generating a small volume with the bundled demo model")
-        missing = dependencies.missing_packages()
+    def test_generate_and_reconstruct_demo_model(self) -> None:
+        """Skipped (reported as skipped, not passed) when the job server's packages are missing."""
+        missing = dependencies.missing_packages(dependencies.LOCAL_REQUIREMENTS)
         if missing:
-            self.delayDisplay("Skipped: missing Python packages " + ", ".join(m for m, _r in missing))
-            return
+            self.skipTest("missing Python packages: " + ", ".join(m for m, _r in missing))
+        self.delayDisplay("Generating and reconstructing with the bundled demo model (local server)")
         logic = MedDiffusionLogic(slicer.mrmlScene)
-        params = MedDiffusionParameters(use_demo_model=True, device="auto", sampler="ddim", steps=2,
-                                        random_seed=False, seed=17)
-        anatomy = logic.anatomies(params)[0]
-        size = min(anatomy.sizes_xyz, key=lambda s: s[0] * s[1] * s[2]) if anatomy.sizes_xyz else None
-        params = params.replace(anatomy=anatomy.name, modality=anatomy.modality,
-                                size=format_size(size) if size else "")
-        node = selfchecks.check_generate(logic, params)
-        self.assertTrue(node.GetName().endswith("seed 17"))
-        if anatomy.spacing_xyz is not None:
-            for got, want in zip(node.GetSpacing(), anatomy.spacing_xyz):
-                self.assertAlmostEqual(got, want, places=4)
-        self.delayDisplay("Generation passed: " + node.GetName())
+        try:
+            nodes = selfchecks.check_demo_generate_and_reconstruct(logic, slicer.mrmlScene)
+        finally:
+            logic.stop_server()
+        self.delayDisplay("Demo model passed: " + ", ".join(n.GetName() for n in nodes))

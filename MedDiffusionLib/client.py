@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from . import __version__
 from .errors import Cancelled, MedDiffusionError
 
-__all__ = ["RemoteClient", "ServerUnreachable", "AuthenticationError", "RemoteError", "JobNotFound",
+__all__ = ["RemoteClient", "JobWatcher", "ServerUnreachable", "AuthenticationError", "RemoteError", "JobNotFound",
            "QueueFullError", "JobFailed", "JobCancelled", "WaitTimeout"]
 
 TOKEN_ENV = "MEDDIFFUSION_TOKEN"
@@ -85,6 +85,45 @@ class WaitTimeout(MedDiffusionError, TimeoutError):
     """wait() gave up; the job keeps running on the server."""
 
 
+class JobWatcher:
+    """Polls one job's status, one short request per ``poll()``: the single polling rule of the client, used by
+    ``RemoteClient.wait`` (a loop) and by a GUI timer (3D Slicer), which calls ``poll()`` when ``due()``.
+
+    ``poll()`` returns the status, or None after a tolerated network miss (up to ``max_misses`` in a row, with
+    back-off: a tunnel reconnecting); it raises JobFailed / JobCancelled when the job ended that way.
+    """
+
+    def __init__(self, client: "RemoteClient", job_id: str, poll_s: float = 0.5, max_misses: int = 3) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.poll_s = poll_s
+        self.max_misses = max_misses
+        self.misses = 0
+        self.next_poll_s = 0.0  # time.monotonic() at which the next poll is due
+        self.last: Optional[dict] = None
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_poll_s
+
+    def poll(self) -> Optional[dict]:
+        try:
+            st = self.client.status(self.job_id)
+        except ServerUnreachable:
+            self.misses += 1
+            if self.misses > self.max_misses:
+                raise
+            self.next_poll_s = time.monotonic() + min(self.poll_s * 2**self.misses, 5.0)
+            return None
+        self.misses = 0
+        self.last = st
+        self.next_poll_s = time.monotonic() + self.poll_s
+        if st["state"] == "failed":
+            raise JobFailed(self.job_id, st.get("error") or "no reason given")
+        if st["state"] == "cancelled":
+            raise JobCancelled(self.job_id)
+        return st
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # urllib would resend the Authorization header to wherever a redirect points; the API never redirects.
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
@@ -123,7 +162,9 @@ class RemoteClient:
         self.url = url.strip().rstrip("/")
         self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self.timeout = timeout
-        loopback = _is_loopback(parsed.hostname)
+        loopback = self.loopback = _is_loopback(parsed.hostname)
+        self.url_root = f"{parsed.scheme}://{parsed.netloc}"
+        self._path_prefix = parsed.path.rstrip("/")
         if self.token and parsed.scheme == "http" and not loopback:
             warnings.warn(f"sending the access token to {parsed.hostname} without TLS; use an SSH tunnel to "
                           "127.0.0.1 or an https:// reverse proxy (docs/SERVER.md)", stacklevel=2)
@@ -139,9 +180,7 @@ class RemoteClient:
                  json_body: Any = None, sink: Optional[Path] = None) -> Any:
         """One HTTP exchange; returns parsed JSON, or writes the body to ``sink`` (then returns None)."""
         url = self.url + path
-        hdrs = {"User-Agent": f"meddiffusion-client/{__version__}", "Accept": "application/json"}
-        if self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
+        hdrs = self._headers()
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")
             hdrs["Content-Type"] = "application/json"
@@ -171,20 +210,33 @@ class RemoteClient:
             raw = exc.read()
         except OSError:
             raw = b""
+        return self.error_from_status(exc.code, raw, url, str(exc.reason or ""))
+
+    def error_from_status(self, code: int, raw: bytes, url: str, reason: str = "") -> MedDiffusionError:
+        """The client error for an HTTP error answer (status ``code``, body ``raw``)."""
         try:
             detail = json.loads(raw.decode("utf-8")).get("detail", "")
             detail = detail if isinstance(detail, str) else json.dumps(detail)
         except (ValueError, AttributeError):
-            detail = raw.decode("utf-8", "replace").strip()[:300] or (exc.reason or "")
-        if exc.code == 401:
+            detail = raw.decode("utf-8", "replace").strip()[:300] or reason
+        if code == 401:
             what = "no access token was sent" if not self.token else "the access token was rejected"
             return AuthenticationError(f"the MedDiffusion server at {self.url} refused the request: {what} "
                                        f"(set the token the server was started with; {detail})")
-        if exc.code == 404 and "/jobs/" in url:
+        if code == 404 and "/jobs/" in url:
             return JobNotFound(404, detail, url)
-        if exc.code == 429:
+        if code == 429:
             return QueueFullError(429, detail, url)
-        return RemoteError(exc.code, str(detail), url)
+        return RemoteError(code, str(detail), url)
+
+    def unreachable(self, exc: BaseException) -> ServerUnreachable:
+        return ServerUnreachable(self.url, _reason(exc))
+
+    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+        hdrs = {"User-Agent": f"meddiffusion-client/{__version__}", "Accept": accept}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        return hdrs
 
     @staticmethod
     def _job_path(job_id: str, suffix: str = "") -> str:
@@ -207,10 +259,12 @@ class RemoteClient:
 
     def reconstruct(self, image: Any, task: str = "sparse-ct", views: int = 30, acceleration: float = 8,
                     mask: str = "gaussian", simulate: bool = True, sampler: str = "dpmpp",
-                    steps: Optional[int] = None, seed: Optional[int] = None, data_consistency: bool = True) -> str:
-        """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id."""
-        fields = {"task": task, "views": views, "acceleration": acceleration, "mask": mask, "simulate": simulate,
-                  "sampler": sampler, "steps": steps, "seed": seed, "data_consistency": data_consistency}
+                    steps: Optional[int] = None, seed: Optional[int] = None, data_consistency: bool = True,
+                    anatomy: Optional[str] = None) -> str:
+        """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id.
+        ``anatomy`` picks the model's anatomy (default: the server's first one of the task's modality)."""
+        fields = reconstruct_fields(task, views, acceleration, mask, simulate, sampler, steps, seed,
+                                    data_consistency, anatomy)
         tmpdir = None
         try:
             if isinstance(image, (str, os.PathLike)) and _upload_suffix(Path(image)) and Path(image).is_file():
@@ -251,30 +305,52 @@ class RemoteClient:
     def wait(self, job_id: str, poll_s: float = 0.5, timeout: Optional[float] = None,
              progress: Optional[Callable[[dict], None]] = None) -> dict:
         """Poll until the job ends; returns the final status. Raises JobFailed / JobCancelled / WaitTimeout.
-        A few network hiccups in a row (a tunnel reconnecting) are tolerated."""
+        A few network hiccups in a row (a tunnel reconnecting) are tolerated (see JobWatcher)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        misses = 0
+        watcher = JobWatcher(self, job_id, poll_s)
         while True:
-            try:
-                st = self.status(job_id)
-                misses = 0
-            except ServerUnreachable:
-                misses += 1
-                if misses > 3:
-                    raise
-                time.sleep(min(poll_s * 2**misses, 5.0))
-                continue
-            if progress is not None:
-                progress(st)
-            if st["state"] == "done":
-                return st
-            if st["state"] == "failed":
-                raise JobFailed(job_id, st.get("error") or "no reason given")
-            if st["state"] == "cancelled":
-                raise JobCancelled(job_id)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {job_id[:8]} is still {st['state']} after {timeout:g} s")
-            time.sleep(poll_s)
+            st = watcher.poll()
+            if st is not None:
+                if progress is not None:
+                    progress(st)
+                if st["state"] == "done":
+                    return st
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout(f"job {job_id[:8]} is still {st['state']} after {timeout:g} s")
+            time.sleep(max(watcher.next_poll_s - time.monotonic(), 0.0))
+
+    # ---- transfers in slices (for a GUI event loop: see MedDiffusionLib.transfers) ------------------
+    def start_reconstruct_upload(self, volume: Any, compress: Optional[bool] = None, **options: Any) -> Any:
+        """An UploadTransfer that sends ``volume`` (a transfers.VolumeArray or SimpleITK image) as NRRD with the
+        reconstruction ``options`` (those of ``reconstruct``); call its ``step()`` until True, then the job id is
+        ``transfer.result["id"]``. ``compress`` (default: for non-loopback servers) gzips on the fly."""
+        from .transfers import UploadTransfer, VolumeArray, nrrd_header, upload_pieces
+
+        if not isinstance(volume, VolumeArray):
+            volume = VolumeArray.from_sitk(volume)
+        if compress is None:
+            compress = not self.loopback
+        fields = reconstruct_fields(**options)
+        boundary = secrets.token_hex(16)
+        head, tail = _multipart_frame(fields, boundary, ".nrrd")
+        header = nrrd_header(volume, "gzip" if compress else "raw")
+        pieces, length = upload_pieces(head, header, volume.array, tail, compress)
+        if length is not None:
+            self._check_upload_size(length)
+        headers = {**self._headers(), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return UploadTransfer(self.url_root, self._path_prefix + "/v1/reconstruct", pieces, length, headers,
+                              self.timeout, self.error_from_status, self.unreachable)
+
+    def start_download(self, job_id: str, which: str = "result", max_voxels: int = 1024**3) -> Any:
+        """A DownloadTransfer of the job's NRRD ('result' or 'degraded'), decoded while it arrives; call its
+        ``step()`` until True, then ``transfer.volume`` is a transfers.VolumeArray."""
+        from .transfers import DownloadTransfer
+
+        if which not in ("result", "degraded"):
+            raise ValueError("which must be 'result' or 'degraded'")
+        return DownloadTransfer(self.url_root, self._path_prefix + self._job_path(job_id, f"/{which}"), max_voxels,
+                                self._headers("application/octet-stream"), self.timeout, self.error_from_status,
+                                self.unreachable)
 
     def download(self, job_id: str, dest: Union[str, os.PathLike], which: str = "result") -> Path:
         """Save the job's NRRD ('result' or 'degraded') to ``dest`` (written to a temp file, then renamed)."""
@@ -323,14 +399,30 @@ def _form_value(v: Any) -> str:
     return str(v)
 
 
+def reconstruct_fields(task: str = "sparse-ct", views: int = 30, acceleration: float = 8, mask: str = "gaussian",
+                       simulate: bool = True, sampler: str = "dpmpp", steps: Optional[int] = None,
+                       seed: Optional[int] = None, data_consistency: bool = True,
+                       anatomy: Optional[str] = None) -> dict[str, Any]:
+    """The form fields of a reconstruction request (one list for the file upload and the sliced one)."""
+    return {"task": task, "views": views, "acceleration": acceleration, "mask": mask, "simulate": simulate,
+            "sampler": sampler, "steps": steps, "seed": seed, "data_consistency": data_consistency,
+            "anatomy": anatomy}
+
+
+def _multipart_frame(fields: dict[str, Any], boundary: str, suffix: str) -> tuple[bytes, bytes]:
+    """The bytes before the file part's content and after it."""
+    head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{_form_value(v)}\r\n'
+                    .encode("utf-8") for k, v in fields.items())
+    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="volume{suffix}"'
+             f'\r\nContent-Type: application/octet-stream\r\n\r\n').encode("utf-8")
+    tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
+    return head, tail
+
+
 def _multipart(fields: dict[str, Any], path: Path) -> tuple[Iterator[bytes], str, int]:
     """A streamed multipart/form-data body (fields, then the file) and its exact length."""
     boundary = secrets.token_hex(16)
-    head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{_form_value(v)}\r\n'
-                    .encode("utf-8") for k, v in fields.items())
-    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="volume{_upload_suffix(path)}"'
-             f'\r\nContent-Type: application/octet-stream\r\n\r\n').encode("utf-8")
-    tail = f"\r\n--{boundary}--\r\n".encode("utf-8")
+    head, tail = _multipart_frame(fields, boundary, _upload_suffix(path) or "")
     size = path.stat().st_size
 
     def chunks() -> Iterator[bytes]:

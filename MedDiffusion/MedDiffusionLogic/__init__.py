@@ -1,9 +1,11 @@
-"""Qt-free logic of the MedDiffusion Slicer module: MRML volume glue, parameter node, background jobs.
+"""Qt-free logic of the MedDiffusion Slicer module: MRML volume glue, parameter node, jobs on a job server.
 
 Everything here imports with slicer-core alone (no Slicer application, no Qt), so the same code is tested
-headlessly in CI and runs inside Slicer. MedDiffusionLib (and torch) are imported lazily, only when a job runs.
+headlessly in CI and runs inside Slicer. MedDiffusionLib is imported lazily; torch never is (jobs run in the
+job server's process).
 """
-from .logic import BusyError, JobState, MedDiffusionLogic, apply_display_preset
+from .jobs import JobState
+from .logic import BusyError, MedDiffusionLogic, apply_display_preset
 from .parameters import MedDiffusionParameterNode, MedDiffusionParameters
 
 __all__ = [

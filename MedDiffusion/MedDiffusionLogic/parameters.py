@@ -23,7 +23,9 @@ __all__ = [
     "MedDiffusionParameters",
     "MedDiffusionParameterNode",
     "parse_size",
+    "parse_hu_setting",
     "format_size",
+    "TASK_MODALITY",
 ]
 
 MODULE_NAME = "MedDiffusion"
@@ -33,6 +35,9 @@ MODALITIES = ("CT", "MR")
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 TASKS = ("sparse-ct", "mri")
 MASKS = ("gaussian", "poisson")
+# Modality each reconstruction task works on (the library's pipelines/reconstruct.TASKS, which imports torch).
+TASK_MODALITY = {"sparse-ct": "CT", "mri": "MR"}
+HU_OFF = "off"  # ct_hu_range value: keep generated CT as the model's [0, 1] intensities
 _SEED_MAX = 2**31 - 1
 
 _log = logging.getLogger(__name__)
@@ -64,9 +69,12 @@ class MedDiffusionParameters:
     steps: int = field(default=50, metadata=_meta(lo=1, hi=1000))
     seed: int = field(default=0, metadata=_meta(lo=0, hi=_SEED_MAX))
     random_seed: bool = True
+    # Generated CT in Hounsfield units: '' = the range the model declares, 'LOW,HIGH' = that range, 'off' = [0, 1]
+    ct_hu_range: str = ""
     # Reconstruct
     input_volume_id: str = ""  # stored as a node reference, not a parameter
     task: str = field(default="sparse-ct", metadata=_meta(TASKS))
+    recon_anatomy: str = ""  # '' = suggested from the input volume
     views: int = field(default=30, metadata=_meta(lo=1, hi=2048))
     acceleration: int = field(default=8, metadata=_meta(lo=1, hi=64))
     mask: str = field(default="gaussian", metadata=_meta(MASKS))
@@ -83,6 +91,7 @@ class MedDiffusionParameters:
             _check_value(f, getattr(self, f.name))
         if self.size:
             parse_size(self.size)
+        parse_hu_setting(self.ct_hu_range)
         return self
 
     @property
@@ -121,6 +130,23 @@ def parse_size(text: str) -> tuple[int, int, int]:
     if len(values) != 3 or any(v <= 0 for v in values):
         raise ValueError(f"size must be three positive voxel counts written XxYxZ, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def parse_hu_setting(text: str) -> tuple[float, float] | str | None:
+    """ct_hu_range -> None (model default), 'off', or (low, high); ValueError naming the problem."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == HU_OFF:
+        return HU_OFF
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"CT HU range must be 'LOW,HIGH' (e.g. -1000,1000), empty or 'off'; got {text!r}") from None
+    if not low < high:
+        raise ValueError(f"CT HU range must be increasing (LOW < HIGH), got {text!r}")
+    return low, high
 
 
 def format_size(size_xyz: tuple[int, int, int] | list[int]) -> str:
@@ -199,11 +225,12 @@ class MedDiffusionParameterNode:
                 continue
             values[name] = value
         params = MedDiffusionParameters(**values)
-        if params.size:
-            try:
-                parse_size(params.size)
-            except ValueError:
-                params = dataclasses.replace(params, size="")
+        for name, check in (("size", parse_size), ("ct_hu_range", parse_hu_setting)):
+            if getattr(params, name):
+                try:
+                    check(getattr(params, name))
+                except ValueError:
+                    params = dataclasses.replace(params, **{name: ""})
         return params
 
     def write(self, params: MedDiffusionParameters) -> None:

@@ -31,6 +31,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..bundle_summary import DEMO_ENV, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
 from ..errors import CheckpointError, InputError
 from .native import load_any_autoencoder, load_any_controlnet, load_any_denoiser, save_network
@@ -42,7 +43,6 @@ __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", 
 BUNDLE_FORMAT = "meddiffusion-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "model.yaml"
-DEMO_ENV = "MEDDIFFUSION_DEMO_MODEL"
 CONTROLNET_TASKS = ("sparse-ct", "mri")
 
 
@@ -106,10 +106,7 @@ class ModelBundle:
 # ------------------------------------------------------------------------------------------------ loading
 def default_bundle_dir() -> Path:
     """The demo bundle: $MEDDIFFUSION_DEMO_MODEL, else ``models/demo`` beside the package."""
-    env = os.environ.get(DEMO_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "models" / "demo"
+    return demo_bundle_dir()  # defined without torch, for the Slicer panel
 
 
 def _manifest_path(path: str | os.PathLike[str] | None) -> Path:

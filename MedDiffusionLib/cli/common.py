@@ -9,7 +9,9 @@ from ..pipelines.progress import ProgressInfo
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (default: the bundled demo model)")
-    g.add_argument("--model", metavar="DIR", help="a model bundle folder (model.yaml + safetensors)")
+    g.add_argument("--model", metavar="NAME|DIR",
+                   help="a model name (see `meddiffusion models list`, e.g. official-8x) or a bundle folder "
+                   "(model.yaml + safetensors)")
     g.add_argument("--autoencoder", metavar="PATH", help="autoencoder checkpoint: the authors' .ckpt or ours")
     g.add_argument("--denoiser", metavar="PATH", help="BiFlowNet checkpoint: the authors' .pt or ours")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
@@ -25,7 +27,14 @@ def load_bundle_from_args(args: argparse.Namespace):
         if args.model:
             raise InputError("give either --model or --autoencoder/--denoiser, not both")
         return bundle_from_official(args.autoencoder, args.denoiser)
-    return load_bundle(args.model)
+    return load_bundle(resolve_model_arg(args.model))
+
+
+def resolve_model_arg(spec: Optional[str]):
+    """``--model``: a registered name or a folder (None: the demo model) -> the bundle folder."""
+    from ..registry.store import resolve_model
+
+    return None if spec is None else resolve_model(spec)  # None: load_bundle explains a missing demo model
 
 
 class TqdmProgress:

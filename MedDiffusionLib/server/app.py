@@ -25,8 +25,8 @@ from ..errors import InputError, MedDiffusionError
 from ..pipelines.common import DEFAULT_STEPS
 from ..pipelines.generate import GenerationPipeline, latent_multiple
 from .jobs import JobManager, QueueFull, RunOutput
-from .schemas import (SAMPLERS, AnatomyInfo, GenerateRequest, HealthResponse, JobStatus, Limits, ModelsResponse,
-                      ReconstructParams, iso)
+from .schemas import (SAMPLERS, AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus,
+                      Limits, ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
 from .security import TokenVerifier, check_startup_security
 from .store import JobRecord, JobStore
 from .uploads import UploadError, read_stored_volume, receive_multipart, store_upload
@@ -259,6 +259,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         return ModelsResponse(model=b.name, device=svc.device, downsample=b.downsample, anatomies=anatomies,
                               samplers=list(SAMPLERS), default_steps=dict(DEFAULT_STEPS), tasks=svc.tasks,
                               reconstruct_available=svc.reconstructor is not None, limits=limits)
+
+    @api.get("/models/available", response_model=AvailableModelsResponse)
+    async def available_models() -> AvailableModelsResponse:
+        """The models on this machine's registry (`meddiffusion models list`), the loaded one marked."""
+        from ..registry import list_models
+
+        entries = await run_in_threadpool(list_models)  # walks model folders for their disk use
+        here = Path(svc.bundle.source).resolve() if svc.bundle.source else None
+        return AvailableModelsResponse(loaded=svc.bundle.name, models=[
+            RegistryModelInfo(name=e.name, kind=e.kind, description=e.description, available=e.available,
+                              loaded=here is not None and e.path is not None and e.path.resolve() == here,
+                              disk_bytes=e.disk_bytes) for e in entries])
 
     @api.post("/generate", status_code=202, response_model=JobStatus)
     async def generate(req: GenerateRequest) -> JobStatus:

@@ -83,6 +83,22 @@ class ModelsResponse(BaseModel):
     limits: Limits
 
 
+class RegistryModelInfo(BaseModel):
+    """One model of the server machine's registry (no paths: they are the server's business)."""
+
+    name: str
+    kind: str                     # bundled, download, user
+    description: str
+    available: bool               # on disk and usable
+    loaded: bool                  # the model this server runs
+    disk_bytes: int
+
+
+class AvailableModelsResponse(BaseModel):
+    loaded: str
+    models: list[RegistryModelInfo]
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     version: str

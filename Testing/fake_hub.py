@@ -9,7 +9,8 @@ It implements what huggingface_hub calls to list and fetch a model repository:
   requests answered with 206. No Xet headers are sent, so clients use plain HTTP.
 
 Faults for tests: ``drop_after[path] = n`` cuts the connection after n body bytes of the next GET of ``path``
-(once); ``corrupt[path] = data`` serves other bytes than the listing announces. ``requests`` records
+(once); ``corrupt[path] = data`` serves other bytes than the listing announces; ``slow[path] = s`` pauses s
+seconds after each 64 KiB (a long download to cancel). ``requests`` records
 (method, path, Range header) of every request.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class FakeHub:
     repos: dict[str, _Repo] = field(default_factory=dict)
     drop_after: dict[str, int] = field(default_factory=dict)
     corrupt: dict[str, bytes] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)   # path -> seconds to wait after each 64 KiB
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], commit: str | None = None) -> None:
@@ -158,6 +160,21 @@ class FakeHub:
         if head:
             return self._send(h, 200, b"", headers, head=True)
         cut = self.drop_after.pop(fpath, None)
+        if fpath in self.slow:
+            h.send_response(status)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            import time
+
+            try:
+                for i in range(0, len(body), 1 << 16):
+                    h.wfile.write(body[i:i + (1 << 16)])
+                    h.wfile.flush()
+                    time.sleep(self.slow[fpath])
+            except OSError:  # the client went away (a cancelled download)
+                h.close_connection = True
+            return
         if cut is None:
             return self._send(h, status, body, headers)
         # Announce the whole body, send part of it, then drop the connection: a network failure mid-file.

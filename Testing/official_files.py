@@ -49,8 +49,9 @@ def write_official_autoencoder(path: str | os.PathLike[str], downsample: int = 4
 
 
 def write_official_biflownet(path: str | os.PathLike[str], patch_size: int = 1, seed: int = 0,
-                             config: dict | None = None, with_optimizer: bool = True) -> Path:
-    """``config`` overrides the tiny one (e.g. a wider ``dim`` for a mid-size file)."""
+                             config: dict | None = None, with_optimizer: bool = True, pad_bytes: int = 0) -> Path:
+    """``config`` overrides the tiny one (e.g. a wider ``dim`` for a mid-size file); ``pad_bytes`` adds that much
+    optimizer state (a bigger file, same network)."""
     from MedDiffusionLib.models.biflownet import BiFlowNet
 
     cfg = {**tiny_denoiser_config(patch_size), **(config or {})}
@@ -69,5 +70,7 @@ def write_official_biflownet(path: str | os.PathLike[str], patch_size: int = 1, 
     opt = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)}
                      for i, v in enumerate(ema.values())} if with_optimizer else {},
            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": list(range(len(ema)))}]}
+    if pad_bytes:
+        opt["state"][len(ema)] = {"exp_avg": torch.zeros(pad_bytes // 4)}
     torch.save({"model": train, "ema": ema, "scaler": {"scale": 65536.0}, "opt": opt, "args": args, "epoch": 3}, path)
     return Path(path)

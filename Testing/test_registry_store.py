@@ -154,3 +154,23 @@ def test_server_lists_registry_models(tmp_path: Path, models_dir: Path) -> None:
     assert models["served"]["loaded"] and models["served"]["available"]
     assert not models["official-8x"]["available"] and not models["demo"]["loaded"]
     assert "path" not in models["served"]  # the server's folders are not the client's business
+
+
+def test_cache_cleanup_never_deletes_outside_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from MedDiffusionLib.registry.hub import remove_cached_file
+    from MedDiffusionLib.registry.pull import remove_downloads
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    snap = tmp_path / "hf" / "hub" / "models--a--b" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    link = snap / "evil.pt"
+    link.symlink_to(precious)  # a crafted cache entry pointing out of the cache
+    assert remove_cached_file(link) == 0 and precious.read_text() == "keep me" and not link.exists()
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):
+        remove_cached_file(precious)
+    # A tampered source.json naming a file outside the cache is skipped, not deleted.
+    assert remove_downloads({"files": {"autoencoder": {"cache_path": str(precious)}}}) == 0
+    assert precious.read_text() == "keep me"

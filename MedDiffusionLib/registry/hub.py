@@ -291,6 +291,8 @@ def remove_cached_file(path: str | os.PathLike[str]) -> int:
     if p.is_symlink():
         blob = p.resolve()
         p.unlink()
+        if not blob.is_relative_to(cache) or blob.parent.name != "blobs":
+            return 0  # a link out of the cache: never follow it to delete what it points to
         repo = blob.parent.parent  # models--owner--name/blobs/<etag>
         still_used = any(q.is_symlink() and q.resolve() == blob for q in (repo / "snapshots").rglob("*"))
         if not still_used and blob.is_file():

@@ -45,7 +45,7 @@ def _load(path: Path, role: str) -> Any:
     return load_any_autoencoder(path) if role == "autoencoder" else load_any_denoiser(path)
 
 
-def _check(model: Any, role: str, path: Path, expect: ExpectedConfig, label: str) -> None:
+def _check(model: Any, role: str, expect: ExpectedConfig, label: str) -> None:
     cfg = getattr(model, "config", {}) or {}
     if role == "autoencoder" and expect.downsample and int(cfg.get("downsample", 0)) != expect.downsample:
         raise CheckpointError(f"'{label}' holds a {cfg.get('downsample')}x autoencoder, but this model needs a "
@@ -65,7 +65,7 @@ def _convert_one(src: Path, dest: Path, role: str, expect: ExpectedConfig, label
     except CheckpointError as exc:
         kind = "autoencoder" if role == "autoencoder" else "BiFlowNet"
         raise CheckpointError(f"'{label}' is not a usable {kind}: {exc}") from None
-    _check(model, role, src, expect, label)
+    _check(model, role, expect, label)
     info: dict[str, Any] = {"config": dict(model.config)}
     if role == "autoencoder":
         info["latent_range"] = [float(v) for v in model.codebook_range()]

@@ -167,24 +167,34 @@ def _list_from_cache(repo_id: str, revision: str) -> RepoListing:
 
 # ------------------------------------------------------------------------------------------ downloading
 def _progress_class(file: RemoteFile, progress: ByteProgress | None, show_bar: bool) -> type:
-    """A huggingface_hub tqdm subclass that also reports its byte count to ``progress``."""
+    """A huggingface_hub tqdm subclass that also reports its byte count to ``progress``.
+
+    Only the first bar of a download reports: over Xet, huggingface_hub opens a second one (network bytes beside
+    bytes written), and two counters would make the reported progress jump back and forth.
+    """
     from huggingface_hub.utils import tqdm as hf_tqdm
+
+    reporting: list[object] = []
 
     class _Bar(hf_tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if not show_bar:
                 kwargs["disable"] = True
-            kwargs["desc"] = file.name
+            kwargs.setdefault("desc", file.name)
             super().__init__(*args, **kwargs)
             self._bytes = int(kwargs.get("initial") or 0)
-            if progress is not None:
+            if not reporting:
+                reporting.append(self)
+            self._report()
+
+        def _report(self) -> None:
+            if progress is not None and reporting and reporting[0] is self:
                 progress(file.name, self._bytes, file.size)
 
         def update(self, n: float | None = 1) -> bool | None:
             out = super().update(n)
             self._bytes += int(n or 0)
-            if progress is not None:
-                progress(file.name, self._bytes, file.size)
+            self._report()
             return out
 
     return _Bar

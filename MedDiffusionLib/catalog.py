@@ -6,12 +6,12 @@ downsample factor.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Tuple
 
 from .errors import InputError
+from .options import parse_size  # noqa: F401  (re-exported: sizes are parsed in one place)
 
 __all__ = [
     "Anatomy", "Catalog", "OFFICIAL_ANATOMIES", "OFFICIAL_CATALOG_8X", "official_catalog", "parse_size",
@@ -208,25 +208,3 @@ def official_catalog(downsample: int = 8) -> Catalog:
     if downsample == 8:
         return OFFICIAL_CATALOG_8X
     return Catalog(a.scaled(8 // downsample) for a in OFFICIAL_ANATOMIES)
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+)\s*$")
-
-
-def parse_size(text: str | Sequence[int]) -> SizeXYZ:
-    """'256x256x128' (X x Y x Z voxels) -> (256, 256, 128); also accepts '256,256,128' or a 3-sequence."""
-    if not isinstance(text, str):
-        try:
-            vals = tuple(int(v) for v in text)
-        except (TypeError, ValueError):
-            raise InputError(f"size must be 'XxYxZ' or three integers, got {text!r}") from None
-        if len(vals) != 3:
-            raise InputError(f"size must have three values (X, Y, Z), got {text!r}")
-    else:
-        m = _SIZE_RE.match(text)
-        if not m:
-            raise InputError(f"cannot read size '{text}': expected three whole numbers like 256x256x128 (X x Y x Z)")
-        vals = tuple(int(g) for g in m.groups())
-    if any(v <= 0 for v in vals):
-        raise InputError(f"size {text!r} must be positive in every direction")
-    return vals  # type: ignore[return-value]

@@ -22,6 +22,8 @@ the authors' names through `official_keys.biflownet_from_official`.
 """
 from __future__ import annotations
 
+import math
+
 import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -248,6 +250,12 @@ class BiFlowNet(nn.Module):
                 self.encoder.pos_embed.copy_(table[None].to(self.encoder.pos_embed.device))
 
     # ---- inputs ---------------------------------------------------------------------------------------------
+    @property
+    def latent_multiple(self) -> int:
+        """Every latent side must be a multiple of this: whole sub-volumes that survive the U-Net's down-sampling
+        (what `check_latent` requires)."""
+        return math.lcm(*self.sub_volume, 2 ** self.encoder.n_down)
+
     def check_latent(self, x: Tensor) -> None:
         """Raise InputError unless x is a (B, channels, D, H, W) latent this network can process."""
         if x.dim() != 5 or x.shape[1] != self.channels:

@@ -28,6 +28,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from . import __version__
 from .errors import Cancelled, MedDiffusionError
+from .options import GenerateOptions, ReconstructOptions, parse_size
+
+# Documented defaults are the library's options (the server fills in the same ones for a missing value).
+_G, _R = GenerateOptions, ReconstructOptions
 
 __all__ = ["RemoteClient", "JobWatcher", "ServerUnreachable", "AuthenticationError", "RemoteError", "JobNotFound",
            "QueueFullError", "JobFailed", "JobCancelled", "WaitTimeout"]
@@ -140,16 +144,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _parse_size(size: Union[str, Sequence[int], None]) -> Optional[list[int]]:
-    if size is None:
-        return None
-    parts = size.lower().replace("\u00d7", "x").replace(",", "x").split("x") if isinstance(size, str) else size
-    try:
-        vals = [int(v) for v in parts]
-    except (TypeError, ValueError):
-        raise ValueError(f"size must be 'XxYxZ' or three integers, got {size!r}") from None
-    if len(vals) != 3:
-        raise ValueError(f"size must have three values (X, Y, Z), got {size!r}")
-    return vals
+    return None if size is None else list(parse_size(size))
 
 
 class RemoteClient:
@@ -249,7 +244,7 @@ class RemoteClient:
     def models(self) -> dict:
         return self._request("GET", "/v1/models")
 
-    def generate(self, anatomy: str, size_xyz: Union[str, Sequence[int], None] = None, sampler: str = "dpmpp",
+    def generate(self, anatomy: str, size_xyz: Union[str, Sequence[int], None] = None, sampler: str = _G.sampler,
                  steps: Optional[int] = None, seed: Optional[int] = None,
                  hu_range: Optional[Sequence[float]] = None) -> str:
         """Queue a generation; returns the job id."""
@@ -257,9 +252,10 @@ class RemoteClient:
                 "seed": seed, "hu_range": list(hu_range) if hu_range is not None else None}
         return self._request("POST", "/v1/generate", json_body=body)["id"]
 
-    def reconstruct(self, image: Any, task: str = "sparse-ct", views: int = 30, acceleration: float = 8,
-                    mask: str = "gaussian", simulate: bool = True, sampler: str = "dpmpp",
-                    steps: Optional[int] = None, seed: Optional[int] = None, data_consistency: bool = True,
+    def reconstruct(self, image: Any, task: str = _R.task, views: int = _R.views,
+                    acceleration: float = _R.acceleration, mask: str = _R.mask, simulate: bool = _R.simulate,
+                    sampler: str = _R.sampler, steps: Optional[int] = None, seed: Optional[int] = None,
+                    data_consistency: bool = _R.data_consistency,
                     anatomy: Optional[str] = None) -> str:
         """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id.
         ``anatomy`` picks the model's anatomy (default: the server's first one of the task's modality)."""
@@ -399,9 +395,10 @@ def _form_value(v: Any) -> str:
     return str(v)
 
 
-def reconstruct_fields(task: str = "sparse-ct", views: int = 30, acceleration: float = 8, mask: str = "gaussian",
-                       simulate: bool = True, sampler: str = "dpmpp", steps: Optional[int] = None,
-                       seed: Optional[int] = None, data_consistency: bool = True,
+def reconstruct_fields(task: str = _R.task, views: int = _R.views, acceleration: float = _R.acceleration,
+                       mask: str = _R.mask, simulate: bool = _R.simulate, sampler: str = _R.sampler,
+                       steps: Optional[int] = None, seed: Optional[int] = None,
+                       data_consistency: bool = _R.data_consistency,
                        anatomy: Optional[str] = None) -> dict[str, Any]:
     """The form fields of a reconstruction request (one list for the file upload and the sliced one)."""
     return {"task": task, "views": views, "acceleration": acceleration, "mask": mask, "simulate": simulate,

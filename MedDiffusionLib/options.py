@@ -19,7 +19,8 @@ from .errors import InputError
 
 __all__ = [
     "SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SCHEDULE_LENGTH", "TASKS", "MASKS", "SEED_MAX",
-    "Bound", "OptionSpec", "GenerateOptions", "ReconstructOptions", "parse_size", "format_size", "default_steps",
+    "Bound", "OptionSpec", "TaskOptions", "GenerateOptions", "ReconstructOptions", "parse_size", "format_size",
+    "default_steps",
 ]
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
@@ -134,11 +135,11 @@ def _steps_help() -> str:
     return f"sampler steps, at most the schedule's length (default {table})"
 
 
-_T = TypeVar("_T", bound="_TaskOptions")
+_T = TypeVar("_T", bound="TaskOptions")
 
 
 @dataclass(frozen=True)
-class _TaskOptions:
+class TaskOptions:
     """Shared machinery: field specs, generic checks and bundle-dependent bounds."""
 
     TASK: ClassVar[str] = ""
@@ -175,32 +176,29 @@ class _TaskOptions:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def _bounds(self, bundle: Any) -> dict[str, Bound]:
-        """Bounds that depend on the model: steps up to the bundle's schedule length."""
-        timesteps = int(bundle.timesteps) if bundle is not None else SCHEDULE_LENGTH
-        return {"steps": Bound(1, timesteps)}
+    @classmethod
+    def check_field(cls, name: str, value: Any, timesteps: int = SCHEDULE_LENGTH) -> Any:
+        """One option's value type-, choice- and bound-checked and normalised (choices lower-cased); InputError
+        naming the option otherwise. ``timesteps``: the schedule length, the upper bound of ``steps``."""
+        spec = cls.spec(name)
+        if value is None:
+            if not spec.optional:
+                raise InputError(f"{name} is required")
+            return None
+        value = _typed(spec, value)
+        if spec.choices is not None:
+            value = value.strip().lower()
+            if value not in spec.choices:
+                raise InputError(f"unknown {name} {value!r}: choose one of {', '.join(spec.choices)}")
+        bound = Bound(1, int(timesteps)) if name == "steps" else spec.bound
+        if bound is not None and not bound.contains(value):
+            raise InputError(f"{name} must be {bound.describe()}, got {value:g}")
+        return value
 
     def _checked(self, bundle: Any) -> dict[str, Any]:
-        """Every field type-, choice- and bound-checked; returns normalised values (choices lower-cased)."""
-        bounds = self._bounds(bundle)
-        out: dict[str, Any] = {}
-        for spec in self.specs().values():
-            value = getattr(self, spec.name)
-            if value is None:
-                if not spec.optional:
-                    raise InputError(f"{spec.name} is required")
-                out[spec.name] = None
-                continue
-            value = _typed(spec, value)
-            if spec.choices is not None:
-                value = value.strip().lower()
-                if value not in spec.choices:
-                    raise InputError(f"{spec.name} must be one of {', '.join(spec.choices)}; got {value!r}")
-            bound = bounds.get(spec.name, spec.bound)
-            if bound is not None and not bound.contains(value):
-                raise InputError(f"{spec.name} must be {bound.describe()}, got {value:g}")
-            out[spec.name] = value
-        return out
+        """Every field checked by `check_field`; steps up to the bundle's schedule length."""
+        timesteps = int(bundle.timesteps) if bundle is not None else SCHEDULE_LENGTH
+        return {name: self.check_field(name, getattr(self, name), timesteps) for name in self.specs()}
 
     def steps_or_default(self, timesteps: int = SCHEDULE_LENGTH) -> int:
         """The steps to run: the given ones, else the sampler's default (at most ``timesteps``)."""
@@ -235,7 +233,7 @@ def _typed(spec: OptionSpec, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class GenerateOptions(_TaskOptions):
+class GenerateOptions(TaskOptions):
     """Unconditional generation of one anatomy (GenerationPipeline)."""
 
     TASK: ClassVar[str] = "generate"
@@ -280,12 +278,12 @@ def _hu_range(value: Any) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise InputError(f"hu_range must be two numbers (low, high), got {value!r}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise InputError(f"hu_range must be two increasing numbers (low, high), got {value!r}")
+        raise InputError(f"hu_range must be two increasing numbers (low, high), got {low:g}, {high:g}")
     return low, high
 
 
 @dataclass(frozen=True)
-class ReconstructOptions(_TaskOptions):
+class ReconstructOptions(TaskOptions):
     """Sparse-view CT / accelerated MRI reconstruction (ReconstructionPipeline)."""
 
     TASK: ClassVar[str] = "reconstruct"

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from MedDiffusionLib.client import (AuthenticationError, JobCancelled, JobNotFound, QueueFullError, RemoteClient,
                                     RemoteError, ServerUnreachable, _multipart)
+from MedDiffusionLib.errors import InputError
 from server_fixture import REPO, ServerProcess, free_port
 from server_fixture import volume as _volume
 from server_fixture import server_env as _server_env
@@ -280,7 +281,7 @@ def stub_server(model_dir, tmp_path_factory):
     app = create_app(ServerConfig(store_dir=d / "store", model_dir=str(model_dir), device="cpu", token=TOKEN,
                                   max_queue=1, max_upload_mb=1))
     svc = app.state.services
-    svc.reconstructor, svc.tasks, svc.task_modality = _echo_reconstruction, ["sparse-ct"], {"sparse-ct": "CT"}
+    svc.reconstructor, svc.tasks = _echo_reconstruction, ["sparse-ct"]
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -310,7 +311,7 @@ def test_upload_rejections(stub_server, tmp_path):
         status, body = upload(server, data, name, tmp=tmp_path)
         assert status == code and message in body["detail"], body
     ok = nrrd_bytes(volume(), tmp_path)
-    for fields, message in [({"task": "dehaze"}, "unknown reconstruction task"),
+    for fields, message in [({"task": "dehaze"}, "unknown task 'dehaze'"),
                             ({"task": "sparse-ct", "views": 0}, "views"),
                             ({"task": "sparse-ct", "colour": "red"}, "colour"),
                             ({"task": "sparse-ct", "anatomy": "mr-knee"}, "needs a CT anatomy"),
@@ -323,6 +324,35 @@ def test_upload_rejections(stub_server, tmp_path):
     with pytest.raises(RemoteError, match="above the server's limit") as err:  # the client checks first
         RemoteClient(server.url, TOKEN).reconstruct(big)
     assert err.value.status == 413
+
+
+@pytest.mark.parametrize("fields", [
+    {"acceleration": 1}, {"acceleration": 64.5}, {"steps": 0}, {"steps": 1001}, {"sampler": "euler"},
+    {"views": 2049}, {"views": 0}, {"mask": "radial"}, {"task": "pet"}, {"seed": -1},
+])
+def test_server_refuses_what_the_library_refuses(stub_server, tmp_path, fields):
+    """One rule, one message: the upload is refused with exactly the library's ReconstructOptions message."""
+    from MedDiffusionLib.options import ReconstructOptions
+
+    with pytest.raises(InputError) as err:
+        ReconstructOptions(**{"task": "sparse-ct", **fields}).validate()
+    status, body = upload(stub_server, nrrd_bytes(volume(), tmp_path), "v.nrrd", {"task": "sparse-ct", **fields},
+                          tmp=tmp_path)
+    assert status == 400 and body["detail"] == str(err.value), body
+    assert not list((stub_server.store / "uploads").iterdir())
+
+
+@pytest.mark.parametrize("body", [
+    {"steps": 0}, {"steps": 1001}, {"sampler": "euler"}, {"seed": -1}, {"seed": 2**63}, {"hu_range": [5, -5]},
+])
+def test_generate_refuses_what_the_library_refuses(stub_server, body):
+    from MedDiffusionLib.options import GenerateOptions
+
+    with pytest.raises(InputError) as err:
+        GenerateOptions(**{"anatomy": "ct-legs", **body}).validate()
+    status, _, raw = http(stub_server.url + "/v1/generate", "POST", body=json.dumps({"anatomy": "ct-legs", **body})
+                          .encode(), headers={"Content-Type": "application/json"})
+    assert status == 400 and json.loads(raw)["detail"] == str(err.value), raw
 
 
 def test_reconstruct_through_the_http_layer(stub_server):

@@ -12,6 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from MedDiffusionLib.options import (DEFAULT_SAMPLER, MASKS, SAMPLERS, SEED_MAX, GenerateOptions,
+                                     ReconstructOptions, default_steps, format_size, parse_size)
+from MedDiffusionLib.options import TASKS as _TASKS
+
 __all__ = [
     "MODULE_NAME",
     "BACKENDS",
@@ -32,13 +36,16 @@ MODULE_NAME = "MedDiffusion"
 BACKENDS = ("local", "remote")
 DEVICES = ("auto", "cpu", "cuda")
 MODALITIES = ("CT", "MR")
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
-TASKS = ("sparse-ct", "mri")
-MASKS = ("gaussian", "poisson")
-# Modality each reconstruction task works on (the library's pipelines/reconstruct.TASKS, which imports torch).
-TASK_MODALITY = {"sparse-ct": "CT", "mri": "MR"}
+# Choices, defaults and bounds of the generation and reconstruction settings come from the library's options
+# (MedDiffusionLib/options.py, no torch); Testing/test_options_agree.py checks this panel against them.
+TASKS = tuple(_TASKS)
+TASK_MODALITY = dict(_TASKS)  # modality each reconstruction task works on
 HU_OFF = "off"  # ct_hu_range value: keep generated CT as the model's [0, 1] intensities
-_SEED_MAX = 2**31 - 1
+_SEED_MAX = min(SEED_MAX, 2**31 - 2)  # the seed spin box holds a 32-bit int (its maximum is 2147483646)
+_STEPS_RANGE = GenerateOptions.spec("steps").bound.int_range()
+_VIEWS_RANGE = ReconstructOptions.spec("views").bound.int_range()
+# The panel's spin box takes whole factors: acceleration > 1 means at least 2.
+_ACCELERATION_RANGE = ReconstructOptions.spec("acceleration").bound.int_range()
 
 _log = logging.getLogger(__name__)
 
@@ -64,22 +71,22 @@ class MedDiffusionParameters:
     modality: str = field(default="CT", metadata=_meta(MODALITIES))
     anatomy: str = "ct-chest-abdomen"
     size: str = ""
-    # A fast sampler by default: 1000 DDPM steps take minutes even on a GPU.
-    sampler: str = field(default="ddim", metadata=_meta(SAMPLERS))
-    steps: int = field(default=50, metadata=_meta(lo=1, hi=1000))
+    # The library's default sampler and its default steps (a fast one: 1000 DDPM steps take minutes on a GPU).
+    sampler: str = field(default=DEFAULT_SAMPLER, metadata=_meta(SAMPLERS))
+    steps: int = field(default=default_steps(DEFAULT_SAMPLER), metadata=_meta(None, *_STEPS_RANGE))
     seed: int = field(default=0, metadata=_meta(lo=0, hi=_SEED_MAX))
     random_seed: bool = True
     # Generated CT in Hounsfield units: '' = the range the model declares, 'LOW,HIGH' = that range, 'off' = [0, 1]
     ct_hu_range: str = ""
     # Reconstruct
     input_volume_id: str = ""  # stored as a node reference, not a parameter
-    task: str = field(default="sparse-ct", metadata=_meta(TASKS))
+    task: str = field(default=ReconstructOptions.task, metadata=_meta(TASKS))
     recon_anatomy: str = ""  # '' = suggested from the input volume
-    views: int = field(default=30, metadata=_meta(lo=1, hi=2048))
-    acceleration: int = field(default=8, metadata=_meta(lo=1, hi=64))
-    mask: str = field(default="gaussian", metadata=_meta(MASKS))
-    simulate: bool = True
-    data_consistency: bool = True
+    views: int = field(default=ReconstructOptions.views, metadata=_meta(None, *_VIEWS_RANGE))
+    acceleration: int = field(default=int(ReconstructOptions.acceleration), metadata=_meta(None, *_ACCELERATION_RANGE))
+    mask: str = field(default=ReconstructOptions.mask, metadata=_meta(MASKS))
+    simulate: bool = ReconstructOptions.simulate
+    data_consistency: bool = ReconstructOptions.data_consistency
 
     def replace(self, **changes: Any) -> "MedDiffusionParameters":
         """A validated copy with `changes` applied."""
@@ -119,19 +126,6 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
         raise ValueError(f"{f.name} must be <= {meta['max']}, got {value}")
 
 
-def parse_size(text: str) -> tuple[int, int, int]:
-    """'128x128x64' (also 'X', ' ', ',' separators) -> (128, 128, 64); ValueError if not 3 positive ints."""
-    parts = text.lower().replace(",", "x").replace(" ", "x").split("x")
-    parts = [p for p in parts if p]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or any(v <= 0 for v in values):
-        raise ValueError(f"size must be three positive voxel counts written XxYxZ, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
 def parse_hu_setting(text: str) -> tuple[float, float] | str | None:
     """ct_hu_range -> None (model default), 'off', or (low, high); ValueError naming the problem."""
     text = (text or "").strip()
@@ -147,10 +141,6 @@ def parse_hu_setting(text: str) -> tuple[float, float] | str | None:
     if not low < high:
         raise ValueError(f"CT HU range must be increasing (LOW < HIGH), got {text!r}")
     return low, high
-
-
-def format_size(size_xyz: tuple[int, int, int] | list[int]) -> str:
-    return "x".join(str(int(v)) for v in size_xyz)
 
 
 def _to_text(value: Any) -> str:

@@ -2,9 +2,31 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Any, Optional
 
+from ..options import TaskOptions
 from ..pipelines.progress import ProgressInfo
+
+
+def _choice(text: str) -> str:
+    return text.strip().lower()
+
+
+def add_option(parser: Any, options: type[TaskOptions], name: str, *flags: str, **overrides: Any) -> None:
+    """An argument for option ``name`` of ``options`` (GenerateOptions, ReconstructOptions) with the type,
+    choices, default and help of the options object, so that the command line cannot drift from the library.
+    Choices and bounds are checked by the options' ``validate`` (the same message as the server and pipelines)."""
+    spec = options.spec(name)
+    kw: dict[str, Any] = {"dest": name, "default": spec.default, "help": spec.help}
+    if spec.choices:  # listed, not argparse choices: `validate` refuses with the message everywhere else uses
+        kw.update(type=_choice, metavar="{" + ",".join(spec.choices) + "}")
+    elif spec.kind in (int, float):
+        kw["type"] = spec.kind
+    if spec.default is not None:
+        kw["help"] += f" (default {spec.default:g})" if isinstance(spec.default, float) else \
+            f" (default {spec.default})"
+    kw.update(overrides)
+    parser.add_argument(*(flags or ("--" + name.replace("_", "-"),)), **kw)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

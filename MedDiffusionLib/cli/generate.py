@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .common import TqdmProgress, add_model_args, load_bundle_from_args
+from ..options import GenerateOptions
+from .common import TqdmProgress, add_model_args, add_option, load_bundle_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,11 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate a synthetic 3D volume of one anatomy. Sizes are voxels X x Y x Z.")
     p.add_argument("--anatomy", required=True, help="e.g. ct-chest-abdomen (see `meddiffusion anatomies`)")
     p.add_argument("--size", help="output size XxYxZ (default: the anatomy's first size)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="dpmpp")
-    p.add_argument("--steps", type=int, help="sampler steps (default 1000 ddpm, 100 ddim, 50 dpmpp)")
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    p.add_argument("--hu-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="CT only: map the model's [0,1] intensities to this HU range")
+    for name in ("sampler", "steps", "seed"):
+        add_option(p, GenerateOptions, name)
+    add_option(p, GenerateOptions, "hu_range", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--out", required=True, help="output volume (.nrrd, .nii.gz, .nii, .mha)")
     p.add_argument("--preview", metavar="PNG", help="also write three orthogonal mid-slices as PNG")
     p.add_argument("--decode-budget-gb", type=float,
@@ -29,14 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from ..errors import InputError
     from ..io.atomic import check_writable
     from ..io.preview import save_preview
     from ..io.volumes import write_volume
     from ..pipelines.generate import GenerationPipeline
 
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    # Refused before the model loads; the pipeline checks again against the model (grid, anatomy, schedule).
+    GenerateOptions(anatomy=args.anatomy, size_xyz=args.size, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                    hu_range=args.hu_range).validate()
     check_writable(args.out)
     if args.preview:
         check_writable(args.preview)

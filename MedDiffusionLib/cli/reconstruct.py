@@ -7,27 +7,20 @@ import math
 import warnings
 from typing import Any, Optional
 
-from .common import TqdmProgress, add_model_args, load_bundle_from_args
+from ..options import TASKS, ReconstructOptions
+from .common import TqdmProgress, add_model_args, add_option, load_bundle_from_args
 
-TASK_HELP = "sparse-ct (sparse-view CT) or mri (undersampled MRI)"
 # Evaluation phantoms use seeds from here on; training phantom seeds stay below it (see Training/configs).
 EVAL_SEED_BASE = 10_000
 
 
 def _add_physics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help=TASK_HELP)
-    p.add_argument("--anatomy", help="anatomy prior (default: the model's first anatomy of the task's modality)")
-    p.add_argument("--views", type=int, default=30, help="sparse-ct: projection angles over 180 degrees (default 30)")
-    p.add_argument("--noise-photons", type=float, metavar="N",
-                   help="sparse-ct: add Poisson noise with N incident photons per ray (default: noise-free)")
-    p.add_argument("--acceleration", type=float, default=8, help="mri: undersampling factor R (default 8)")
-    p.add_argument("--mask", choices=("gaussian", "poisson"), default="gaussian",
-                   help="mri: 1D Gaussian variable-density lines or 2D Poisson disc (default gaussian)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"), default="dpmpp")
-    p.add_argument("--steps", type=int, help="sampler steps (default 1000 ddpm, 100 ddim, 50 dpmpp)")
-    p.add_argument("--dc-weight", type=float, default=1.0, help="data-consistency strength in [0, 1] (default 1)")
-    p.add_argument("--dc-every", type=int, help="latent data consistency every K sampler steps (default: ~4 per "
-                   "run; 0: only the final image-space step)")
+    add_option(p, ReconstructOptions, "task", required=True)
+    add_option(p, ReconstructOptions, "anatomy")
+    add_option(p, ReconstructOptions, "views")
+    add_option(p, ReconstructOptions, "noise_photons", metavar="N")
+    for name in ("acceleration", "mask", "sampler", "steps", "dc_weight", "dc_every"):
+        add_option(p, ReconstructOptions, name)
     p.add_argument("--decode-budget-gb", type=float, help="memory budget of one decoding tile")
     p.add_argument("--controlnet", metavar="PATH", help="use this ControlNet file for --task (default: the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--already-degraded", action="store_true",
                    help="the input is an FBP / zero-filled image: nothing is simulated")
     p.add_argument("--no-data-consistency", action="store_true", help="ControlNet prior only, no data consistency")
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    add_option(p, ReconstructOptions, "seed")
     p.add_argument("--json", metavar="PATH", help="also write the run's settings and metrics as JSON")
     _add_physics_args(p)
     p.set_defaults(func=run_reconstruct)
@@ -67,22 +60,13 @@ def _pipeline(args: argparse.Namespace):
 
     bundle = load_bundle_from_args(args)
     if args.controlnet:
-        task = str(args.task).strip().lower()
-        bundle.controlnets = {**bundle.controlnets, task: load_any_controlnet(args.controlnet)}
+        bundle.controlnets = {**bundle.controlnets, args.task: load_any_controlnet(args.controlnet)}
     return ReconstructionPipeline(bundle, args.device, decode_budget_gb=args.decode_budget_gb)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from ..errors import InputError
-    from ..pipelines.consistency import TASKS
-
-    args.task = str(args.task).strip().lower()
-    if args.task not in TASKS:
-        raise InputError(f"unknown task '{args.task}'; choose one of {', '.join(TASKS)}")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if args.views < 1:
-        raise InputError(f"--views must be at least 1, got {args.views}")
+    """Refuse bad values before the model loads (the pipeline checks again against the model)."""
+    args.task = ReconstructOptions(**_options(args)).validate().task
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +140,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _eval_anatomies(bundle, task: str, anatomy: Optional[str]) -> list:
     from ..data.phantoms import ANATOMIES
     from ..errors import InputError
-    from ..pipelines.consistency import TASKS
 
     modality = TASKS[task]
     if anatomy:

@@ -9,9 +9,8 @@ import torch
 
 from ..diffusion import GaussianDiffusion, make_sampler
 from ..errors import InputError
+from ..options import GenerateOptions, default_steps
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
-
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 100, "dpmpp": 50}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -28,20 +27,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_seed(seed: Optional[int]) -> int:
-    if seed is None:
-        return secrets.randbelow(2**31 - 1)
-    if not 0 <= int(seed) < 2**63:
-        raise InputError(f"seed must be a non-negative integer, got {seed}")
-    return int(seed)
+    """The given seed (checked against the options' seed range), else a random one to report."""
+    seed = GenerateOptions.check_field("seed", seed)
+    return secrets.randbelow(2**31 - 1) if seed is None else int(seed)
 
 
 def resolve_steps(sampler: str, steps: Optional[int], timesteps: int) -> int:
-    if sampler not in DEFAULT_STEPS:
-        raise InputError(f"unknown sampler '{sampler}': choose one of {', '.join(DEFAULT_STEPS)}")
-    steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
-    if not 1 <= steps <= timesteps:
-        raise InputError(f"steps must be between 1 and {timesteps}, got {steps}")
-    return steps
+    """The steps to run: checked against the schedule's length, else the sampler's default (options.DEFAULT_STEPS)."""
+    sampler = GenerateOptions.check_field("sampler", sampler)
+    steps = GenerateOptions.check_field("steps", steps, timesteps)
+    return default_steps(sampler, timesteps) if steps is None else int(steps)
 
 
 def normalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Unconditional generation: noise -> BiFlowNet sampling -> de-normalise -> quantize -> tiled decode -> image."""
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,12 +35,8 @@ class GenerationResult:
 
 
 def latent_multiple(denoiser: torch.nn.Module) -> int:
-    """Latent sizes must split into whole sub-volumes and survive the U-Net's down-sampling."""
-    cfg = getattr(denoiser, "config", {})
-    sub = cfg.get("sub_volume_size", 8)
-    sub = max(sub) if isinstance(sub, (list, tuple)) else int(sub)
-    n_down = max(len(cfg.get("dim_mults", (1, 1, 2, 4, 8))) - 2, 0)
-    return math.lcm(sub, 2**n_down)
+    """Latent sides must be multiples of this (a fact of the denoiser: BiFlowNet.latent_multiple)."""
+    return int(denoiser.latent_multiple)
 
 
 def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multiple: int) -> tuple[int, int, int]:

@@ -22,11 +22,11 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import InputError, MedDiffusionError
-from ..pipelines.common import DEFAULT_STEPS
-from ..pipelines.generate import GenerationPipeline, latent_multiple
+from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps
+from ..pipelines.generate import GenerationPipeline
 from .jobs import JobManager, QueueFull, RunOutput
-from .schemas import (SAMPLERS, AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus,
-                      Limits, ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
+from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus, Limits,
+                      ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
 from .security import TokenVerifier, check_startup_security
 from .store import JobRecord, JobStore
 from .uploads import UploadError, read_stored_volume, receive_multipart, store_upload
@@ -62,7 +62,6 @@ class Services:
         self.bundle = config.bundle if config.bundle is not None else load_bundle(config.model_dir)
         self.generator = GenerationPipeline(self.bundle, config.device)
         self.device = str(self.generator.device)
-        self.task_modality: dict[str, str] = {}  # reconstruction task -> modality of its anatomies
         self.reconstructor, self.recon_reason = self._build_reconstructor()
         self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
         self.verifier = TokenVerifier(config.token)
@@ -78,16 +77,13 @@ class Services:
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
 
     def _build_reconstructor(self) -> tuple[Any, str]:
-        # Generation must keep working when reconstruction cannot be offered (module or ControlNets missing).
-        try:
-            from ..pipelines.reconstruct import TASKS, ReconstructionPipeline
-        except ImportError as exc:
-            log.warning("reconstruction disabled: %s", exc)
-            return None, "reconstruction is not available in this server build"
-        self.task_modality = dict(TASKS)
+        # Generation keeps working when the model's ControlNets do not fit its denoiser (a CheckpointError);
+        # any other error is a bug and must not be hidden behind "not available".
+        from ..pipelines.reconstruct import ReconstructionPipeline
+
         try:
             return ReconstructionPipeline(self.bundle, self.generator.device), ""
-        except Exception as exc:
+        except MedDiffusionError as exc:
             log.warning("reconstruction disabled: %s", exc)
             return None, f"reconstruction is not available with this model: {exc}"
 
@@ -257,7 +253,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         limits = Limits(max_queue=config.max_queue, max_upload_mb=config.max_upload_mb, max_voxels=config.max_voxels,
                         result_ttl_hours=config.result_ttl_hours, max_steps=svc.generator.diffusion.timesteps)
         return ModelsResponse(model=b.name, device=svc.device, downsample=b.downsample, anatomies=anatomies,
-                              samplers=list(SAMPLERS), default_steps=dict(DEFAULT_STEPS), tasks=svc.tasks,
+                              samplers=list(SAMPLERS),
+                              default_steps={s: default_steps(s, b.timesteps) for s in SAMPLERS}, tasks=svc.tasks,
                               reconstruct_available=svc.reconstructor is not None, limits=limits)
 
     @api.get("/models/available", response_model=AvailableModelsResponse)
@@ -274,19 +271,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @api.post("/generate", status_code=202, response_model=JobStatus)
     async def generate(req: GenerateRequest) -> JobStatus:
-        entry = svc.bundle.catalog.get(req.anatomy)  # InputError (400) lists the valid names
-        if req.hu_range is not None and entry.modality != "CT":
-            raise InputError(f"an HU range only applies to CT; {entry.name} is {entry.modality}")
-        if req.size_xyz is not None:
-            step = svc.bundle.downsample * latent_multiple(svc.generator.denoiser)
-            if any(s % step for s in req.size_xyz):
-                raise InputError(f"size {'x'.join(map(str, req.size_xyz))} does not fit the model's grid: every "
-                                 f"side must be a multiple of {step} voxels")
-            if math.prod(req.size_xyz) > config.max_voxels:
-                raise InputError(f"size {'x'.join(map(str, req.size_xyz))} exceeds the server's limit of "
-                                 f"{config.max_voxels} voxels")
-        params = req.model_dump()
-        params["anatomy"] = entry.name
+        # The library's checks against this model (anatomy, grid, HU range, steps): InputError -> 400.
+        opts = GenerateOptions.from_mapping(req.model_dump()).validate(svc.bundle)
+        if opts.size_xyz is not None and math.prod(opts.size_xyz) > config.max_voxels:
+            raise InputError(f"size {'x'.join(map(str, opts.size_xyz))} exceeds the server's limit of "
+                             f"{config.max_voxels} voxels")
+        params = opts.as_dict()
         # In a worker thread: submitting writes (and fsyncs) the job record.
         return svc.status(await run_in_threadpool(svc.manager.submit, "generate", params))
 
@@ -303,18 +293,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                 params = ReconstructParams.model_validate(_form_to_params(up.fields))
             except ValidationError as exc:
                 raise UploadError(400, _validation_message(exc.errors())) from None
-            if params.task not in svc.tasks:
-                raise InputError(f"unknown reconstruction task '{params.task}'; this model offers: "
-                                 f"{', '.join(svc.tasks) or 'none (it has no ControlNets)'}")
-            if params.anatomy is not None:
-                entry = svc.bundle.catalog.get(params.anatomy)
-                modality = svc.task_modality.get(params.task)
-                if modality and entry.modality != modality:
-                    raise InputError(f"anatomy '{entry.name}' is {entry.modality}; task '{params.task}' needs a "
-                                     f"{modality} anatomy")
-                params.anatomy = entry.name
+            # The library's checks against this model (task, anatomy, bounds) before the upload is stored.
+            opts = ReconstructOptions.from_mapping(params.model_dump()).validate(svc.bundle)
             path, suffix = await run_in_threadpool(store_upload, up, config.max_voxels)
-            rec = await run_in_threadpool(svc.manager.submit, "reconstruct", params.model_dump(), path, suffix)
+            rec = await run_in_threadpool(svc.manager.submit, "reconstruct",
+                                     {k: getattr(opts, k) for k in params.model_dump()}, path, suffix)
         except BaseException:
             up.discard()
             raise

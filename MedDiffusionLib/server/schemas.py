@@ -4,54 +4,57 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-Sampler = Literal["ddpm", "ddim", "dpmpp"]
+from ..options import SCHEDULE_LENGTH, GenerateOptions, OptionSpec, ReconstructOptions
+
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
-MAX_STEPS = 1000  # the diffusion schedule's length
+
+_GENERATE = GenerateOptions.specs()
+_RECONSTRUCT = ReconstructOptions.specs()
+
+
+def _option(spec: OptionSpec, **constraints: Any) -> Any:
+    """A field with the option's default and help, its choices and bounds in the JSON schema. The values are
+    checked by the options' `validate` (in the endpoints), so the server refuses exactly what the library
+    refuses, with the same message; pydantic only checks the types (and lengths, against huge strings)."""
+    schema: dict[str, Any] = {}
+    if spec.choices:
+        schema["enum"] = list(spec.choices)
+    if spec.bound is not None:
+        if spec.bound.low is not None:
+            schema["exclusiveMinimum" if spec.bound.low_open else "minimum"] = spec.bound.low
+        if spec.bound.high is not None:
+            schema["maximum"] = spec.bound.high
+    return Field(spec.default, description=spec.help, json_schema_extra=schema or None, **constraints)
 
 
 class GenerateRequest(BaseModel):
+    """The body of POST /v1/generate: the server's subset of `GenerateOptions`."""
     model_config = ConfigDict(extra="forbid")  # a typo in a field name is an error, not a silent default
 
-    anatomy: str = Field(min_length=1, max_length=64)
-    size_xyz: Optional[tuple[int, int, int]] = Field(None, description="voxels X, Y, Z; default: the anatomy's "
-                                                     "first trained size")
-    sampler: Sampler = "dpmpp"
-    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    hu_range: Optional[tuple[float, float]] = Field(None, description="CT only: HU of intensities 0 and 1")
-
-    @field_validator("size_xyz")
-    @classmethod
-    def _positive(cls, v: Optional[tuple[int, int, int]]) -> Optional[tuple[int, int, int]]:
-        if v is not None and any(s <= 0 for s in v):
-            raise ValueError("every side must be a positive number of voxels")
-        return v
-
-    @field_validator("hu_range")
-    @classmethod
-    def _increasing(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
-        if v is not None and not v[0] < v[1]:
-            raise ValueError("must be two increasing numbers (low, high)")
-        return v
+    anatomy: str = Field(min_length=1, max_length=64, description=_GENERATE["anatomy"].help)
+    size_xyz: Optional[tuple[int, int, int]] = _option(_GENERATE["size_xyz"])
+    sampler: str = _option(_GENERATE["sampler"], max_length=16)
+    steps: Optional[int] = _option(_GENERATE["steps"])
+    seed: Optional[int] = _option(_GENERATE["seed"])
+    hu_range: Optional[tuple[float, float]] = _option(_GENERATE["hu_range"])
 
 
 class ReconstructParams(BaseModel):
-    """The form fields sent with the uploaded volume."""
+    """The form fields sent with the uploaded volume: the server's subset of `ReconstructOptions`."""
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field("sparse-ct", min_length=1, max_length=64)
-    anatomy: Optional[str] = Field(None, max_length=64, description="default: the first of the task's modality")
-    views: int = Field(30, ge=1, le=2000)
-    acceleration: float = Field(8, ge=1, le=64)
-    mask: Literal["gaussian", "poisson"] = "gaussian"
-    simulate: bool = True
-    sampler: Sampler = "dpmpp"
-    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    data_consistency: bool = True
+    task: str = _option(_RECONSTRUCT["task"], min_length=1, max_length=64)
+    anatomy: Optional[str] = _option(_RECONSTRUCT["anatomy"], max_length=64)
+    views: int = _option(_RECONSTRUCT["views"])
+    acceleration: float = _option(_RECONSTRUCT["acceleration"])
+    mask: str = _option(_RECONSTRUCT["mask"], max_length=16)
+    simulate: bool = _option(_RECONSTRUCT["simulate"])
+    sampler: str = _option(_RECONSTRUCT["sampler"], max_length=16)
+    steps: Optional[int] = _option(_RECONSTRUCT["steps"])
+    seed: Optional[int] = _option(_RECONSTRUCT["seed"])
+    data_consistency: bool = _option(_RECONSTRUCT["data_consistency"])
 
 
 class AnatomyInfo(BaseModel):
@@ -68,7 +71,7 @@ class Limits(BaseModel):
     max_upload_mb: float
     max_voxels: int
     result_ttl_hours: float
-    max_steps: int = MAX_STEPS
+    max_steps: int = SCHEDULE_LENGTH
 
 
 class ModelsResponse(BaseModel):

@@ -39,6 +39,7 @@ from slicer.util import VTKObservationMixin  # noqa: E402
 from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
 from MedDiffusionLogic.backends import AnatomyChoice  # noqa: E402
 from MedDiffusionLogic.logic import MedDiffusionLogic, suggest_anatomy  # noqa: E402
+from MedDiffusionLogic.model_downloads import DownloadFlow, ModelChoice, launcher, model_choices  # noqa: E402
 from MedDiffusionLogic.parameters import (  # noqa: E402
     DEVICES, MASKS, MODALITIES, SAMPLERS, TASK_MODALITY, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
     format_size)
@@ -52,6 +53,9 @@ except ImportError:  # Slicer < 5.4
 
 # The timer drives jobs: each tick is one short step (a status request, or ~0.1 s of transfer).
 POLL_INTERVAL_MS = 100
+DOWNLOAD_POLL_MS = 250          # a model download reports through a file; four reads a second are plenty
+CUSTOM_MODEL = ""               # the model list's last entry: the folder or files below it
+LAST_MODEL_SETTING = "MedDiffusion/lastModel"   # the model chosen last, for new scenes
 
 
 class MedDiffusion(ScriptedLoadableModule):
@@ -87,6 +91,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._tokens: TokenStore | None = None
         self._trust: ServerTrust | None = None
+        self._modelChoices: list[ModelChoice] = []
+        self._download: DownloadFlow | None = None
+        self._downloadTimer = None
 
     # ------------------------------------------------------------------ setup and lifetime
 
@@ -104,6 +111,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onPoll)
+        self._downloadTimer = qt.QTimer()
+        self._downloadTimer.setInterval(DOWNLOAD_POLL_MS)
+        self._downloadTimer.connect("timeout()", self._onDownloadPoll)
         # The local server stops with Slicer (its child also exits by itself when Slicer's end of its stdin pipe
         # closes, e.g. after a crash).
         slicer.app.connect("aboutToQuit()", self.logic.stop_server)
@@ -114,7 +124,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         ui = self.ui
-        for radio in (ui.localRadioButton, ui.remoteRadioButton, ui.useDemoModelCheckBox, ui.randomSeedCheckBox,
+        for radio in (ui.localRadioButton, ui.remoteRadioButton, ui.randomSeedCheckBox,
                       ui.simulateRadioButton, ui.degradedRadioButton, ui.dataConsistencyCheckBox):
             radio.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         for combo in (ui.deviceComboBox, ui.samplerComboBox, ui.maskComboBox, ui.sizeComboBox,
@@ -129,7 +139,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.huRangeLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
         for path in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
             path.connect("currentPathChanged(QString)", self.onModelChanged)
-        ui.useDemoModelCheckBox.connect("toggled(bool)", self.onModelChanged)
+        ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChoiceChanged)
+        ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         ui.remoteRadioButton.connect("toggled(bool)", self.onModelChanged)
         ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
@@ -140,13 +151,18 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
         ui.showServerLogButton.connect("clicked(bool)", self.onShowServerLog)
 
+        self._fillModelChoices()
         self.initializeParameterNode()
+        self._applyRememberedModel()
         self._refreshModelLists(quiet=True)
 
     def cleanup(self) -> None:
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
+        if self._download is not None:
+            self._downloadTimer.stop()
+            self._download.cancel()
         if self.logic is not None:
             self.logic.stop_server()
 
@@ -215,7 +231,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.deviceComboBox.currentIndex = DEVICES.index(p.device)
             ui.serverUrlLineEdit.text = p.server_url
             ui.tokenLineEdit.text = self._tokens.get(p.server_url) if self._tokens else ""
-            ui.useDemoModelCheckBox.checked = p.use_demo_model
+            self._selectModelChoice(p)
             ui.bundlePathLineEdit.currentPath = p.bundle_dir
             ui.autoencoderPathLineEdit.currentPath = p.autoencoder_path
             ui.denoiserPathLineEdit.currentPath = p.denoiser_path
@@ -245,9 +261,15 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         remote = p.backend == "remote"
         ui.deviceComboBox.enabled = not remote
         ui.serverUrlLineEdit.enabled = ui.tokenLineEdit.enabled = remote
+        custom = not p.use_demo_model and not p.model_name
         for widget in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
-            widget.enabled = not remote and not p.use_demo_model
-        ui.useDemoModelCheckBox.enabled = not remote
+            widget.enabled = not remote and custom
+        ui.modelComboBox.enabled = not remote and self._download is None
+        choice = self._currentModelChoice()
+        ui.downloadModelButton.enabled = self._download is not None or (
+            not remote and choice is not None and choice.downloadable)
+        ui.modelInfoLabel.text = (_("The remote server uses its own model.") if remote else
+                                  choice.info if choice is not None else "")
         ui.seedSpinBox.enabled = not p.random_seed
         ui.huRangeLineEdit.enabled = p.modality == "CT"
         sparse_ct = p.task == "sparse-ct"
@@ -281,7 +303,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             backend="remote" if ui.remoteRadioButton.checked else "local",
             device=DEVICES[max(ui.deviceComboBox.currentIndex, 0)],
             server_url=ui.serverUrlLineEdit.text.strip(),
-            use_demo_model=ui.useDemoModelCheckBox.checked,
+            use_demo_model=self._modelChoiceName() == "demo",
+            model_name="" if self._modelChoiceName() in ("demo", CUSTOM_MODEL) else self._modelChoiceName(),
             bundle_dir=ui.bundlePathLineEdit.currentPath,
             autoencoder_path=ui.autoencoderPathLineEdit.currentPath,
             denoiser_path=ui.denoiserPathLineEdit.currentPath,
@@ -351,6 +374,119 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.updateParameterNodeFromGUI()
         self._refreshModelLists(quiet=True)
+
+    # ------------------------------------------------------------------ model list and downloads
+
+    def _fillModelChoices(self) -> None:
+        """The registry's models (library: one list for the CLI, the server and this panel), then 'Custom'."""
+        try:
+            self._modelChoices = model_choices()
+        except Exception as exc:  # an unreadable registry file: say so, keep the panel usable
+            self._modelChoices = []
+            self.ui.statusLabel.text = _("Model list unavailable: {reason}").format(reason=exc)
+        combo = self.ui.modelComboBox
+        was = combo.blockSignals(True)
+        combo.clear()
+        for choice in self._modelChoices:
+            combo.addItem(choice.label, choice.name)
+        combo.addItem(_("Custom: the folder or files below"), CUSTOM_MODEL)
+        combo.blockSignals(was)
+
+    def _modelChoiceName(self) -> str:
+        combo = self.ui.modelComboBox
+        data = combo.itemData(combo.currentIndex) if combo.currentIndex >= 0 else "demo"
+        return str(data) if data is not None else CUSTOM_MODEL
+
+    def _currentModelChoice(self) -> ModelChoice | None:
+        name = self._modelChoiceName()
+        return next((c for c in self._modelChoices if c.name == name), None)
+
+    def _selectModelChoice(self, p: MedDiffusionParameters) -> None:
+        name = "demo" if p.use_demo_model else (p.model_name or CUSTOM_MODEL)
+        combo = self.ui.modelComboBox
+        index = combo.findData(name)
+        if index < 0:  # a name saved in a scene that this computer does not know: show it, marked
+            combo.insertItem(combo.count - 1, _("{name} (not on this computer)").format(name=name), name)
+            index = combo.findData(name)
+        was = combo.blockSignals(True)
+        combo.currentIndex = index
+        combo.blockSignals(was)
+
+    def _applyRememberedModel(self) -> None:
+        """A new scene starts with the model chosen last (if it is still here); a saved scene keeps its own."""
+        remembered = str(qt.QSettings().value(LAST_MODEL_SETTING, "") or "")
+        p = self._parameterNode.read() if self._parameterNode is not None else None
+        fresh = p is not None and p.use_demo_model and not p.model_name
+        if fresh and remembered and remembered != "demo" and any(
+                c.name == remembered and c.available for c in self._modelChoices):
+            self._parameterNode.update(use_demo_model=False, model_name=remembered)
+
+    def onModelChoiceChanged(self, index: int) -> None:
+        if self._updatingGUI:
+            return
+        name = self._modelChoiceName()
+        if name != CUSTOM_MODEL:
+            qt.QSettings().setValue(LAST_MODEL_SETTING, name)
+        self.onModelChanged()
+
+    def onDownloadModel(self) -> None:
+        if self._download is not None:  # the button cancels a running download
+            self._download.cancel()
+            self._finishDownload(_("Download cancelled."))
+            return
+        choice = self._currentModelChoice()
+        if choice is None or not choice.downloadable:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the download."), waitCursor=True):
+            dependencies.ensure_dependencies("local")  # huggingface_hub and the converter's packages
+            self._download = DownloadFlow(choice.name, launcher())
+            self.ui.downloadModelButton.text = _("Cancel download")
+            self.ui.downloadProgressBar.visible = True
+            self.ui.downloadProgressBar.setRange(0, 0)
+            self._updateEnabledState(self._parameterNode.read())
+            self._downloadTimer.start()
+
+    def _onDownloadPoll(self) -> None:
+        flow = self._download
+        if flow is None:
+            self._downloadTimer.stop()
+            return
+        event = flow.step()
+        bar = self.ui.downloadProgressBar
+        if event.kind == "working":
+            if event.fraction is None:
+                bar.setRange(0, 0)
+            else:
+                bar.setRange(0, 1000)
+                bar.setValue(int(event.fraction * 1000))
+            self.ui.modelInfoLabel.text = event.text
+        elif event.kind == "confirm":
+            self._downloadTimer.stop()  # no ticks while the question is open
+            flow.consent(slicer.util.confirmOkCancelDisplay(event.text, windowTitle=_("Download a model")))
+            if flow.active:
+                self._downloadTimer.start()
+            else:
+                self._finishDownload(_("Nothing was downloaded."))
+        elif event.kind == "done":
+            self._finishDownload(event.text, select=flow.name)
+        elif event.kind == "error":
+            self._finishDownload(_("Download failed."))
+            slicer.util.errorDisplay(event.text, windowTitle=_("MedDiffusion"))
+        else:
+            self._finishDownload(event.text)
+
+    def _finishDownload(self, text: str, select: str = "") -> None:
+        self._downloadTimer.stop()
+        self._download = None
+        self.ui.downloadModelButton.text = _("Download")
+        self.ui.downloadProgressBar.visible = False
+        self._fillModelChoices()
+        if select and self._parameterNode is not None:
+            qt.QSettings().setValue(LAST_MODEL_SETTING, select)
+            self._parameterNode.update(use_demo_model=False, model_name=select)
+        self.updateGUIFromParameterNode()
+        self._refreshModelLists(quiet=True)
+        self.ui.statusLabel.text = text
 
     # ------------------------------------------------------------------ anatomy and size lists
 

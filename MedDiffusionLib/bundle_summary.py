@@ -17,8 +17,9 @@ from typing import Any, Optional
 from .catalog import Catalog, official_catalog
 from .errors import CheckpointError, InputError
 
-__all__ = ["BundleSummary", "demo_bundle_dir", "DEMO_ENV", "summarize_bundle", "summarize_official", "HU_RANGE_KEY", "OFFICIAL_HU_RANGE"]
+__all__ = ["BundleSummary", "demo_bundle_dir", "DEMO_ENV", "MANIFEST", "summarize_bundle", "summarize_official", "HU_RANGE_KEY", "OFFICIAL_HU_RANGE"]
 
+MANIFEST = "model.yaml"                # a bundle is a folder with this file (checkpoints/bundle.py)
 HU_RANGE_KEY = "hu_range"              # model.yaml: HU of the intensities 0 and 1 of generated CT
 # The authors normalise CT from [-1000, 1000] HU (their data preparation clips to that window).
 OFFICIAL_HU_RANGE = (-1000.0, 1000.0)
@@ -88,7 +89,7 @@ def parse_hu_range(value: Any, where: str = "hu_range") -> Optional[tuple[float,
 def summarize_bundle(path: str | Path) -> BundleSummary:
     """Anatomies, sizes and HU range of the bundle folder (or model.yaml) at ``path``."""
     p = Path(path).expanduser()
-    manifest = p / "model.yaml" if p.is_dir() else p
+    manifest = p / MANIFEST if p.is_dir() else p
     try:
         if manifest.stat().st_size > MAX_MANIFEST_BYTES:
             raise CheckpointError(f"'{manifest}' is too large to be a model.yaml")

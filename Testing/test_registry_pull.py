@@ -70,7 +70,7 @@ def test_pull_shows_size_asks_consent_and_converts(hub: FakeHub, official_bytes:
     folder = tmp_path / "models" / "official-8x"
     assert resolve_model("official-8x") == folder
     manifest = yaml.safe_load((folder / "model.yaml").read_text())
-    assert manifest["name"] == "official-8x"
+    assert manifest["name"] == "official-8x" and manifest["hu_range"] == [-1000.0, 1000.0]
     # No pickle in the bundle: only safetensors weights (and model.yaml, source.json).
     assert sorted(p.name for p in folder.iterdir()) == ["autoencoder.safetensors", "denoiser.safetensors",
                                                         "model.yaml", "source.json"]

@@ -73,11 +73,13 @@ def model_args(params: MedDiffusionParameters) -> tuple[str, ...]:
 
     if params.use_demo_model:
         return ()
+    if params.model_name:
+        return ("--model", params.model_name)  # the server child resolves it through the same registry
     if params.bundle_dir:
         return ("--model", params.bundle_dir)
     if params.autoencoder_path and params.denoiser_path:
         return ("--autoencoder", params.autoencoder_path, "--denoiser", params.denoiser_path)
-    raise InputError("no model selected: tick 'use bundled demo model', or choose a bundle folder, or both an "
+    raise InputError("no model selected: choose one in the Models section, or a bundle folder, or both an "
                      "autoencoder and a denoiser checkpoint")
 
 
@@ -161,7 +163,9 @@ class LocalBackend:
             if not args:
                 summary = summarize_bundle(demo_bundle_dir())
             elif args[0] == "--model":
-                summary = summarize_bundle(args[1])
+                from .model_downloads import model_folder
+
+                summary = summarize_bundle(model_folder(args[1]))
             else:
                 summary = summarize_official()
             self._summaries = {args: ModelSummary(anatomy_choices(summary.catalog, summary.downsample),

@@ -38,6 +38,7 @@ LOCAL_REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("safetensors", "safetensors>=0.4"),
     ("yaml", "PyYAML>=6.0"),
     ("tqdm", "tqdm>=4.60"),
+    ("huggingface_hub", "huggingface_hub>=0.30"),  # downloading the published models (Models section)
     # The local backend runs jobs in a `meddiffusion serve` child process (local_server.py).
     ("fastapi", "fastapi>=0.110"),
     ("uvicorn", "uvicorn>=0.27"),

@@ -62,8 +62,10 @@ class MedDiffusionParameters:
     backend: str = field(default="local", metadata=_meta(BACKENDS))
     device: str = field(default="auto", metadata=_meta(DEVICES))
     server_url: str = "http://127.0.0.1:8000"
-    # Models: the bundled demo model unless switched off; then a bundle folder, else the two checkpoint files.
+    # Models: the bundled demo model unless switched off; then a registered model by name (`meddiffusion models
+    # list`: official-8x once downloaded, the user's own), else a bundle folder, else the two checkpoint files.
     use_demo_model: bool = True
+    model_name: str = ""
     bundle_dir: str = ""
     autoencoder_path: str = ""
     denoiser_path: str = ""

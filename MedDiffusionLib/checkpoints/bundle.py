@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..bundle_summary import DEMO_ENV, demo_bundle_dir
+from ..bundle_summary import DEMO_ENV, MANIFEST, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
 from ..errors import CheckpointError, InputError
 from .native import load_any_autoencoder, load_any_controlnet, load_any_denoiser, save_network
@@ -42,7 +42,6 @@ __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", 
 
 BUNDLE_FORMAT = "meddiffusion-bundle"
 BUNDLE_VERSION = 1
-MANIFEST = "model.yaml"
 CONTROLNET_TASKS = ("sparse-ct", "mri")
 
 

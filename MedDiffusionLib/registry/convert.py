@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..errors import CheckpointError, InputError
 
@@ -80,12 +79,16 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
                       dest: str | os.PathLike[str], name: str, expect: ExpectedConfig = ExpectedConfig(),
                       source: Mapping[str, Any] | None = None, description: str = "",
                       labels: tuple[str, str] | None = None,
-                      on_stage: Callable[[str], None] | None = None) -> Path:
+                      on_stage: Callable[[str], None] | None = None,
+                      manifest_extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``dest`` (model.yaml + autoencoder/denoiser safetensors [+ source.json]); all or nothing.
 
-    ``labels`` name the files in messages (e.g. the Hub path instead of a cache path). The folder is assembled
+    ``labels`` name the files in messages (e.g. the Hub path instead of a cache path); ``manifest_extra`` adds
+    model.yaml entries (e.g. the HU range of generated CT). The folder is assembled
     beside ``dest`` under a temporary name and renamed into place, so a killed conversion leaves no half model.
     """
+    import yaml
+
     from ..checkpoints.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, load_bundle
     from ..io.atomic import atomic_write_text
 
@@ -115,6 +118,7 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
         }
         if description:
             manifest["description"] = description
+        manifest.update(manifest_extra or {})
         if source is not None:
             record = {**source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             atomic_write_text(tmp / SOURCE_FILE, json.dumps(record, indent=2, sort_keys=True))

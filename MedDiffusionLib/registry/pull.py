@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bundle_summary import HU_RANGE_KEY, OFFICIAL_HU_RANGE
 from ..errors import InputError
 from .convert import ExpectedConfig, convert_to_bundle
 from .hub import HubError, RemoteFile, RepoListing, cached_file, download_file, hub_cache_dir, list_repo, \
@@ -154,6 +155,7 @@ def execute_pull(plan: PullPlan, progress: Callable[[PullEvent], None] | None = 
             paths["autoencoder"], paths["denoiser"], plan.dest, plan.model.name,
             expect=ExpectedConfig(plan.model.downsample, plan.model.denoiser_patch_size), source=source,
             description=plan.model.description, labels=(ae.remote.path, dn.remote.path),
+            manifest_extra={HU_RANGE_KEY: list(OFFICIAL_HU_RANGE)},  # CT in HU as the authors normalised it
             on_stage=lambda what: report(PullEvent("convert", None, total, total, f"converting: {what}")))
         if not keep_download:
             for p in paths.values():

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..errors import InputError
 from .known import DEMO_MODEL_NAME, KNOWN_MODELS, known_model, valid_model_name
@@ -110,6 +109,8 @@ def user_models() -> dict[str, dict[str, Any]]:
     p = _registry_path()
     if not p.is_file():
         return {}
+    import yaml  # here, not at the top: the Slicer panel lists models before its dependencies are installed
+
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -121,6 +122,8 @@ def user_models() -> dict[str, dict[str, Any]]:
 
 
 def _write_user_models(models: dict[str, dict[str, Any]]) -> None:
+    import yaml
+
     from ..io.atomic import atomic_write_text
 
     models_home().mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,7 @@ def unregister_user_model(name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- listing
 def _has_manifest(folder: Path | None) -> bool:
-    from ..checkpoints.bundle import MANIFEST
+    from ..bundle_summary import MANIFEST  # not checkpoints.bundle: listing models must not import torch
 
     return folder is not None and (folder / MANIFEST).is_file()
 
@@ -172,9 +175,9 @@ def _cached_download_bytes(source: dict[str, Any]) -> int:
 def model_entry(name: str) -> ModelEntry:
     """The entry called ``name``; InputError listing the names otherwise."""
     if name == DEMO_MODEL_NAME:
-        from ..checkpoints.bundle import default_bundle_dir
+        from ..bundle_summary import demo_bundle_dir
 
-        folder = default_bundle_dir()
+        folder = demo_bundle_dir()
         return ModelEntry(name, "bundled", "the bundled demo model: 32^3 phantom-like volumes, for trying things "
                           "out offline", folder, _has_manifest(folder),
                           disk_bytes=folder_bytes(folder) if folder.is_dir() else 0)

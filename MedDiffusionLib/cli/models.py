@@ -41,6 +41,8 @@ def run_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- `meddiffusion models`
 # The model registry (MedDiffusionLib/registry): list, pull, add, remove. Kept apart from `convert` above.
 def register_models_group(sub: argparse._SubParsersAction) -> None:
+    from ..registry.known import KNOWN_MODELS  # light: no torch, no network
+
     m = sub.add_parser("models", help="list, download, add and remove models (use them with --model NAME)",
                        description="Models by name: the bundled demo, the authors' published models (downloaded "
                        "from the Hugging Face Hub and converted once to safetensors) and your own. Downloads honour "
@@ -51,7 +53,7 @@ def register_models_group(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=run_models_list)
     pl = msub.add_parser("pull", help="download a published model and convert it (asks before downloading)")
-    pl.add_argument("name", help="official-8x or official-4x")
+    pl.add_argument("name", help=" or ".join(m.name for m in KNOWN_MODELS))
     pl.add_argument("--yes", "-y", action="store_true", help="do not ask before downloading")
     pl.add_argument("--dry-run", action="store_true", help="only show what would be downloaded, and its size")
     pl.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")

@@ -21,9 +21,7 @@ from .roles import match_roles
 from .sizes import human_bytes
 from .store import models_home, registry_lock
 
-__all__ = ["PlannedFile", "PullPlan", "PullEvent", "plan_pull", "execute_pull", "PULL_STAGES"]
-
-PULL_STAGES = ("download", "convert", "done")
+__all__ = ["PlannedFile", "PullPlan", "PullEvent", "plan_pull", "execute_pull", "remove_downloads"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class PullPlan:
 class PullEvent:
     """One progress report: ``done_bytes`` / ``total_bytes`` cover the whole download of the plan."""
 
-    stage: str                # one of PULL_STAGES
+    stage: str                # "download", "convert" or "done"
     file: str | None = None
     done_bytes: int = 0
     total_bytes: int = 0
@@ -176,5 +174,3 @@ def remove_downloads(source: dict[str, Any]) -> int:
                 continue  # recorded outside the current cache (HF_HOME changed): leave it alone
     return freed
 
-
-__all__ += ["remove_downloads", "HubError"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from MedDiffusionLib.diffusion import (DDIMSampler, DDPMSampler, DPMSolverSampler, GaussianDiffusion, make_sampler,
-                                       sample_loop, spaced_timesteps)
+                                       spaced_timesteps)
 from MedDiffusionLib.errors import InputError
+from sampling_helpers import sample_loop
 
 
 @pytest.fixture(scope="module")

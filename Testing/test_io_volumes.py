@@ -219,3 +219,23 @@ def test_check_writable(tmp_path: Path) -> None:
         finally:
             ro.chmod(0o700)
     assert atomic.full_suffix("v.mha") == ".mha"
+
+
+def test_png_preview_round_trip(tmp_path) -> None:
+    """Previews are written by SimpleITK's PNG writer: grey and RGB read back pixel-exact."""
+    from MedDiffusionLib.io.preview import mid_slice_montage, save_preview, write_png
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (17, 23), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for name, arr in (("grey.png", grey), ("rgb.png", rgb)):
+        write_png(tmp_path / name, arr)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))), arr)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "bad.png", grey.astype(np.float32))
+    vol = rng.normal(size=(6, 8, 10)).astype(np.float32)
+    save_preview(tmp_path / "montage.png", vol, (1.0, 1.0, 2.0))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "montage.png"))),
+                                  mid_slice_montage(vol, (1.0, 1.0, 2.0)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.png", "montage.png", "rgb.png"]  # no temporaries

@@ -19,7 +19,7 @@ import torch
 from MedDiffusionLib.checkpoints.bundle import load_bundle
 from MedDiffusionLib.data.phantoms import make_phantom
 from MedDiffusionLib.data.transforms import image_to_network, normalize_percentile
-from MedDiffusionLib.io.preview import encode_png, mid_slice_montage
+from MedDiffusionLib.io.preview import mid_slice_montage, write_png
 from MedDiffusionLib.metrics.distribution import frechet_distance, mmd, simple_volume_features
 from MedDiffusionLib.metrics.features import AutoencoderFeatures
 from MedDiffusionLib.models.biflownet import BiFlowNet
@@ -103,8 +103,7 @@ def main() -> None:
             gen = samples(bundle, denoiser, sampler, int(steps), args.per_class, args.seed)
             rows.append((model_name, f"{sampler}-{steps}", scores(gen, held_out, feat), time.perf_counter() - t0))
             if args.preview and model_name == "demo model" and sampler == "dpmpp":
-                from MedDiffusionLib.io.atomic import atomic_write_bytes
-                atomic_write_bytes(args.preview, encode_png(preview(bundle, held_out, gen, args.per_class, 3)))
+                write_png(args.preview, preview(bundle, held_out, gen, args.per_class, 3))
     n = args.per_class * len(list(bundle.catalog))
     print(f"# python {' '.join(sys.argv)}")
     print(f"# {n} volumes per row vs {n} held-out phantoms (seeds {HELD_OUT_SEED}+); lower is better\n")

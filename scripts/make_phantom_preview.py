@@ -17,8 +17,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedDiffusionLib.data.phantoms import ANATOMIES, MODALITY, make_phantom  # noqa: E402
-from MedDiffusionLib.io.atomic import atomic_write_bytes  # noqa: E402
-from MedDiffusionLib.io.preview import encode_png  # noqa: E402
+from MedDiffusionLib.io.preview import write_png  # noqa: E402
 
 WINDOWS = {"ct-head-neck": (-160.0, 240.0), "ct-chest-abdomen": (-900.0, 500.0), "ct-legs": (-250.0, 450.0)}
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         img = make_phantom(name, (args.size,) * 3, seed=args.seed)
         print(f"{name:18s} {MODALITY[name]} {time.perf_counter() - t0:5.2f} s  spacing {img.GetSpacing()}")
         rows.append(preview_row(img, WINDOWS.get(name)))
-    atomic_write_bytes(args.out, encode_png(np.concatenate(rows, axis=0)))
+    write_png(args.out, np.concatenate(rows, axis=0))
     print(f"wrote {args.out}")
     return 0
 

@@ -42,7 +42,6 @@ __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", 
 
 BUNDLE_FORMAT = "meddiffusion-bundle"
 BUNDLE_VERSION = 1
-CONTROLNET_TASKS = ("sparse-ct", "mri")
 
 
 def _default_diffusion() -> dict[str, Any]:

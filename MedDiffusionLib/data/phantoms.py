@@ -20,22 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..catalog import OFFICIAL_ANATOMIES
 from ..errors import InputError
 from ._phantom_anatomy import BUILDERS
 from ._phantom_canvas import TISSUES, Canvas, gaussian
 
 __all__ = ["ANATOMIES", "MODALITY", "DEFAULT_SPACING", "make_phantom", "make_phantom_array", "tissue_names"]
 
-ANATOMIES: tuple[str, ...] = (
-    "ct-head-neck", "ct-chest-abdomen", "ct-legs", "mr-t1-brain", "mr-t2-brain", "mr-abdomen", "mr-knee",
-)
-MODALITY: dict[str, str] = {name: name[:2].upper() for name in ANATOMIES}
-# Spacings (X, Y, Z) mm of the official training data (OFFICIAL.md table), used when none is given.
-DEFAULT_SPACING: dict[str, tuple[float, float, float]] = {
-    "ct-head-neck": (1.0, 1.0, 1.0), "ct-chest-abdomen": (1.25, 1.25, 1.25), "ct-legs": (1.25, 1.25, 1.25),
-    "mr-t1-brain": (1.0, 1.0, 1.0), "mr-t2-brain": (1.0, 1.0, 1.0), "mr-abdomen": (1.2, 1.2, 2.0),
-    "mr-knee": (1.0, 1.0, 1.0),
-}
+# The official anatomies (catalog.py holds their table: names, modalities, spacings); one phantom each.
+ANATOMIES: tuple[str, ...] = tuple(a.name for a in OFFICIAL_ANATOMIES)
+MODALITY: dict[str, str] = {a.name: a.modality for a in OFFICIAL_ANATOMIES}
+# Spacings (X, Y, Z) mm of the official training data, used when none is given.
+DEFAULT_SPACING: dict[str, tuple[float, float, float]] = {a.name: a.spacing_xyz for a in OFFICIAL_ANATOMIES}
 
 
 @dataclass(frozen=True)

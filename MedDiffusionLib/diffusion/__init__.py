@@ -1,13 +1,13 @@
 """Model-agnostic diffusion: the authors' Gaussian diffusion schedule, training loss and samplers."""
-from .base import SPACINGS, Sampler, SamplerStepOutput, sample_loop, spaced_timesteps
+from .base import SPACINGS, Sampler, SamplerStepOutput, spaced_timesteps
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
 from .samplers import SAMPLER_NAMES, make_sampler
-from .schedule import BUFFER_NAMES, CosineSchedule, GaussianDiffusion, cosine_betas, linear_betas
+from .schedule import BUFFER_NAMES, GaussianDiffusion, cosine_betas, linear_betas
 
 __all__ = [
-    "BUFFER_NAMES", "CosineSchedule", "GaussianDiffusion", "cosine_betas", "linear_betas",
+    "BUFFER_NAMES", "GaussianDiffusion", "cosine_betas", "linear_betas",
     "Sampler", "SamplerStepOutput", "DDPMSampler", "DDIMSampler", "DPMSolverSampler",
-    "make_sampler", "sample_loop", "spaced_timesteps", "SAMPLER_NAMES", "SPACINGS",
+    "make_sampler", "spaced_timesteps", "SAMPLER_NAMES", "SPACINGS",
 ]

@@ -8,7 +8,7 @@ pipelines, and lets any epsilon-prediction model be used.
 from __future__ import annotations
 
 import operator
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -136,22 +136,3 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.num_inference_steps}, T={self.num_train_timesteps})"
-
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sample_loop(sampler: Sampler, model_fn: ModelFn, x: torch.Tensor,
-                generator: torch.Generator | None = None,
-                callback: Callable[[int, int, SamplerStepOutput], None] | None = None) -> torch.Tensor:
-    """Run all steps: `model_fn(x, t_batch)` must return eps; `callback(i, t, out)` after each step.
-
-    A minimal loop for tests and scripts; the pipelines run their own (progress, cancel, consistency)."""
-    sampler.reset()
-    for i, t in enumerate(sampler.timesteps.tolist()):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        out = sampler.step(model_fn(x, t_batch), t, x, generator)
-        x = out.prev_sample
-        if callback is not None:
-            callback(i, t, out)
-    return x

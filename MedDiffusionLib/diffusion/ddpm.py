@@ -37,8 +37,9 @@ class DDPMSampler(Sampler):
         i = self.index_for(t)
         k = self.num_inference_steps - 1 - i
         self._check_shape(model_output, x)
-        k_batch = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
-        mean, _, log_var, x0 = self.process.p_mean_variance(model_output, x, k_batch, clip=self.clip_x0)
+        # One timestep for the whole batch: the schedule values broadcast (a per-sample gather of the same value
+        # costs more than the arithmetic on small latents and gives identical numbers).
+        mean, _, log_var, x0 = self.process.p_mean_variance(model_output, x, k, clip=self.clip_x0)
         if k == 0:
             return SamplerStepOutput(mean, x0)  # last step: the posterior mean, no noise
         noise = _randn(x.shape, generator, x.device, x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
-from .base import SPACINGS, Sampler, SamplerStepOutput, sample_loop, spaced_timesteps
+from .base import SPACINGS, Sampler, SamplerStepOutput, spaced_timesteps
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
@@ -27,4 +27,4 @@ def make_sampler(name: str, diffusion: GaussianDiffusion, steps: int | None = No
 
 
 __all__ = ["Sampler", "SamplerStepOutput", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "make_sampler",
-           "sample_loop", "spaced_timesteps", "SAMPLERS", "SAMPLER_NAMES", "SPACINGS"]
+           "spaced_timesteps", "SAMPLERS", "SAMPLER_NAMES", "SPACINGS"]

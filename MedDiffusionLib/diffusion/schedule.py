@@ -234,10 +234,3 @@ class GaussianDiffusion:
         ac = self._f64["alphas_cumprod"][steps]
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
         return GaussianDiffusion.from_betas(1.0 - ac / prev)
-
-
-class CosineSchedule(GaussianDiffusion):
-    """The authors' schedule: T steps, cosine with s = 0.008, betas clipped at 0.9999."""
-
-    def __init__(self, timesteps: int = 1000, s: float = 0.008) -> None:
-        super().__init__(timesteps=timesteps, schedule="cosine", s=s)

@@ -1,29 +1,22 @@
-"""PNG previews of volumes: three orthogonal mid-slices side by side (no imaging library needed)."""
+"""PNG previews of volumes: three orthogonal mid-slices side by side, written by SimpleITK's PNG writer."""
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Encode a (H, W) uint8 grey or (H, W, 3) uint8 RGB array as PNG bytes."""
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write a (H, W) uint8 grey or (H, W, 3) uint8 RGB array to a PNG file (atomically)."""
+    import SimpleITK as sitk
+
+    from .atomic import atomic_write_path
+
     img = np.ascontiguousarray(image)
     if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        raise ValueError(f"encode_png needs (H,W) or (H,W,3) uint8, got {img.shape} {img.dtype}")
-    height, width = img.shape[:2]
-    color_type = 0 if img.ndim == 2 else 2
-    # Each row is prefixed with filter type 0 (none).
-    rows = img.reshape(height, -1)
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+        raise ValueError(f"write_png needs (H,W) or (H,W,3) uint8, got {img.shape} {img.dtype}")
+    with atomic_write_path(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(img, isVector=img.ndim == 3), str(tmp))
 
 
 def _to_uint8(slice_: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -68,6 +61,4 @@ def mid_slice_montage(volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, f
 def save_preview(path: str | Path, volume_zyx: np.ndarray, spacing_xyz: tuple[float, float, float] | None = None,
                  window: tuple[float, float] | None = None) -> None:
     """Write the mid-slice montage of a (Z, Y, X) volume to a PNG file (atomically)."""
-    from .atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, encode_png(mid_slice_montage(volume_zyx, spacing_xyz, window)))
+    write_png(path, mid_slice_montage(volume_zyx, spacing_xyz, window))

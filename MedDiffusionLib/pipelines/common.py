@@ -93,7 +93,8 @@ class BundlePipeline:
         self.device = resolve_device(device)
         self.autoencoder = bundle.autoencoder.to(self.device).eval()
         self.denoiser = bundle.denoiser.to(self.device).eval()
-        self.diffusion = GaussianDiffusion(timesteps=getattr(bundle, "timesteps", 1000))
+        # The bundle's schedule (model.yaml `diffusion:`), not an assumed cosine one.
+        self.diffusion = GaussianDiffusion(timesteps=bundle.timesteps, schedule=bundle.schedule)
         self.decode_budget_gb = decode_budget_gb  # None: decode.default_budget_gb for the device
 
 

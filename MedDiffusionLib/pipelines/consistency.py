@@ -34,6 +34,7 @@ import torch
 
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
+from ..options import MASKS, TASKS  # task -> modality of the anatomies it fits; k-space masks
 from ..physics.ct import ParallelBeamProjector, add_poisson_noise
 from ..physics.mri import data_consistency, fft2c, gaussian_mask_1d, poisson_disc_mask, undersample, zero_filled
 from .common import denormalize_latent, normalize_latent
@@ -42,8 +43,6 @@ from .decode import decode_latent
 __all__ = ["TASKS", "MASKS", "SparseViewCT", "AcceleratedMRI", "make_mask", "make_operator",
            "LatentDataConsistency", "to_physics", "to_network"]
 
-TASKS: dict[str, str] = {"sparse-ct": "CT", "mri": "MR"}  # task -> modality of the anatomies it fits
-MASKS = ("gaussian", "poisson")
 _EPS = 1e-12
 
 

@@ -113,10 +113,9 @@ class Services:
         p["acceleration"] = int(acc) if float(acc).is_integer() else acc
         r = self.reconstructor(read_stored_volume(input_path), progress=progress, cancel=cancel, **p)
         images = {"result": r.image}
-        if getattr(r, "degraded", None) is not None:
+        if r.degraded is not None:
             images["degraded"] = r.degraded
-        info = {k: _jsonable(v) for k, v in vars(r).items() if k not in ("image", "degraded")} \
-            if hasattr(r, "__dict__") else {}
+        info = {k: _jsonable(v) for k, v in vars(r).items() if k not in ("image", "degraded")}
         info = {k: v for k, v in info.items() if v is not None}
         info["size_xyz"] = list(r.image.GetSize())
         info["spacing_xyz"] = list(r.image.GetSpacing())

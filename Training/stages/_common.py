@@ -81,7 +81,8 @@ def training_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any] | 
         return None
     try:
         state = load_checkpoint(p)
-    except Exception:
+    except Exception as exc:  # any reader error means "not one of ours"; say why for whoever debugs it
+        log.debug("%s is not a training checkpoint (%s: %s)", p, type(exc).__name__, exc)
         return None
     return state if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
 
@@ -99,8 +100,9 @@ def load_network_any(path: str | os.PathLike[str], kind: str, prefer_ema: bool =
             return _from_training_checkpoint(p, kind, prefer_ema).eval()
         except CheckpointError:
             raise
-        except Exception:
-            pass  # not ours: let the official loaders try (they give the user-facing error)
+        except Exception as exc:  # not ours (any reader error): the official loaders give the user-facing one
+            log.debug("%s is not a training checkpoint (%s: %s); trying the authors' formats", p,
+                      type(exc).__name__, exc)
     loader = load_any_autoencoder if kind == "autoencoder" else load_any_denoiser
     return loader(p).eval()
 

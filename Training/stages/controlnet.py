@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from MedDiffusionLib.errors import InputError
+from MedDiffusionLib.options import TASKS
 from Training.stages._common import (build_volume_dataset, device_batch, export_network, load_network_any, out_dir,
                                      set_requires_grad)
 from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
@@ -34,7 +35,6 @@ __all__ = ["run", "add_arguments", "apply_arguments", "ConditionSimulator", "Fro
 
 DESCRIPTION = "train a ControlNet (sparse-ct or mri) on simulated measurements; denoiser and autoencoder frozen"
 log = logging.getLogger("meddiffusion.train")
-TASKS = ("sparse-ct", "mri")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -183,7 +183,6 @@ class LatentCache:
 def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
     from MedDiffusionLib.diffusion import GaussianDiffusion
     from MedDiffusionLib.models.controlnet import ControlNet
-    from MedDiffusionLib.pipelines.generate import latent_multiple
 
     env = env or DistEnv()
     task = str(cfg.get("task") or "")
@@ -193,7 +192,7 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
     parts = FrozenParts(cfg)
     ae, denoiser = parts.ae.to(env.device), parts.denoiser.to(env.device)
     data_cfg = dict(cfg.get("data") or {})
-    step = parts.downsample * latent_multiple(denoiser)
+    step = parts.downsample * denoiser.latent_multiple
     pad = math.lcm(step, parts.patch) if data_cfg.get("crop") is None else step
     phantoms = data_cfg.get("phantoms")
     wrong = [a for a in (phantoms or {}).get("anatomies", []) if not str(a).lower().startswith(

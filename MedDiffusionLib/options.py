@@ -13,7 +13,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 from .errors import InputError
 
@@ -142,6 +142,10 @@ _T = TypeVar("_T", bound="TaskOptions")
 class TaskOptions:
     """Shared machinery: field specs, generic checks and bundle-dependent bounds."""
 
+    if TYPE_CHECKING:  # fields of every task (declared by each subclass, in its own order)
+        sampler: str
+        steps: Optional[int]
+
     TASK: ClassVar[str] = ""
     # kind of each field, for the generic checks (the annotations are strings under `from __future__`)
     KINDS: ClassVar[dict[str, type]] = {}
@@ -202,8 +206,7 @@ class TaskOptions:
 
     def steps_or_default(self, timesteps: int = SCHEDULE_LENGTH) -> int:
         """The steps to run: the given ones, else the sampler's default (at most ``timesteps``)."""
-        steps = getattr(self, "steps")
-        return default_steps(getattr(self, "sampler"), timesteps) if steps is None else int(steps)
+        return default_steps(self.sampler, timesteps) if self.steps is None else int(self.steps)
 
 
 def _typed(spec: OptionSpec, value: Any) -> Any:

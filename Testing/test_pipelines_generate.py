@@ -151,3 +151,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = cli_main(["generate", "--anatomy", "ct-legs", "--out", str(tmp_path / "x.nrrd"),
                    "--autoencoder", str(tmp_path / "bad.pt"), "--denoiser", str(tmp_path / "bad.pt")])
     assert rc == 2 and "bad.pt" in capsys.readouterr().err
+
+
+def test_pipeline_follows_the_bundles_schedule():
+    """model.yaml's `diffusion:` is honoured: a linear or shorter schedule is sampled as declared, an unknown one
+    is refused instead of silently sampled as cosine."""
+    bundle = tiny_bundle()
+    bundle.diffusion = {"timesteps": 100, "schedule": "linear"}
+    pipe = GenerationPipeline(bundle, device="cpu")
+    assert (pipe.diffusion.schedule, pipe.diffusion.num_timesteps) == ("linear", 100)
+    with pytest.raises(InputError, match="steps must be between 1 and 100"):
+        pipe("ct-legs", sampler="ddim", steps=101)
+    bundle.diffusion = {"timesteps": 1000, "schedule": "sigmoid"}
+    with pytest.raises(InputError, match="sigmoid"):
+        GenerationPipeline(bundle, device="cpu")

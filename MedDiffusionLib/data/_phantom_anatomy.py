@@ -331,7 +331,7 @@ def _leg(c: Canvas, sd: int, x0: float, ct: bool) -> None:
     shapes = [("cylinder", dict(p0=p0, p1=p1, r0=r0, r1=r1, ext=0.03)) for p0, p1, r0, r1 in segs]
     c.layered([("skin", 0.0), ("fat", -2.0), ("muscle", -ft)], [shapes[0], shapes[2], ("ellipsoid", dict(c=calf_c, r=calf_r))])
     c.layered([("skin", 0.0), ("fat", -2.0)], [shapes[1]])  # around the knee: tendons and fat, little muscle
-    for i in range(3):  # fascial septa between muscle groups (thigh, calf)
+    for _ in range(3):  # fascial septa between muscle groups (thigh, calf)
         for z0, z1, ctr in ((470, 60, x0 + sd * 12), (-80, -440, x0)):
             a = c.u(0, np.pi)
             c.cylinder("fat", (ctr, 5, z1), (ctr, 5, z0), (1.0, 90), ref=(np.cos(a), np.sin(a), 0), inside=("muscle",))

@@ -22,9 +22,8 @@ the authors' names through `official_keys.biflownet_from_official`.
 """
 from __future__ import annotations
 
-import math
-
 import inspect
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -162,7 +161,7 @@ class BiFlowDecoder(nn.Module):
         for i, (cin, cout) in enumerate(reversed(list(zip(dims[:-1], dims[1:])))):
             level = n - 1 - i
 
-            def attn(c: int) -> Optional[nn.Module]:
+            def attn(c: int, level: int = level) -> Optional[nn.Module]:
                 return VolumeAttention(c, attn_heads, attn_dim_head) if use_attn[level] else None
 
             # The last `fusion` levels are at full resolution (they receive the output DiT features).

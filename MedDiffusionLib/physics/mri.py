@@ -129,7 +129,7 @@ def poisson_disc_mask(
     if not (0 <= calib[0] <= ny and 0 <= calib[1] <= nx) or calib[0] * calib[1] * accel > ny * nx:
         raise InputError(f"calibration region {calib} does not fit a {ny}x{nx} mask at acceleration {accel}")
     try:
-        import sigpy.mri  # lazy: optional dependency, slow to import (numba)
+        import sigpy.mri  # noqa: F401  (lazy: optional dependency, slow to import (numba))
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "poisson_disc_mask needs the 'sigpy' package (pip install sigpy, or the meddiffusion[mri] extra)"

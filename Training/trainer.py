@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from MedDiffusionLib.io.atomic import atomic_write_text
+from MedDiffusionLib.pipelines.common import resolve_device
 from Training.checkpointing import (CHECKPOINT_FORMAT, CheckpointManager, load_checkpoint, rng_state,  # noqa: F401
                                   seed_all, set_rng_state)
 
@@ -57,7 +58,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    # The library's device rule ('auto' = CUDA when present; an unavailable CUDA request is a one-line error).
+    use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

@@ -9,6 +9,7 @@ import torch
 from MedDiffusionLib.diffusion import (DDIMSampler, DDPMSampler, DPMSolverSampler, GaussianDiffusion, make_sampler,
                                        spaced_timesteps)
 from MedDiffusionLib.errors import InputError
+from MedDiffusionLib.options import DEFAULT_STEPS
 from sampling_helpers import sample_loop
 
 
@@ -59,9 +60,11 @@ def test_make_sampler_and_timesteps(diffusion, name, cls):
 
 
 def test_default_steps(diffusion):
-    assert make_sampler("ddpm", diffusion).num_inference_steps == 1000  # the authors' sampler
-    assert make_sampler("ddim", diffusion).num_inference_steps == 50
-    assert make_sampler("dpmpp", diffusion).num_inference_steps == 25
+    """Without steps a sampler takes the library's one table (options.DEFAULT_STEPS), capped at T."""
+    assert make_sampler("ddpm", diffusion).num_inference_steps == 1000  # the authors' sampler: every timestep
+    assert make_sampler("ddim", diffusion).num_inference_steps == DEFAULT_STEPS["ddim"] == 100
+    assert make_sampler("dpmpp", diffusion).num_inference_steps == DEFAULT_STEPS["dpmpp"] == 50
+    assert make_sampler("dpmpp", GaussianDiffusion(timesteps=20)).num_inference_steps == 20
 
 
 @pytest.mark.parametrize("spacing", ["linear", "quadratic"])

@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..errors import InputError
+from ..options import default_steps
 from .schedule import GaussianDiffusion, _randn
 
 
@@ -68,8 +69,8 @@ class Sampler:
 
     @property
     def default_steps(self) -> int:
-        """Steps used when none are given (subclasses choose a sensible number for their solver)."""
-        return min(50, self.num_train_timesteps)
+        """Steps used when none are given: the library's one table (options.DEFAULT_STEPS), at most T."""
+        return default_steps(self.name, self.num_train_timesteps)
 
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(self, steps: int) -> None:

@@ -23,10 +23,6 @@ class DDPMSampler(Sampler):
                  spacing: str | None = None) -> None:
         super().__init__(diffusion, steps, clip_x0, spacing)
 
-    @property
-    def default_steps(self) -> int:
-        return self.num_train_timesteps  # the authors' setting
-
     def set_timesteps(self, steps: int) -> None:
         super().set_timesteps(steps)
         # Index k of the respaced process is the k-th smallest kept timestep (identity when steps == T).

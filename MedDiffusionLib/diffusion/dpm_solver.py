@@ -36,10 +36,6 @@ class DPMSolverSampler(Sampler):
         self.lower_order_final = lower_order_final
         super().__init__(diffusion, steps, clip_x0, spacing)
 
-    @property
-    def default_steps(self) -> int:
-        return min(25, self.num_train_timesteps)
-
     def reset(self) -> None:
         self._prev_x0: torch.Tensor | None = None
         self._prev_lambda = 0.0

@@ -16,8 +16,8 @@ _ALIASES = {"dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm-solver++": "dpmpp", "
 
 
 def make_sampler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, **kwargs: Any) -> Sampler:
-    """A sampler by name ("ddpm", "ddim", "dpmpp"); `steps=None` takes the sampler's default
-    (ddpm: T, the authors' setting; ddim: 50; dpmpp: 25). Extra kwargs go to the class (e.g. eta)."""
+    """A sampler by name ("ddpm", "ddim", "dpmpp"); `steps=None` takes the library's default for it
+    (options.DEFAULT_STEPS, at most T). Extra kwargs go to the class (e.g. eta)."""
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     cls = SAMPLERS.get(key)

@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "3D CT/MRI volumes with the Patch-Volume autoencoder and BiFlowNet.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(__name__):
-                continue  # command group not present in this build
-            raise
-        module.register(sub)
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 

@@ -319,13 +319,9 @@ class PhantomDataset(Dataset):
 
 def _default_class_indices(anatomies: Sequence[str]) -> dict[str, int]:
     """The catalog's class index when the anatomy is an official one, else the position in the list."""
-    try:
-        from ..catalog import OFFICIAL_ANATOMIES
+    from ..catalog import OFFICIAL_ANATOMIES
 
-        table = {a.name: a.class_index for a in (OFFICIAL_ANATOMIES.values() if isinstance(OFFICIAL_ANATOMIES, dict)
-                                                 else OFFICIAL_ANATOMIES)}
-    except Exception:  # catalog not available: positional indices
-        table = {}
+    table = {a.name: a.class_index for a in OFFICIAL_ANATOMIES}
     if all(a in table for a in anatomies):
         return {a: int(table[a]) for a in anatomies}
     return {a: i for i, a in enumerate(anatomies)}

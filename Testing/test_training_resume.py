@@ -114,6 +114,7 @@ def test_killed_during_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
     mgr = CheckpointManager(tmp_path)
     assert [s for s, _ in mgr.list()] == [1]
     state, _ = mgr.load_latest()

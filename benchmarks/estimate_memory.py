@@ -40,13 +40,12 @@ from MedDiffusionLib.catalog import OFFICIAL_ANATOMIES  # noqa: E402
 from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlNet  # noqa: E402
-from MedDiffusionLib.pipelines import decode  # noqa: E402
-from _decode_shortcuts import one_tile_per_shape  # noqa: E402
 from MedDiffusionLib.pipelines.decode import decode_latent, default_budget_gb  # noqa: E402
 
 # The accelerator stand-in: fake tensors on "meta" are the GPU's, fake tensors on "cpu" are the host's.
 GPU = torch.device("meta")
 ALLOWANCE_GB = 1.5
+PROBE_SLABS = 3
 OFFICIAL = {  # downsample -> (autoencoder config, BiFlowNet config); OFFICIAL.md
     8: (dict(n_hiddens=48, downsample=8, embedding_dim=8, n_codes=8192, num_groups=24),
         dict(dim=72, channels=8, num_classes=7, patch_size=1)),
@@ -156,8 +155,7 @@ def estimate(downsample: int, latent: tuple[int, int, int], controlnet: bool, au
     weights = _weights_bytes(ae, net, *([cn] if cn else []))
     # The condition vector (B, 8*dim) is tiny, but its input checks read values that fake tensors do not have.
     condition = lambda *a, **k: torch.zeros(1, 8 * bfn_cfg["dim"], device=GPU)  # noqa: E731
-    with _fake_gpu(), mock.patch.object(BiFlowNet, "embed_condition", condition), \
-            mock.patch.object(decode, "_tiles", one_tile_per_shape):
+    with _fake_gpu(), mock.patch.object(BiFlowNet, "embed_condition", condition):
         _on_gpu(ae), _on_gpu(net)
         if cn is not None:
             _on_gpu(cn.eval())
@@ -183,7 +181,8 @@ def estimate(downsample: int, latent: tuple[int, int, int], controlnet: bool, au
             z_q, _ = ae.quantize(z)
             del z
             budget = default_budget_gb(torch.device("cuda")) if budget_gb is None else budget_gb
-            decode_latent(ae, z_q, budget_gb=budget, device=GPU)
+            # every slab of a pass has the same working set: the first (border) and second (interior) suffice
+            decode_latent(ae, z_q, budget_gb=budget, device=GPU, probe_slabs=PROBE_SLABS)
         decode_peak = tracker.peak
     gb = 2**30
     total = (weights + max(step_peak, decode_peak)) / gb

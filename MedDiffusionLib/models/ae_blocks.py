@@ -5,6 +5,9 @@ Attribute names equal the authors' state-dict key names (``conv_blocks.N.res1``,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +40,11 @@ class ResBlock(nn.Module):
         # Only created when needed: the official checkpoints have `resConv` keys only where channels change.
         if in_ch != out_ch:
             self.resConv = nn.Conv3d(in_ch, out_ch, kernel_size=1)
+
+    @property
+    def skip(self) -> Optional[nn.Module]:
+        """The 1x1x1 convolution on the residual path, or None for the identity."""
+        return getattr(self, "resConv", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -168,6 +176,57 @@ class Encoder(nn.Module):
         return self.final_block(self.mid_block(h))
 
 
+Normalize = Callable[[nn.GroupNorm, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TailLayer:
+    """One layer of the decoder after its head, with at most one GroupNorm, at its start.
+
+    ``y = conv(silu(norm(x))) [+ skip(r)]`` for the two halves of a ResBlock and the final block, ``y = conv(x)``
+    for an up-sampling. The layers map the tail's tensors T_0 (the head's output) ... T_n (the volume): layer i
+    computes T_{i+1} from T_i and, for the second half of a ResBlock, adds the residual T_{residual} (the block's
+    input, through `skip` when the channel count changes). A tiler can run each layer on any crop of its input,
+    with GroupNorm statistics of its choosing (`normalize`), because nothing else in a layer mixes voxels.
+    """
+
+    conv: nn.Module                    # nn.Conv3d (stride 1) or nn.ConvTranspose3d
+    norm: Optional[nn.GroupNorm] = None
+    residual: Optional[int] = None     # index of the tail tensor added to the conv's output
+    skip: Optional[nn.Module] = None   # 1x1x1 conv applied to that residual; None: identity
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.conv.in_channels)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.conv.out_channels)
+
+    @property
+    def upsampling(self) -> int:
+        """Spatial factor from input to output (2 for the transposed convolutions, else 1)."""
+        return int(self.conv.stride[0]) if isinstance(self.conv, nn.ConvTranspose3d) else 1
+
+    def pre(self, x: torch.Tensor, normalize: Optional[Normalize] = None) -> torch.Tensor:
+        """What the convolution sees: silu(norm(x)) (norm replaced by `normalize` if given), or x."""
+        if self.norm is None:
+            return x
+        return F.silu(normalize(self.norm, x) if normalize is not None else self.norm(x))
+
+    def post(self, y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The convolution's output plus the (skipped) residual, when the layer has one."""
+        if self.residual is None:
+            return y
+        if residual is None:
+            raise ValueError("this decoder layer adds a residual; pass the block's input")
+        return (self.skip(residual) if self.skip is not None else residual) + y
+
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                 normalize: Optional[Normalize] = None) -> torch.Tensor:
+        return self.post(self.conv(self.pre(x, normalize)), residual)
+
+
 class Decoder(nn.Module):
     def __init__(self, n_hiddens: int, n_levels: int, embedding_dim: int, num_groups: int,
                  image_channels: int) -> None:
@@ -180,8 +239,32 @@ class Decoder(nn.Module):
             DecoderLevel(ci, co, num_groups, upsample=i < n_levels) for i, (ci, co) in enumerate(zip(ins, chans)))
         self.final_block = nn.Sequential(group_norm(chans[-1], num_groups), nn.SiLU(), conv3(chans[-1], image_channels))
 
+    @property
+    def head_attention(self) -> AttentionBlock:
+        """The decoder's only attention (at the latent resolution, inside the head)."""
+        return self.mid_block.attn
+
+    def head(self, z: torch.Tensor, query_chunk: Optional[int] = None) -> torch.Tensor:
+        """conv_first and the middle block (with the attention, queries in chunks if given): the part of the
+        decoder that must see the whole latent at once. Its output is the tail's input T_0."""
+        return self.mid_block(self.conv_first(z), query_chunk)
+
+    def tail(self) -> list[TailLayer]:
+        """The rest of the decoder as layers with at most one GroupNorm each (see TailLayer); running them in
+        order on `head(z)` is `forward(z)`."""
+        layers: list[TailLayer] = []
+        for level in self.conv_blocks:
+            for res in (level.res1, level.res2):
+                start = len(layers)  # index of the block's input tensor
+                layers.append(TailLayer(res.conv1, res.norm1))
+                layers.append(TailLayer(res.conv2, res.norm2, residual=start, skip=res.skip))
+            if isinstance(level.up, Upsample):
+                layers.append(TailLayer(level.up.conv_trans))
+        layers.append(TailLayer(self.final_block[2], self.final_block[0]))
+        return layers
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_first(z))
+        h = self.head(z)
         for block in self.conv_blocks:
             h = block(h)
         return self.final_block(h)

@@ -1,150 +1,48 @@
 """Memory-bounded decoding of large latents that computes the same volume as decoding the whole latent at once.
 
 The authors decode latents above 32^3 as separate 32^3 tiles without overlap: every tile gets its own GroupNorm
-statistics and attention context, so seams show. Here the decoder runs as a list of stages:
+statistics and attention context, so seams show. Here the decoder is driven through its public staged API
+(`Decoder.head`, `Decoder.tail`):
 
-1. the latent-resolution head (post_vq_conv, conv_first and the middle block with the only attention, its queries
-   in chunks when the volume is large) and every following stage whose activations fit the memory budget run on
-   the whole volume, exactly as usual;
-2. the remaining stages (convolutions, GroupNorms and up-sampling only) run tile by tile. A tile is a core plus a
-   halo as wide as those stages' receptive field, so the core's output is exact; only cores are kept;
-3. each GroupNorm among the tiled stages normalises with the statistics of the *whole* volume, gathered in one pass
-   over the tiles per norm (a pass stops at the norm it measures; earlier norms already use global statistics).
+1. the head (conv_first and the middle block with the only attention, its queries in chunks when the volume is
+   large) runs on the whole latent;
+2. the tail is a list of layers with at most one GroupNorm each, at its start (`TailLayer`). They run one pass
+   per layer, in slabs along the depth axis (slabs have the smallest halo surface for a given memory). A layer's
+   output is *materialised* (kept whole, on the compute device) when the budget allows; otherwise it is
+   recomputed slab by slab from the nearest materialised tensors when a later layer needs it, reusing the rows a
+   previous slab already computed (halo rows are not recomputed);
+3. each pass yields the whole-volume GroupNorm statistics of the tensor it produces as a by-product (per-slab
+   mean/variance merged exactly), so the next layer normalises with global statistics without extra passes. Only
+   a tensor too large to keep needs a statistics-only pass, and it is recomputed by its consumers.
 
-Peak memory is set by the budget, not the volume; the result equals the whole-volume decode to float rounding.
+A layer whose input dies with it writes its output over that input, row by row (the rows a later slab still needs
+are carried aside), so at 256^3 the two 48-channel tensors of a ResBlock share one buffer.
+
+Peak memory is bounded by the budget (live materialised tensors plus one slab's working set); the result equals
+the whole-volume decode to float rounding. `DecodePlan` says what a decode will do (passes, slabs, buffers).
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..models.ae_blocks import AttentionBlock, TailLayer
+from .decode_halo import HaloPlan, plan_halo, run_halo
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
 
-BYTES = 4  # activations are float32 (bf16 autocast is not used for decoding: it would blur fine intensities)
+BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)
+# Working set of one slab per row of each tensor it touches: the crop, its normalised copy and the conv output.
+_WORK_COPIES = 3
+_MIN_SLAB_ROWS = 4  # thinner slabs spend more in halos than materialising saves
 
 
-@dataclass
-class _Stage:
-    module: nn.Module
-    in_channels: int
-    out_channels: int
-    scale_in: int     # spatial scale of the stage's input relative to the latent
-    scale_out: int
-    radius: float     # receptive-field radius in voxels of the stage's input grid
-
-
-def _channels(module: nn.Module) -> tuple[int, int]:
-    convs = [m for m in module.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
-    first, last = convs[0], convs[-1]
-    return first.in_channels, last.out_channels
-
-
-def _decoder_stages(decoder: nn.Module) -> list[_Stage]:
-    """The decoder after its head as a flat list: ResBlocks, up-samplings and the final block."""
-    stages, scale = [], 1
-    for level in decoder.conv_blocks:
-        for res in (level.res1, level.res2):
-            stages.append(_Stage(res, *_channels(res), scale, scale, 2.0))  # two 3x3x3 convs
-        if not isinstance(level.up, nn.Identity):
-            stages.append(_Stage(level.up, *_channels(level.up), scale, scale * 2, 1.0))  # k4 s2 p1: +-1 input voxel
-            scale *= 2
-    stages.append(_Stage(decoder.final_block, *_channels(decoder.final_block), scale, scale, 1.0))
-    return stages
-
-
-def _stage_bytes(stage: _Stage, voxels_in: int, batch: int) -> int:
-    """Rough peak of one stage: its input plus output, norm and residual temporaries."""
-    ratio = (stage.scale_out // stage.scale_in) ** 3
-    return BYTES * batch * voxels_in * (2 * stage.in_channels + 3 * stage.out_channels * ratio)
-
-
-class _StopForward(Exception):
-    """Raised inside a statistics pass once the measured norm has seen its input."""
-
-
-class _GlobalGroupNorms:
-    """Replaces the forward of each GroupNorm with one that uses whole-volume statistics (or measures them)."""
-
-    def __init__(self, norms: list[nn.GroupNorm]) -> None:
-        self.norms = norms
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.measure: Optional[int] = None
-        self.core: tuple[slice, ...] = ()
-        self.tile_shape: tuple[int, ...] = ()
-        self.sums: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None
-
-    def _forward(self, index: int, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        g = norm.num_groups
-        if index == self.measure:
-            factor = x.shape[2] // self.tile_shape[0]
-            region = tuple(slice(s.start * factor, s.stop * factor) for s in self.core)
-            # Per-tile mean and variance in fp32 (one copy of the core, no float64 copies), merged in float64.
-            var, mean = torch.var_mean(x[(slice(None), slice(None)) + region].reshape(b, g, -1), dim=-1,
-                                       correction=0)
-            count = c // g * math.prod(s.stop - s.start for s in region)
-            self._merge(count, mean.double(), var.double() * count)
-            raise _StopForward
-        mean, var = self.stats[index]
-        y = (x.reshape(b, g, -1) - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-        y = y.reshape_as(x)
-        if norm.affine:
-            shape = (1, c) + (1,) * (x.ndim - 2)
-            y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
-        return y
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        for i, norm in enumerate(self.norms):
-            norm.forward = (lambda x, i=i, norm=norm: self._forward(i, norm, x))  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            for norm in self.norms:
-                del norm.forward  # back to the class's forward
-
-    def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Chan et al.'s pairwise update of (count, mean, sum of squared deviations) per group."""
-        if self.sums is None:
-            self.sums = (count, mean, m2)
-            return
-        n_a, mean_a, m2_a = self.sums
-        n = n_a + count
-        delta = mean - mean_a
-        self.sums = (n, mean_a + delta * (count / n), m2_a + m2 + delta * delta * (n_a * count / n))
-
-    def finish_measure(self) -> None:
-        count, mean, m2 = self.sums
-        self.stats[self.measure] = (mean.float(), (m2 / count).float())
-        self.measure, self.sums = None, None
-
-
-def _tiles(spatial: tuple[int, ...], core: int, halo: int) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-    """(input window, core inside the window) per tile; windows are clipped at the volume's border."""
-    per_axis = []
-    for size in spatial:
-        axis = []
-        for start in range(0, size, core):
-            stop = min(start + core, size)
-            lo, hi = max(start - halo, 0), min(stop + halo, size)
-            axis.append((slice(lo, hi), slice(start - lo, stop - lo)))
-        per_axis.append(axis)
-    return [tuple(zip(*combo)) for combo in itertools.product(*per_axis)]
-
-
-def _run(stages: list[_Stage], h: torch.Tensor) -> torch.Tensor:
-    for stage in stages:
-        h = stage.module(h)
-    return h
-
-
-def _query_chunk(attn: nn.Module, channels: int, tokens: int, batch: int, budget: float) -> Optional[int]:
+def _query_chunk(attn: AttentionBlock, channels: int, tokens: int, batch: int, budget: float) -> Optional[int]:
     """None when the one-pass attention fits the budget; else a query chunk using an eighth of it. The chunk only
     bounds memory because SDPA's flash/memory-efficient kernels (CPU fp32, CUDA) never build the score matrix."""
     inner = attn.heads * attn.dim_head
@@ -154,79 +52,451 @@ def _query_chunk(attn: nn.Module, channels: int, tokens: int, batch: int, budget
 
 
 def default_budget_gb(device: torch.device) -> float:
-    """Activation budget per stage or tile. On the CPU 6 GB decodes up to 128^3 whole and 256^3 (official 8x) in
-    tiles at 6.7 GB peak RSS (benchmarks/bench_generate.py); 3 GB on GPUs keeps every official size within 12 GB
-    (estimated on fake tensors: benchmarks/estimate_memory.py)."""
+    """Memory budget of the decode's activations (materialised tensors plus one slab's working set). On the CPU
+    6 GB decodes 256^3 (official 8x) within 8 GB peak RSS (benchmarks/bench_decode.py); 3 GB on GPUs keeps every
+    official size within 12 GB (estimated on fake tensors: benchmarks/estimate_memory.py)."""
     return 3.0 if device.type == "cuda" else 6.0
+
+
+# ----------------------------------------------------------------------------------------------- row geometry
+def _input_rows(layer: TailLayer, a: int, b: int, n_in: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a layer's input (n_in rows) that output rows [a, b) depend on, clipped to the volume."""
+    conv = layer.conv
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    if isinstance(conv, nn.ConvTranspose3d):  # output o = s*i - p + t, t in [0, k)
+        lo, hi = -((k - 1 - a - p) // s), (b - 1 + p) // s + 1
+    else:
+        if s != 1:
+            raise ValueError("tiled decoding supports stride-1 convolutions and transposed up-samplings only")
+        lo, hi = a - p, b - p + k - 1
+    return max(lo, 0), min(hi, n_in)
+
+
+def _conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a: int, b: int) -> torch.Tensor:
+    """Output rows [a, b) of the layer's convolution from its (pre-activated) input rows [lo, hi)."""
+    conv = layer.conv
+    if isinstance(conv, nn.ConvTranspose3d):
+        y = conv(x)  # its rows start at s*lo; rows whose inputs were cut off are outside [a, b)
+        off = conv.stride[0] * lo
+        return y[:, :, a - off:b - off]
+    k, p = conv.kernel_size[0], conv.padding[0]
+    pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
+    if pad_lo or pad_hi:
+        x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
+    return F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(0,) + tuple(conv.padding[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+@dataclass
+class TensorPlan:
+    """One tensor of the decoder tail: T_0 is the head's output, the last one the volume."""
+    channels: int
+    spatial: tuple[int, int, int]
+    batch: int
+    needs_stats: bool = False     # the next layer normalises it
+    materialized: bool = False    # kept whole (else recomputed by its consumers)
+    inplace_of: Optional[int] = None  # written over this (dead) tensor's buffer
+
+    @property
+    def row_bytes(self) -> int:
+        return BYTES * self.batch * self.channels * self.spatial[1] * self.spatial[2]
+
+    @property
+    def bytes(self) -> int:
+        return self.row_bytes * self.spatial[0]
+
+
+@dataclass
+class PassPlan:
+    """One pass over the slabs of a tensor: it writes the tensor (or only measures it) and yields its statistics."""
+    tensor: int
+    slab_rows: int
+    slabs: int
+    live_bytes: int       # materialised tensors alive during the pass (including its own output)
+    work_bytes: int       # estimated working set of one slab
+
+
+@dataclass
+class DecodePlan:
+    tensors: list[TensorPlan]
+    passes: list[PassPlan] = field(default_factory=list)
+    # When slabs of the last tensors would not fit the budget (their whole-width rows are too large, e.g. 512^3
+    # in 6 GB): the layers after this tensor run in 3-D tiles with halos instead (see decode_halo.py).
+    halo: Optional[HaloPlan] = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated peak of the activations (kept tensors plus the largest slab or tile working set)."""
+        peak = max((p.live_bytes + p.work_bytes for p in self.passes), default=0)
+        if self.halo is not None:
+            live = sum(t.bytes for t in self.tensors[:self.halo.start + 1] if t.materialized) + self.tensors[-1].bytes
+            peak = max(peak, live + self.halo.work_bytes)
+        return peak
+
+    @property
+    def steps(self) -> int:
+        """Slabs and tiles over all passes (the progress total)."""
+        return sum(p.slabs for p in self.passes) + (self.halo.tiles * self.halo.passes if self.halo else 0)
+
+    def describe(self) -> str:
+        """One line per pass: tensor, shape, what is kept, slabs."""
+        lines = []
+        for p in self.passes:
+            t = self.tensors[p.tensor]
+            keep = ("volume" if p.tensor == len(self.tensors) - 1 else
+                    f"kept{' over T%d' % t.inplace_of if t.inplace_of is not None else ''}" if t.materialized
+                    else "statistics only")
+            lines.append(f"T{p.tensor} {t.channels}ch {'x'.join(map(str, t.spatial))}: {keep}, "
+                         f"{p.slabs} slab(s) of {p.slab_rows} rows, live {p.live_bytes / 2**30:.2f} GB "
+                         f"+ work {p.work_bytes / 2**30:.2f} GB")
+        if self.halo is not None:
+            h = self.halo
+            lines.append(f"T{h.start + 1}..T{len(self.tensors) - 1}: {h.passes} pass(es) over {h.tiles} tile(s), core "
+                         f"{h.core} + halo {h.halo} in T{h.start}'s grid, work {h.work_bytes / 2**30:.2f} GB")
+        return "\n".join(lines)
+
+
+@dataclass
+class DecodeReport:
+    """What a decode did, filled in by `decode_latent(..., report=...)`: its plan, seconds in the head and per
+    pass, and the rows computed per tail tensor (recomputed tensors count once per pass that computes them)."""
+    plan: Optional[DecodePlan] = None
+    head_seconds: float = 0.0
+    pass_seconds: list[float] = field(default_factory=list)
+    rows_computed: dict[int, int] = field(default_factory=dict)
+
+
+def _inputs(layers: list[TailLayer], k: int) -> list[int]:
+    """Tensors that T_k (k >= 1) is computed from."""
+    layer = layers[k - 1]
+    return [k - 1] + ([layer.residual] if layer.residual is not None else [])
+
+
+def _sources(layers: list[TailLayer], tensors: list[TensorPlan], k: int) -> set[int]:
+    """The materialised tensors that T_k is read from or recomputed from."""
+    if tensors[k].materialized:
+        return {k}
+    out: set[int] = set()
+    for i in _inputs(layers, k):
+        out |= _sources(layers, tensors, i)
+    return out
+
+
+def _needed_after(layers: list[TailLayer], tensors: list[TensorPlan], k: int) -> set[int]:
+    """Materialised tensors that passes after T_k's still read (later tensors assumed materialised)."""
+    need: set[int] = set()
+    for m in range(k + 1, len(tensors)):
+        for i in _inputs(layers, m):
+            if i <= k:
+                need |= _sources(layers, tensors, i)
+    return need
+
+
+def _rows_touched(layers: list[TailLayer], tensors: list[TensorPlan], k: int, a: int, b: int,
+                  acc: dict[int, tuple[int, int]], root: bool = True) -> None:
+    """Row ranges of every tensor (recomputed ones included) that rows [a, b) of T_k, computed in T_k's pass,
+    depend on; the walk stops at materialised tensors."""
+    if k in acc:
+        if not root and acc[k][0] <= a and b <= acc[k][1]:
+            return  # already walked with a range at least as wide
+        a, b = min(acc[k][0], a), max(acc[k][1], b)
+    acc[k] = (a, b)
+    if not root and tensors[k].materialized:
+        return
+    layer = layers[k - 1]
+    lo, hi = _input_rows(layer, a, b, tensors[k - 1].spatial[0])
+    _rows_touched(layers, tensors, k - 1, lo, hi, acc, root=False)
+    if layer.residual is not None:
+        _rows_touched(layers, tensors, layer.residual, a, b, acc, root=False)
+
+
+def _pass_work(layers: list[TailLayer], tensors: list[TensorPlan], k: int, rows: int) -> int:
+    """Working set of one slab of `rows` rows of T_k: every tensor it computes or reads, a few copies each."""
+    n = tensors[k].spatial[0]
+    a = max(0, min(n - rows, n // 2 - rows // 2))  # an interior slab: halos on both sides
+    acc: dict[int, tuple[int, int]] = {}
+    _rows_touched(layers, tensors, k, a, a + rows, acc)
+    return sum(_WORK_COPIES * tensors[j].row_bytes * (hi - lo) for j, (lo, hi) in acc.items())
+
+
+def _slab_rows(layers: list[TailLayer], tensors: list[TensorPlan], k: int, available: float) -> int:
+    """The thickest slab whose working set fits `available` (at least one row), evened out over the volume."""
+    n = tensors[k].spatial[0]
+    rows = n
+    while rows > 1 and _pass_work(layers, tensors, k, rows) > available:
+        rows = max(1, rows * 3 // 4)
+    return math.ceil(n / math.ceil(n / rows))
+
+
+def plan_decode(layers: list[TailLayer], head_shape: tuple[int, ...], budget_bytes: float) -> DecodePlan:
+    """Which tail tensors to keep, which to write in place, and the slab size of every pass, for a budget."""
+    batch, spatial = head_shape[0], tuple(head_shape[2:])
+    tensors = [TensorPlan(head_shape[1], spatial, batch, materialized=True)]  # type: ignore[arg-type]
+    for layer in layers:
+        spatial = tuple(s * layer.upsampling for s in spatial)
+        tensors.append(TensorPlan(layer.out_channels, spatial, batch))  # type: ignore[arg-type]
+    n = len(tensors) - 1
+    for k in range(n):
+        tensors[k].needs_stats = layers[k].norm is not None
+    tensors[n].materialized = True  # the volume (host buffer; counted in the budget like the rest)
+    plan = DecodePlan(tensors)
+    live = {0, n}  # the volume's host buffer is zero-filled up front
+    for k in range(1, n + 1):
+        t = tensors[k]
+        if k < n:
+            t.materialized = True  # tentatively, to see what dies with this pass
+            dead = live - _needed_after(layers, tensors, k)
+            donors = [j for j in _inputs(layers, k) if j in dead and tensors[j].materialized
+                      and (tensors[j].channels, tensors[j].spatial) == (t.channels, t.spatial)]
+            extra = 0 if donors else t.bytes
+            live_bytes = sum(tensors[j].bytes for j in live) + extra
+            keep = live_bytes + _pass_work(layers, tensors, k, min(t.spatial[0], _MIN_SLAB_ROWS)) <= budget_bytes
+            t.materialized = keep
+            t.inplace_of = donors[0] if keep and donors else None
+            if not keep and not t.needs_stats:
+                continue  # recomputed by its consumers; nothing to measure
+        live_bytes = sum(tensors[j].bytes for j in live | ({k} if t.materialized else set())
+                         if j != t.inplace_of)
+        rows = _slab_rows(layers, tensors, k, budget_bytes - live_bytes)
+        work = _pass_work(layers, tensors, k, rows)
+        plan.passes.append(PassPlan(k, rows, math.ceil(t.spatial[0] / rows), live_bytes, work))
+        if t.materialized:
+            live.add(k)
+        live &= _needed_after(layers, tensors, k) | {k, n}
+    over = [p for p in plan.passes if p.live_bytes + p.work_bytes > budget_bytes]
+    if over:
+        # tiles start from a kept tensor that leaves them at least 30% of the budget (else the head's output)
+        kept_after = {p.tensor: sum(tensors[j].bytes for j in _needed_after(layers, tensors, p.tensor) | {n})
+                      for p in plan.passes if p.tensor < over[0].tensor and tensors[p.tensor].materialized}
+        start = max([k for k, b in kept_after.items() if b <= 0.7 * budget_bytes] or [0])
+        plan.passes = [p for p in plan.passes if p.tensor <= start]
+        for t in tensors[start + 1:-1]:
+            t.materialized, t.inplace_of = False, None
+        live_bytes = sum(tensors[j].bytes for j in _needed_after(layers, tensors, start) | {start, n})
+        plan.halo = plan_halo(layers, tensors, start, budget_bytes - live_bytes)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- the executor
+class _Buffer:
+    """A materialised tensor. While a later tensor overwrites it row by row, rows already overwritten that later
+    slabs still read are served from a carried copy."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.overwritten = 0
+        self.carry: Optional[torch.Tensor] = None
+        self.carry_start = 0
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        if a >= self.overwritten:
+            return self.data[:, :, a:b]
+        if self.carry is None or a < self.carry_start:
+            raise RuntimeError(f"decode: rows {a}.. of a tensor were overwritten before their last use")
+        head = self.carry[:, :, a - self.carry_start:min(b, self.overwritten) - self.carry_start]
+        return head if b <= self.overwritten else torch.cat([head, self.data[:, :, self.overwritten:b]], 2)
+
+    def overwrite(self, a: int, y: torch.Tensor, keep_from: int) -> None:
+        """Write rows [a, a+len) of the new tensor, first carrying aside the old rows [keep_from, a+len)."""
+        b = a + y.shape[2]
+        keep_from = min(keep_from, b)
+        self.carry = self.read(keep_from, b).clone() if keep_from < b else None
+        self.carry_start = keep_from
+        self.data[:, :, a:b] = y
+        self.overwritten = b
+
+
+class _Statistics:
+    """Whole-volume GroupNorm statistics per (sample, group), merged from per-slab per-channel moments in float64
+    (Chan et al.'s pairwise update), so they equal one-pass statistics to float rounding."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Optional[torch.Tensor] = None  # (B, C) float64
+        self.m2: Optional[torch.Tensor] = None
+
+    def add(self, y: torch.Tensor) -> None:
+        var, mean = torch.var_mean(y, dim=(2, 3, 4), correction=0)
+        count = math.prod(y.shape[2:])
+        mean, m2 = mean.double(), var.double() * count
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        n = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / n)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / n)
+        self.count = n
+
+    def scale_shift(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-(sample, channel) scale and shift of the GroupNorm with these statistics: y = x * scale + shift."""
+        assert self.mean is not None and self.m2 is not None
+        b, c = self.mean.shape
+        g = norm.num_groups
+        mean_c = self.mean.view(b, g, c // g)
+        group_mean = mean_c.mean(-1, keepdim=True)
+        # sum of squared deviations of the group = within channels + between channel means
+        m2 = self.m2.view(b, g, c // g).sum(-1, keepdim=True) + \
+            self.count * ((mean_c - group_mean) ** 2).sum(-1, keepdim=True)
+        var = m2 / (self.count * (c // g))
+        rstd = torch.rsqrt(var + norm.eps).expand(b, g, c // g).reshape(b, c)
+        mean = group_mean.expand(b, g, c // g).reshape(b, c)
+        weight = norm.weight.double() if norm.affine else torch.ones(c, dtype=torch.float64, device=mean.device)
+        bias = norm.bias.double() if norm.affine else torch.zeros(c, dtype=torch.float64, device=mean.device)
+        scale = rstd * weight
+        shift = bias - mean * scale
+        return scale.float().view(b, c, 1, 1, 1), shift.float().view(b, c, 1, 1, 1)
+
+
+class _Executor:
+    def __init__(self, layers: list[TailLayer], plan: DecodePlan, head: torch.Tensor, out: torch.Tensor,
+                 tracker: ProgressTracker, probe_slabs: Optional[int]) -> None:
+        self.layers, self.plan, self.tensors = layers, plan, plan.tensors
+        self.buffers: dict[int, _Buffer] = {0: _Buffer(head)}
+        self.out = out
+        self.norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tensor -> (scale, shift) of its norm
+        self.cache: dict[int, tuple[int, torch.Tensor]] = {}  # recomputed tensor -> (first row, rows)
+        self.tracker = tracker
+        self.probe_slabs = probe_slabs
+        self.device = head.device
+        self.rows_computed: dict[int, int] = {}
+        if self.tensors[0].needs_stats:  # the head's output is whole: measured directly
+            stats = _Statistics()
+            stats.add(head)
+            self.norms[0] = stats.scale_shift(layers[0].norm)
+
+    def rows(self, k: int, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of T_k: read when materialised, else recomputed (reusing rows computed for the last slab)."""
+        if k in self.buffers:
+            return self.buffers[k].read(a, b)
+        cached = self.cache.get(k)
+        if cached is not None and cached[0] <= a < cached[0] + cached[1].shape[2]:
+            start, have = cached
+            stop = start + have.shape[2]
+            if b <= stop:
+                return have[:, :, a - start:b - start]
+            y = torch.cat([have[:, :, a - start:], self.compute(k, stop, b)], 2)
+        else:
+            y = self.compute(k, a, b)
+        self.cache[k] = (a, y)
+        return y
+
+    def compute(self, k: int, a: int, b: int) -> torch.Tensor:
+        self.rows_computed[k] = self.rows_computed.get(k, 0) + b - a
+        layer = self.layers[k - 1]
+        n_in = self.tensors[k - 1].spatial[0]
+        lo, hi = _input_rows(layer, a, b, n_in)
+        x = self.rows(k - 1, lo, hi)
+        if layer.norm is not None:
+            scale, shift = self.norms[k - 1]
+            x = F.silu(torch.addcmul(shift, x, scale), inplace=True)
+        y = _conv_rows(layer, x, lo, hi, n_in, a, b)
+        del x
+        if layer.residual is not None:
+            y = layer.post(y, self.rows(layer.residual, a, b))
+        return y
+
+    def run_pass(self, p: PassPlan) -> None:
+        k, t = p.tensor, self.tensors[p.tensor]
+        n = t.spatial[0]
+        last = k == len(self.tensors) - 1
+        self.cache.clear()
+        donor = self.buffers[t.inplace_of] if t.inplace_of is not None else None
+        target = None
+        if t.materialized and not last and donor is None:
+            target = torch.empty((t.batch, t.channels) + t.spatial, device=self.device)
+            if self.probe_slabs is not None:
+                target.zero_()  # commit the pages a full run would write
+        stats = _Statistics() if t.needs_stats else None
+        for index, a in enumerate(range(0, n, p.slab_rows)):
+            if self.probe_slabs is not None and index >= self.probe_slabs:
+                break
+            b = min(a + p.slab_rows, n)
+            y = self.compute(k, a, b)
+            if stats is not None:
+                stats.add(y)
+            if last:
+                self.out[:, :, a:b] = y.to(self.out.device, torch.float32)
+            elif donor is not None:
+                acc: dict[int, tuple[int, int]] = {}
+                if b < n:
+                    _rows_touched(self.layers, self.tensors, k, b, min(b + p.slab_rows, n), acc)
+                donor.overwrite(a, y, acc.get(t.inplace_of, (b, b))[0])
+            elif target is not None:
+                target[:, :, a:b] = y
+            del y
+            self.tracker.advance()
+        self.cache.clear()
+        if donor is not None:
+            del self.buffers[t.inplace_of]
+            self.buffers[k] = _Buffer(donor.data)
+        elif target is not None:
+            self.buffers[k] = _Buffer(target)
+        if stats is not None:
+            if stats.mean is None:  # probing skipped every slab of this pass: neutral statistics
+                stats.add(torch.zeros((t.batch, t.channels, 1, 1, 1), device=self.device))
+            self.norms[k] = stats.scale_shift(self.layers[k].norm)
+        needed = _needed_after(self.layers, self.tensors, k)
+        for j in [j for j in self.buffers if j not in needed]:
+            del self.buffers[j]
 
 
 @torch.no_grad()
 def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional[float] = None,
                   device: Optional[torch.device] = None, progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelFlag] = None) -> torch.Tensor:
+                  cancel: Optional[CancelFlag] = None, probe_slabs: Optional[int] = None,
+                  report: Optional[DecodeReport] = None) -> torch.Tensor:
     """Decode a quantized latent (B, C, D, H, W) to a float32 CPU volume (B, 1, D*f, H*f, W*f).
 
-    `budget_gb` bounds the activations of one stage or tile (default by device); `budget_gb=inf` decodes the whole
-    latent at once like `autoencoder.decode`.
+    `budget_gb` bounds the decode's activations (default by device); `budget_gb=inf` decodes the whole latent at
+    once like `autoencoder.decode`. `probe_slabs=N` runs only the first N slabs of every pass: the same buffers and
+    slab working sets as the full decode (so the same peak memory) in a fraction of the time, but the decoded
+    values are meaningless (benchmarks measure memory with it). `report`, if given, receives the plan and timings.
     """
     if z_q.ndim != 5:
         raise ValueError(f"decode_latent expects a (B, C, D, H, W) latent, got {tuple(z_q.shape)}")
     device = torch.device(device) if device is not None else z_q.device
     budget = (budget_gb if budget_gb is not None else default_budget_gb(device)) * 2**30
     decoder = autoencoder.decoder
-    batch = z_q.shape[0]
-    stages = _decoder_stages(decoder)
-    tracker = ProgressTracker(1, progress, cancel, "decoding")
-    tracker.begin()
-
-    h = decoder.conv_first(autoencoder.post_vq_conv(z_q.to(device)))
-    chunk = _query_chunk(decoder.mid_block.attn, h.shape[1], math.prod(h.shape[2:]), batch, budget)
-    h = decoder.mid_block(h, query_chunk=chunk)  # the only attention: whole volume, queries chunked if large
-    done = 0
-    while done < len(stages) and _stage_bytes(stages[done], math.prod(h.shape[2:]), batch) <= budget:
-        h = stages[done].module(h)
-        done += 1
-    if done == len(stages):
+    if math.isinf(budget):
+        tracker = ProgressTracker(1, progress, cancel, "decoding")
+        tracker.begin()
+        out = decoder(autoencoder.post_vq_conv(z_q.to(device)))
         tracker.advance()
-        return h.float().cpu()
-
-    streamed = stages[done:]
-    base = streamed[0].scale_in
-    halo = math.ceil(sum(s.radius * base / s.scale_in for s in streamed))
-    factor = streamed[-1].scale_out // base
-    spatial = tuple(h.shape[2:])
-
-    def tile_bytes(core: int) -> int:
-        edge = [min(core + 2 * halo, s) for s in spatial]
-        return max(_stage_bytes(s, math.prod(edge) * (s.scale_in // base) ** 3, batch) for s in streamed)
-
-    core = max(spatial)
-    while core > 1 and tile_bytes(core) > budget:
-        core = max(1, core * 3 // 4)
-    tiles = _tiles(spatial, core, halo)
-    norms = [m for s in streamed for m in s.module.modules() if isinstance(m, nn.GroupNorm)]
-    tracker = ProgressTracker((len(norms) + 1) * len(tiles), progress, cancel, "decoding")
+        return out.float().cpu()
+    batch = z_q.shape[0]
+    start = time.perf_counter()
+    attn = decoder.head_attention
+    chunk = _query_chunk(attn, attn.norm.num_channels, math.prod(z_q.shape[2:]), batch, budget)
+    head = decoder.head(autoencoder.post_vq_conv(z_q.to(device)), query_chunk=chunk)
+    layers = decoder.tail()
+    plan = plan_decode(layers, tuple(head.shape), budget)
+    volume = plan.tensors[-1]
+    # zeros, not empty: the host buffer is committed up front, so peak RSS does not depend on the slab order
+    out = torch.zeros((batch, volume.channels) + volume.spatial)
+    steps = sum(min(p.slabs, probe_slabs or p.slabs) for p in plan.passes)
+    if plan.halo is not None:
+        steps += min(plan.halo.tiles, probe_slabs or plan.halo.tiles) * plan.halo.passes
+    tracker = ProgressTracker(steps, progress, cancel, "decoding")
     tracker.begin()
-    global_norms = _GlobalGroupNorms(norms)
-    # zeros, not empty: the host buffer is committed up front, so peak RSS does not depend on the tile order
-    out = torch.zeros((batch, streamed[-1].out_channels) + tuple(s * factor for s in spatial))
-    with global_norms.installed():
-        for index in range(len(norms)):
-            global_norms.measure = index
-            for window, tile_core in tiles:
-                global_norms.core, global_norms.tile_shape = tile_core, tuple(w.stop - w.start for w in window)
-                try:
-                    _run(streamed, h[(slice(None), slice(None)) + window])
-                except _StopForward:
-                    pass
-                tracker.advance()
-            global_norms.finish_measure()
-        for window, tile_core in tiles:
-            piece = _run(streamed, h[(slice(None), slice(None)) + window])
-            src = tuple(slice(c.start * factor, c.stop * factor) for c in tile_core)
-            dst = tuple(slice((w.start + c.start) * factor, (w.start + c.stop) * factor)
-                        for w, c in zip(window, tile_core))
-            out[(slice(None), slice(None)) + dst] = piece[(slice(None), slice(None)) + src].float().cpu()
-            del piece
-            tracker.advance()
+    executor = _Executor(layers, plan, head, out, tracker, probe_slabs)
+    del head
+    if report is not None:
+        report.plan, report.head_seconds = plan, time.perf_counter() - start
+    for p in plan.passes:
+        start = time.perf_counter()
+        executor.run_pass(p)
+        if report is not None:
+            report.pass_seconds.append(time.perf_counter() - start)
+    if plan.halo is not None:
+        start = time.perf_counter()
+
+        def read(j: int, window: tuple[slice, slice, slice]) -> torch.Tensor:
+            return executor.buffers[j].read(window[0].start, window[0].stop)[:, :, :, window[1], window[2]]
+
+        run_halo(layers, plan.tensors, plan.halo, read, executor.norms, _Statistics, out, tracker, probe_slabs)
+        if report is not None:
+            report.pass_seconds.append(time.perf_counter() - start)
+    if report is not None:
+        report.rows_computed = dict(executor.rows_computed)
     return out

@@ -1,0 +1,110 @@
+"""Tiled decoding through the decoder's staged API: plans, in-place buffers, the halo fallback, the probe hook.
+
+(`test_pipelines_generate.py` checks the default tiled decode against the whole-volume decode; here every path of
+the planner is forced on the tiny fixture autoencoder and compared with `autoencoder.decode`.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
+from MedDiffusionLib.pipelines import decode
+from MedDiffusionLib.pipelines.decode import DecodeReport, decode_latent, plan_decode
+
+OFFICIAL_8X = dict(n_hiddens=48, downsample=8, embedding_dim=8, n_codes=8192, num_groups=24)
+
+
+@pytest.fixture(scope="module")
+def tiny_ae(reference_dir):
+    sd = torch.load(reference_dir / "fixtures" / "ae_tiny.pt", weights_only=True)
+    ae = PatchVolumeAutoencoder(n_hiddens=8, downsample=4, embedding_dim=4, n_codes=64, num_groups=4).eval()
+    ae.load_official_state_dict(sd["state_dict"])
+    return ae
+
+
+@pytest.fixture(scope="module")
+def official_meta():
+    with torch.device("meta"):
+        return PatchVolumeAutoencoder(**OFFICIAL_8X)
+
+
+def _latent(ae, shape, seed):
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3
+    return ae.quantize(z)[0]
+
+
+def test_tail_layers_run_in_order_are_the_decoder(tiny_ae):
+    """The public staged API (head + tail layers) is the decoder's forward, bit for bit."""
+    with torch.no_grad():
+        z_q = _latent(tiny_ae, (1, 4, 5, 6, 4), 0)
+        x = tiny_ae.post_vq_conv(z_q)
+        tensors = [tiny_ae.decoder.head(x)]
+        for layer in tiny_ae.decoder.tail():
+            residual = tensors[layer.residual] if layer.residual is not None else None
+            tensors.append(layer(tensors[-1], residual))
+        assert torch.equal(tensors[-1], tiny_ae.decoder(x))
+
+
+CASES = {  # path -> (latent shape, budget GB) that forces it on the tiny decoder (16 channels at the latent)
+    "slabs, in place with carried rows, batch of two": ((2, 4, 7, 9, 5), 0.008),
+    "statistics-only tensors recomputed by their consumers": ((1, 4, 12, 8, 8), 0.004),
+    "3-D halo tiles after the last kept tensor": ((1, 4, 10, 12, 12), 0.008),
+}
+
+
+@pytest.mark.parametrize("path", list(CASES))
+def test_every_plan_equals_the_whole_decode(tiny_ae, path):
+    """Each path of the planner gives the whole-volume decode to float rounding, slab and tile borders included."""
+    shape, budget_gb = CASES[path]
+    with torch.no_grad():
+        z_q = _latent(tiny_ae, shape, 3)
+        full = tiny_ae.decode(z_q)
+        plan = plan_decode(tiny_ae.decoder.tail(), (shape[0], 16) + shape[2:], budget_gb * 2**30)
+        report, steps = DecodeReport(), []
+        tiled = decode_latent(tiny_ae, z_q, budget_gb=budget_gb, progress=steps.append, report=report)
+    assert report.plan == plan
+    assert steps[-1].step == steps[-1].total == plan.steps
+    assert max(p.slabs for p in plan.passes) > 1
+    if path.startswith("slabs"):
+        assert any(t.inplace_of is not None for t in plan.tensors) and plan.halo is None
+    elif path.startswith("statistics"):
+        recomputed = [k for k, t in enumerate(plan.tensors) if not t.materialized]
+        assert recomputed and plan.halo is None
+        assert all(report.rows_computed[k] > plan.tensors[k].spatial[0] for k in recomputed)  # one per consumer
+    else:
+        assert plan.halo is not None and plan.halo.tiles > 1
+    torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)
+
+
+def test_official_256_plan_keeps_one_full_resolution_buffer_within_the_cpu_budget(official_meta):
+    """256^3 with the official 8x decoder in the default CPU budget: the 96-channel up-sampled tensor (6 GB) is
+    recomputed, the 48-channel ResBlock tensors share buffers in place, and the estimate stays in budget."""
+    budget = decode.default_budget_gb(torch.device("cpu")) * 2**30
+    plan = plan_decode(official_meta.decoder.tail(), (1, 192, 32, 32, 32), budget)
+    assert plan.halo is None and plan.peak_bytes <= budget
+    full_res = [t for t in plan.tensors[:-1] if t.spatial == (256, 256, 256)]
+    assert not full_res[0].materialized                       # 96 channels at 256^3: statistics pass only
+    assert sum(t.materialized and t.inplace_of is None for t in full_res) == 1
+    # every pass but the statistics-only ones produces a kept tensor: far fewer passes than norms x tiles
+    assert len(plan.passes) == len(plan.tensors) - 1
+
+
+def test_probe_runs_two_slabs_per_pass_and_keeps_the_shape(tiny_ae):
+    with torch.no_grad():
+        z_q = _latent(tiny_ae, (1, 4, 8, 12, 8), 0)
+        steps = []
+        probed = decode_latent(tiny_ae, z_q, budget_gb=0.005, probe_slabs=2, progress=steps.append)
+        plan = plan_decode(tiny_ae.decoder.tail(), (1, 16, 8, 12, 8), 0.005 * 2**30)
+    expected = sum(min(p.slabs, 2) for p in plan.passes) + (min(plan.halo.tiles, 2) * plan.halo.passes
+                                                             if plan.halo else 0)
+    assert steps[-1].total == expected < plan.steps
+    assert probed.shape == (1, 1, 32, 48, 32)
+
+
+def test_overwritten_rows_are_refused_not_silently_reused():
+    buf = decode._Buffer(torch.arange(10.0).view(1, 1, 10, 1, 1).clone())
+    buf.overwrite(0, torch.full((1, 1, 4, 1, 1), -1.0), keep_from=3)
+    assert buf.read(3, 6).flatten().tolist() == [3.0, 4.0, 5.0]   # row 3 from the carry, 4-5 untouched
+    with pytest.raises(RuntimeError, match="overwritten"):
+        buf.read(2, 5)

@@ -6,11 +6,11 @@ memory do not depend on the values). Each decode runs in a fresh subprocess so i
     python benchmarks/bench_generate.py                       # everything that fits this machine
     python benchmarks/bench_generate.py --part decode --sizes 8 16 32 --device cpu
     python benchmarks/bench_generate.py --part decode --sizes 64 --memory-only     # 512^3 peak RSS in minutes
+    python benchmarks/bench_decode.py --sizes 16 32     # decode time vs FLOP time, with a per-operator breakdown
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -68,7 +68,6 @@ def bench_denoiser(device: torch.device, latent: int, repeats: int) -> list[dict
 
 def _decode_child(latent: int, budget: float, device: str, memory_only: bool) -> None:
     """Runs in a subprocess: decode one latent, print time and peak memory as JSON."""
-    from _decode_shortcuts import memory_only as shortcuts
     from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
     from MedDiffusionLib.pipelines.decode import decode_latent
 
@@ -78,9 +77,9 @@ def _decode_child(latent: int, budget: float, device: str, memory_only: bool) ->
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with torch.inference_mode(), (shortcuts() if memory_only else contextlib.nullcontext()):
+    with torch.inference_mode():
         z_q, _ = ae.quantize(z)
-        decode_latent(ae, z_q, budget_gb=budget, device=dev)
+        decode_latent(ae, z_q, budget_gb=budget, device=dev, probe_slabs=2 if memory_only else None)
     _sync(dev)
     out = dict(seconds=time.perf_counter() - t0,
                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -139,8 +138,8 @@ def main() -> None:
     ap.add_argument("--max-plain-gb", type=float,
                     default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8)
     ap.add_argument("--memory-only", action="store_true",
-                    help="decode: peak memory only, each distinct tile once and no statistics passes "
-                         "(benchmarks/_decode_shortcuts.py); times are then not decode times")
+                    help="decode: peak memory only, two slabs per pass (decode_latent's probe_slabs); times are "
+                         "then not decode times")
     ap.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.decode_child is not None:

@@ -108,3 +108,17 @@ def test_overwritten_rows_are_refused_not_silently_reused():
     assert buf.read(3, 6).flatten().tolist() == [3.0, 4.0, 5.0]   # row 3 from the carry, 4-5 untouched
     with pytest.raises(RuntimeError, match="overwritten"):
         buf.read(2, 5)
+
+
+def test_bf16_mode_is_close_but_not_the_default(tiny_ae):
+    """The optional non-exact mode: bfloat16 convolutions stay near the exact volume; fp32 is the default."""
+    with torch.no_grad():
+        z_q = _latent(tiny_ae, (1, 4, 6, 6, 6), 1)
+        exact = decode_latent(tiny_ae, z_q, budget_gb=0.02)
+        approx = decode_latent(tiny_ae, z_q, budget_gb=0.02, precision="bf16")
+        full = tiny_ae.decode(z_q)
+    torch.testing.assert_close(exact, full, rtol=1e-4, atol=2e-5)
+    assert approx.dtype == torch.float32 and not torch.equal(approx, exact)
+    assert (approx - exact).abs().max() < 0.05 * (exact.max() - exact.min())
+    with pytest.raises(ValueError, match="precision"):
+        decode_latent(tiny_ae, z_q, budget_gb=0.02, precision="fp8")

@@ -100,7 +100,7 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _child(latent: int, budget: float, device: str, probe: bool, profile: bool) -> None:
+def _child(latent: int, budget: float, device: str, probe: bool, profile: bool, precision: str) -> None:
     from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
     from MedDiffusionLib.pipelines.decode import DecodeReport, decode_latent
 
@@ -128,6 +128,17 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool) 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    error = None
+    if precision != "fp32":  # the same latent in the non-exact precision, against the exact volume
+        with torch.inference_mode():
+            exact = decode_latent(ae, z_q, budget_gb=budget, device=dev)
+            t1 = time.perf_counter()
+            approx = decode_latent(ae, z_q, budget_gb=budget, device=dev, precision=precision)
+            approx_seconds = time.perf_counter() - t1
+            diff = (approx - exact).float()
+            error = dict(seconds=approx_seconds, max_abs=float(diff.abs().max()),
+                         rmse=float(diff.pow(2).mean().sqrt()), exact_std=float(exact.std()),
+                         exact_range=float(exact.max() - exact.min()))
     if prof is not None:
         for event in prof.key_averages():
             name = event.key
@@ -145,7 +156,7 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool) 
                recomputed_tflop=(executed - minimal) / 1e12, head_seconds=report.head_seconds,
                passes=len(report.pass_seconds), load=f"{load_before} -> {_loadavg()}",
                categories=dict(categories),
-               plan=report.plan.describe() if report.plan is not None else "whole volume")
+               plan=report.plan.describe() if report.plan is not None else "whole volume", error=error)
     if dev.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(out))
@@ -160,11 +171,13 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="peak memory only: two slabs per pass (not a time)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
     ap.add_argument("--show-plan", action="store_true")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also decode with precision='bf16' (not exact) and print its time and error against fp32")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         _child(args.child, args.budget_gb if args.budget_gb is not None else float("nan"), args.device,
-               args.probe, not args.no_profile)
+               args.probe, not args.no_profile, "bf16" if args.bf16 else "fp32")
         return
     from MedDiffusionLib.pipelines.decode import default_budget_gb
 
@@ -175,7 +188,8 @@ def main() -> None:
     for latent in args.sizes:
         for b in ([float("inf")] if args.whole else []) + [budget]:
             cmd = [sys.executable, __file__, "--child", str(latent), "--budget-gb", str(b), "--device", args.device]
-            cmd += (["--probe"] if args.probe else []) + (["--no-profile"] if args.no_profile else [])
+            cmd += (["--probe"] if args.probe else []) + (["--no-profile"] if args.no_profile else []) + \
+                (["--bf16"] if args.bf16 and not args.probe else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
             if proc.returncode:
                 print(f"{latent * 8}^3 budget {b}: failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -193,6 +207,10 @@ def main() -> None:
                 total = sum(r["categories"].values())
                 print("  " + ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)"
                                        for k, v in sorted(r["categories"].items(), key=lambda kv: -kv[1])))
+            if r.get("error"):
+                e = r["error"]
+                print(f"  bf16 (not exact): {e['seconds']:.1f} s; error vs fp32: max {e['max_abs']:.2e}, "
+                      f"RMSE {e['rmse']:.2e} (volume std {e['exact_std']:.2e}, range {e['exact_range']:.2e})")
             if args.show_plan:
                 print("  " + r["plan"].replace("\n", "\n  "))
 

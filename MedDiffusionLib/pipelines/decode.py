@@ -23,6 +23,7 @@ the whole-volume decode to float rounding. `DecodePlan` says what a decode will 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from ..models.ae_blocks import AttentionBlock, TailLayer
 from .decode_halo import HaloPlan, plan_halo, run_halo
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
 
+PRECISIONS = ("fp32", "bf16")
 BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)
 # Working set of one slab per row of each tensor it touches: the crop, its normalised copy and the conv output.
 _WORK_COPIES = 3
@@ -316,7 +318,7 @@ class _Statistics:
         self.m2: Optional[torch.Tensor] = None
 
     def add(self, y: torch.Tensor) -> None:
-        var, mean = torch.var_mean(y, dim=(2, 3, 4), correction=0)
+        var, mean = torch.var_mean(y.float(), dim=(2, 3, 4), correction=0)
         count = math.prod(y.shape[2:])
         mean, m2 = mean.double(), var.double() * count
         if self.mean is None:
@@ -445,18 +447,29 @@ class _Executor:
 def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional[float] = None,
                   device: Optional[torch.device] = None, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelFlag] = None, probe_slabs: Optional[int] = None,
-                  report: Optional[DecodeReport] = None) -> torch.Tensor:
+                  report: Optional[DecodeReport] = None, precision: str = "fp32") -> torch.Tensor:
     """Decode a quantized latent (B, C, D, H, W) to a float32 CPU volume (B, 1, D*f, H*f, W*f).
 
     `budget_gb` bounds the decode's activations (default by device); `budget_gb=inf` decodes the whole latent at
     once like `autoencoder.decode`. `probe_slabs=N` runs only the first N slabs of every pass: the same buffers and
     slab working sets as the full decode (so the same peak memory) in a fraction of the time, but the decoded
     values are meaningless (benchmarks measure memory with it). `report`, if given, receives the plan and timings.
+    `precision="bf16"` runs the convolutions in bfloat16 (autocast; statistics and kept tensors stay float32):
+    faster where the hardware has bf16 units, but not exact (benchmarks/bench_decode.py --bf16 prints its error).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"decode precision must be one of {PRECISIONS}, got {precision!r}")
     if z_q.ndim != 5:
         raise ValueError(f"decode_latent expects a (B, C, D, H, W) latent, got {tuple(z_q.shape)}")
     device = torch.device(device) if device is not None else z_q.device
     budget = (budget_gb if budget_gb is not None else default_budget_gb(device)) * 2**30
+    with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()):
+        return _decode(autoencoder, z_q, budget, device, progress, cancel, probe_slabs, report)
+
+
+def _decode(autoencoder: nn.Module, z_q: torch.Tensor, budget: float, device: torch.device,
+            progress: Optional[ProgressCallback], cancel: Optional[CancelFlag], probe_slabs: Optional[int],
+            report: Optional[DecodeReport]) -> torch.Tensor:
     decoder = autoencoder.decoder
     if math.isinf(budget):
         tracker = ProgressTracker(1, progress, cancel, "decoding")

@@ -38,7 +38,7 @@ def test_upload_checks_in_process(tmp_path):
     cases = [(b"\x00garbage" * 100, "v.bin", "neither NRRD nor NIfTI"),
              (b"NRRD0004\ntype: float\ndimension: 3\nsizes: 2 2 2\ndata file: /etc/passwd\nencoding: raw\n\n",
               "v.nrrd", "detached"),
-             (b"NRRD0004\nthis is not a header\n\n", "v.nrrd", "not a readable"),
+             (b"NRRD0004\nthis is not a header\n\n", "v.nrrd", "malformed NRRD header line"),
              (sitk.GetImageFromArray(np.zeros((8, 8), np.float32)), "v.nrrd", "2D"),
              (volume(nan=True), "v.nrrd", "NaN"),
              (volume(spacing=(1.0, 1.0, 250.0)), "v.nrrd", "spacing"),

@@ -274,7 +274,7 @@ class RemoteClient:
                 path = Path(tmpdir) / "volume.nrrd"
                 sitk.WriteImage(image, str(path), True)  # compressed: smaller transfer
             body, boundary, length = _multipart(fields, path)
-            self._check_upload_size(length)
+            self._check_upload_size(path.stat().st_size)  # the server's limit is on the file itself
             headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
             return self._request("POST", "/v1/reconstruct", body=body, headers=headers)["id"]
         finally:

@@ -117,3 +117,41 @@ def volume(size=(16, 16, 16), spacing=(1.0, 1.0, 2.0), dtype=np.float32, nan=Fal
     img.SetSpacing(spacing)
     img.SetOrigin(origin)
     return img
+
+
+class InProcessServer:
+    """The real app under the real (guarded) uvicorn server in a thread of this process, so a test can swap
+    parts of it (a stub pipeline) or tighten its timeouts. Always call ``stop()``."""
+
+    def __init__(self, store: Path, model: Path, token: Optional[str], header_timeout_s: float = 20.0,
+                 **config: object) -> None:
+        import threading
+
+        import uvicorn
+
+        from MedDiffusionLib.server.app import ServerConfig, create_app
+        from MedDiffusionLib.server.guard import uvicorn_config
+
+        self.app = create_app(ServerConfig(store_dir=store, model_dir=str(model), device="cpu", token=token,
+                                           **config))  # type: ignore[arg-type]
+        self.svc = self.app.state.services
+        self.store, self.token = store, token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._uv = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, header_timeout_s=header_timeout_s,
+                                                 log_level="warning"))
+        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        pytest.fail("the in-process server did not answer /health within 30 s")
+
+    def stop(self) -> None:
+        self._uv.should_exit = True
+        self._thread.join(15)

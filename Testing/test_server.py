@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from MedDiffusionLib.client import (AuthenticationError, JobCancelled, JobNotFound, QueueFullError, RemoteClient,
                                     RemoteError, ServerUnreachable, _multipart)
 from MedDiffusionLib.errors import InputError
-from server_fixture import REPO, ServerProcess, free_port
+from server_fixture import REPO, InProcessServer, ServerProcess, free_port
 from server_fixture import volume as _volume
 from server_fixture import server_env as _server_env
 
@@ -273,32 +273,12 @@ def _echo_reconstruction(image, task, views, acceleration, mask, simulate, sampl
 def stub_server(model_dir, tmp_path_factory):
     """The real app in a uvicorn thread of this process, with a stub reconstruction pipeline: the upload path
     (streaming limit, format and content checks) is tested whether or not the real pipeline exists yet."""
-    import uvicorn
-
-    from MedDiffusionLib.server.app import ServerConfig, create_app
-
     d = tmp_path_factory.mktemp("stub")
-    app = create_app(ServerConfig(store_dir=d / "store", model_dir=str(model_dir), device="cpu", token=TOKEN,
-                                  max_queue=1, max_upload_mb=1))
-    svc = app.state.services
+    srv = InProcessServer(d / "store", model_dir, TOKEN, max_queue=1, max_upload_mb=1)
+    svc = srv.svc
     svc.reconstructor, svc.tasks = _echo_reconstruction, ["sparse-ct"]
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    from types import SimpleNamespace
-
-    yield SimpleNamespace(url=url, store=d / "store")
-    uv.should_exit = True
-    thread.join(15)
+    yield srv
+    srv.stop()
 
 
 def test_upload_rejections(stub_server, tmp_path):

@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..server.security import check_startup_security, resolve_token
+    from ..server.store import claim_store_dir
 
     # Security first: refuse a bad configuration before spending a minute loading the model.
     token = resolve_token(args.token_file)
@@ -49,10 +50,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_queue", "max_upload_mb", "max_voxels", "result_ttl_hours"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    # The store must be the server's own folder before a minute goes into loading the model.
+    store = claim_store_dir(Path(args.store).expanduser() if args.store else default_store_dir())
     try:
         import uvicorn
 
         from ..server.app import ServerConfig, create_app
+        from ..server.guard import uvicorn_config
     except ModuleNotFoundError as exc:
         raise InputError(f"the server needs '{exc.name}': pip install 'meddiffusion[server]'") from exc
 
@@ -60,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if token is not None and args.insecure:
         print("meddiffusion: note: a token is configured, so it is required despite --insecure", file=sys.stderr)
     bundle = load_bundle_from_args(args)
-    store = Path(args.store).expanduser() if args.store else default_store_dir()
     config = ServerConfig(store_dir=store, bundle=bundle, device=args.device, host=args.host, token=token,
                           insecure=args.insecure, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                           result_ttl_hours=args.result_ttl_hours, max_voxels=args.max_voxels)
@@ -68,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
     svc = app.state.services
     print(f"meddiffusion server {bundle.name} on {svc.device}: http://{args.host}:{args.port} "
           f"({'token required' if token else 'NO TOKEN, loopback only'}), store {store}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,
-                server_header=False)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level,
+                                  timeout_graceful_shutdown=10)).run()
     return 0

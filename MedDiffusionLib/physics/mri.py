@@ -59,9 +59,13 @@ def _check_shape(shape: Sequence[int]) -> Tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+# Exclusive lower bound of the undersampling factor R (R = 1 samples everything: nothing to reconstruct).
+MIN_ACCELERATION = 1.0
+
+
 def _check_acceleration(acceleration: float) -> float:
-    if not acceleration > 1:  # also rejects NaN
-        raise InputError(f"acceleration must be > 1, got {acceleration}")
+    if not acceleration > MIN_ACCELERATION:  # also rejects NaN
+        raise InputError(f"acceleration must be > {MIN_ACCELERATION:g}, got {acceleration}")
     return float(acceleration)
 
 

@@ -36,7 +36,8 @@ from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..options import MASKS, TASKS  # task -> modality of the anatomies it fits; k-space masks
 from ..physics.ct import ParallelBeamProjector, add_poisson_noise
-from ..physics.mri import data_consistency, fft2c, gaussian_mask_1d, poisson_disc_mask, undersample, zero_filled
+from ..physics.mri import (MIN_ACCELERATION, data_consistency, fft2c, gaussian_mask_1d, poisson_disc_mask,
+                            undersample, zero_filled)
 from .common import denormalize_latent, normalize_latent
 from .decode import decode_latent
 
@@ -162,9 +163,9 @@ def make_mask(kind: str, shape: Sequence[int], acceleration: float, seed: int) -
     try:
         accel = float(acceleration)
     except (TypeError, ValueError):
-        raise InputError(f"acceleration must be a number > 1, got {acceleration!r}") from None
-    if not accel > 1 or not math.isfinite(accel):
-        raise InputError(f"acceleration must be a number > 1, got {acceleration}")
+        raise InputError(f"acceleration must be a number > {MIN_ACCELERATION:g}, got {acceleration!r}") from None
+    if not accel > MIN_ACCELERATION or not math.isfinite(accel):
+        raise InputError(f"acceleration must be a number > {MIN_ACCELERATION:g}, got {acceleration}")
     mask_seed = int(seed) % (2**32 - 1)  # sigpy seeds numpy's legacy RNG (< 2^32)
     if kind == "gaussian":
         return gaussian_mask_1d(tuple(shape), accel, seed=mask_seed)

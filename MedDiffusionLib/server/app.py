@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
@@ -24,16 +24,15 @@ from .. import __version__
 from ..errors import InputError, MedDiffusionError
 from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps
 from ..pipelines.generate import GenerationPipeline
+from .guard import BODY_IDLE_S, RequestGuard
 from .jobs import JobManager, QueueFull, RunOutput
 from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus, Limits,
                       ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
 from .security import TokenVerifier, check_startup_security
 from .store import JobRecord, JobStore
-from .uploads import UploadError, read_stored_volume, receive_multipart, store_upload
+from .uploads import MAX_CONCURRENT_UPLOADS, UploadError, read_stored_volume, receive_multipart, store_upload
 
 log = logging.getLogger("meddiffusion.server")
-
-MAX_JSON_BYTES = 64 * 1024  # a generate request is a few hundred bytes
 
 
 @dataclass
@@ -50,6 +49,7 @@ class ServerConfig:
     result_ttl_hours: float = 24.0
     max_voxels: int = 512**3
     purge_interval_s: Optional[float] = None  # default: a quarter of the TTL, between 0.5 s and 10 min
+    body_idle_s: float = BODY_IDLE_S     # a request body that stalls this long is refused (408)
 
 
 class Services:
@@ -75,6 +75,7 @@ class Services:
         self.purge_interval = config.purge_interval_s or min(max(ttl_s / 4, 0.5), 600.0)
         self._stop_purge = threading.Event()
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
+        self.uploads_in_flight = 0  # changed on the event loop only
 
     def _build_reconstructor(self) -> tuple[Any, str]:
         # Generation keeps working when the model's ControlNets do not fit its denoiser (a CheckpointError);
@@ -170,22 +171,6 @@ def _jsonable(v: Any) -> Any:
         return None  # images, arrays: not part of a status response
 
 
-class BodySizeCap:
-    """Pure ASGI middleware: refuse large bodies by their Content-Length, before anything reads them. The
-    upload endpoint is exempt: it enforces its own (large) limit while streaming."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != "/v1/reconstruct":
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length" and value.isdigit() and int(value) > MAX_JSON_BYTES:
-                    await JSONResponse({"detail": "request body too large"}, status_code=413)(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
 def _validation_message(errors: list[dict]) -> str:
     parts = []
     for e in errors[:5]:
@@ -213,7 +198,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             svc.stop()
 
-    app = FastAPI(title="MedDiffusion server", version=__version__, lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json (they would answer without a token; docs/SERVER.md documents the API),
+    # and no slash redirects (they would be built from the client's Host header).
+    app = FastAPI(title="MedDiffusion server", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.services = svc
 
     @app.exception_handler(RequestValidationError)
@@ -228,20 +216,18 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(UploadError)
     async def _upload_error(_req: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": "30"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
-    app.add_middleware(BodySizeCap)
-
-    async def require_token(request: Request) -> None:  # async: no thread hop for every request
-        if not svc.verifier.check(request.headers.get("authorization")):
-            raise HTTPException(401, "missing or wrong access token (send 'Authorization: Bearer <token>')",
-                                headers={"WWW-Authenticate": "Bearer"})
+    # Every request passes the guard first: token from the headers before any body byte, streamed body caps.
+    app.add_middleware(RequestGuard, verifier=svc.verifier, upload_limit_bytes=svc.max_upload_bytes,
+                       body_idle_s=config.body_idle_s)
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:
         return HealthResponse(version=__version__, auth_required=svc.verifier.enabled)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    api = APIRouter(prefix="/v1", redirect_slashes=False)
 
     @api.get("/models", response_model=ModelsResponse)
     async def models() -> ModelsResponse:
@@ -283,10 +269,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def reconstruct(request: Request) -> JobStatus:
         if svc.reconstructor is None:
             raise HTTPException(501, svc.recon_reason)
+        if svc.uploads_in_flight >= MAX_CONCURRENT_UPLOADS:
+            raise UploadError(503, f"the server is already receiving {MAX_CONCURRENT_UPLOADS} uploads; try again "
+                              "in a minute")
         length = request.headers.get("content-length")
         declared = int(length) if length and length.isdigit() else None
-        up = await receive_multipart(request.headers.get("content-type", ""), request.stream(),
-                                     svc.store.uploads_dir, svc.max_upload_bytes, declared)
+        svc.uploads_in_flight += 1
+        try:
+            up = await receive_multipart(request.headers.get("content-type", ""), request.stream(),
+                                         svc.store.uploads_dir, svc.max_upload_bytes, declared)
+        finally:
+            svc.uploads_in_flight -= 1
         try:
             try:
                 params = ReconstructParams.model_validate(_form_to_params(up.fields))

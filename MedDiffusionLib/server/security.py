@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import os
 import re
 import secrets
 import stat
 import sys
 from pathlib import Path
+from collections import Counter
 from typing import Mapping, Optional
 
 from ..errors import MedDiffusionError
 
 TOKEN_ENV = "MEDDIFFUSION_TOKEN"
-MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_LENGTH = 32
+# Estimated from the token's own character frequencies (a lower bound for random tokens: 32 hex digits,
+# i.e. secrets.token_hex(16), score about 100 bits; 'abcd' * 8 scores 64).
+MIN_TOKEN_BITS = 80
+MIN_TOKEN_DISTINCT = 8
 # secrets.token_urlsafe(24) -> 32 characters of [A-Za-z0-9_-]; anything else is not one of our ids.
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
+# \Z, not $: '$' also matches before a trailing newline.
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
 TOKEN_HINT = "create one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\""
 
 
@@ -35,7 +42,7 @@ def new_job_id() -> str:
 
 def is_valid_job_id(job_id: str) -> bool:
     """Ids from requests become folder names in the store, so only our own alphabet and length pass."""
-    return bool(JOB_ID_RE.match(job_id or ""))
+    return isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -72,12 +79,43 @@ def resolve_token(token_file: Optional[str], env: Optional[Mapping[str, str]] = 
     else:
         token = (env.get(TOKEN_ENV) or "").strip() or None
     if token is not None:
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise SecurityConfigError(f"the token is too short ({len(token)} characters, need at least "
-                                      f"{MIN_TOKEN_LENGTH}); {TOKEN_HINT}")
-        if any(c.isspace() for c in token) or not token.isprintable():
-            raise SecurityConfigError("the token must be printable characters without spaces; " + TOKEN_HINT)
+        check_token_strength(token)
     return token
+
+
+def token_bits(token: str) -> float:
+    """Entropy estimate in bits: length x Shannon entropy of the token's own character frequencies."""
+    counts = Counter(token)
+    n = len(token)
+    return -n * sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
+
+
+def _longest_arithmetic_run(token: str) -> int:
+    # 'abcdef...', '0123...' or 'aaaa...': each character a constant step from the previous one.
+    best = run = 1
+    for i in range(2, len(token)):
+        same = ord(token[i]) - ord(token[i - 1]) == ord(token[i - 1]) - ord(token[i - 2])
+        run = run + 1 if same else 1
+        best = max(best, run + 1)
+    return best if len(token) > 1 else len(token)
+
+
+def _is_periodic(token: str) -> bool:
+    # 'abcd' * 10, 'password' * 4: a shorter string repeated (the last copy may be cut short).
+    return any(all(token[i] == token[i + p] for i in range(len(token) - p)) for p in range(1, len(token) // 2 + 1))
+
+
+def check_token_strength(token: str) -> None:
+    """Refuse (SecurityConfigError) tokens that are short or guessable: the token is the only lock."""
+    if any(c.isspace() for c in token) or not token.isprintable():
+        raise SecurityConfigError("the token must be printable characters without spaces; " + TOKEN_HINT)
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise SecurityConfigError(f"the token is too short ({len(token)} characters, need at least "
+                                  f"{MIN_TOKEN_LENGTH}); {TOKEN_HINT}")
+    if (len(set(token)) < MIN_TOKEN_DISTINCT or token_bits(token) < MIN_TOKEN_BITS
+            or _longest_arithmetic_run(token) > len(token) // 2 or _is_periodic(token)):
+        raise SecurityConfigError("the token is too predictable (repeated or sequential characters); use a "
+                                  f"random one: {TOKEN_HINT}")
 
 
 def check_startup_security(host: str, token: Optional[str], insecure: bool) -> None:

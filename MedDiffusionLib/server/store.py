@@ -2,6 +2,7 @@
 
 Layout under the store folder::
 
+    .meddiffusion-store           marker: this folder belongs to the server (see ``claim_store_dir``)
     jobs/<job id>/job.json        the record, rewritten atomically on every state change
     jobs/<job id>/input.<ext>     a reconstruction job's uploaded volume (deleted when the job ends)
     jobs/<job id>/<output>.nrrd   "result", and "degraded" for reconstructions
@@ -26,6 +27,7 @@ from typing import Any, Iterator, Optional
 
 import SimpleITK as sitk
 
+from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.volumes import write_volume
 from .security import is_valid_job_id
@@ -36,6 +38,45 @@ TERMINAL_STATES = ("done", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
 RESTART_REASON = "server restarted while the job was running"
 OUTPUT_NAMES = ("result", "degraded")
+STORE_MARKER = ".meddiffusion-store"
+# A store written before the marker existed holds nothing but these two folders, with only job folders
+# (each with its job.json) and upload leftovers in them; such a folder is adopted.
+_LEGACY_ENTRIES = {"jobs", "uploads"}
+
+
+class StoreDirError(InputError):
+    """The --store folder is not the server's own (it would chmod it and delete files in it)."""
+
+
+def claim_store_dir(root: str | os.PathLike[str]) -> Path:
+    """Make sure ``root`` is the server's own folder before anything in it is changed; returns it absolute.
+
+    A missing or empty folder is created and marked; a marked folder is reused; anything else (a non-empty
+    folder without the marker, a file) is refused, because the server restricts the folder to its owner and
+    deletes leftovers and expired results in it."""
+    root = Path(root).expanduser().absolute()
+    marker = root / STORE_MARKER
+    if root.exists() and not root.is_dir():
+        raise StoreDirError(f"the server store '{root}' is not a folder; choose a new or empty folder for --store")
+    if marker.is_file():
+        return root
+    if root.is_dir():
+        try:
+            entries = {e.name for e in root.iterdir()}
+        except OSError as exc:
+            raise StoreDirError(f"cannot list the server store '{root}': {exc.strerror or exc}") from None
+        if entries and not _is_legacy_store(root, entries):
+            raise StoreDirError(
+                f"refusing to use '{root}' as the server store: the folder is not empty and has no "
+                f"{STORE_MARKER} marker, so it is not a MedDiffusion store (the server deletes files in its store "
+                "and makes it private). Choose a new or empty folder for --store")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        marker.write_text("MedDiffusion server store: job records and results; expired files are deleted.\n",
+                          encoding="utf-8")
+    except OSError as exc:
+        raise StoreDirError(f"cannot create the server store '{root}': {exc.strerror or exc}") from None
+    return root
 
 
 @dataclass
@@ -66,11 +107,20 @@ class JobRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _is_legacy_store(root: Path, entries: set[str]) -> bool:
+    if not entries <= _LEGACY_ENTRIES or not all((root / e).is_dir() for e in entries):
+        return False
+    jobs = list((root / "jobs").iterdir()) if "jobs" in entries else []
+    uploads = list((root / "uploads").iterdir()) if "uploads" in entries else []
+    return (all(is_valid_job_id(j.name) and (j / "job.json").is_file() for j in jobs)
+            and all(u.name.startswith("upload-") and u.is_file() for u in uploads))
+
+
 class JobStore:
     """Thread-safe table of job records mirrored to disk, with time-to-live expiry of finished jobs."""
 
     def __init__(self, root: str | os.PathLike[str], ttl_s: float) -> None:
-        self.root = Path(root).expanduser().absolute()
+        self.root = claim_store_dir(root)  # before any chmod or deletion below
         self.jobs_dir = self.root / "jobs"
         self.uploads_dir = self.root / "uploads"
         self.ttl_s = float(ttl_s)

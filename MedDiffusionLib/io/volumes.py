@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .atomic import atomic_write_path, check_writable, full_suffix
+from .atomic import WriteVerificationError, atomic_write_path, check_writable, full_suffix
+from .headers import HeaderError, parse_nifti_header, parse_nrrd_header
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -21,6 +24,7 @@ __all__ = [
     "read_dicom_series",
     "write_volume",
     "is_supported_path",
+    "verify_written_volume",
 ]
 
 # Files read directly. ".nhdr"/".mhd" are headers with a detached data file.
@@ -128,9 +132,69 @@ def write_volume(image: sitk.Image, path: str | os.PathLike[str], compress: bool
             f"use one of {', '.join(WRITABLE_SUFFIXES)}"
         )
     dest = check_writable(path)
-    with atomic_write_path(dest) as tmp:
+    with atomic_write_path(dest, lambda tmp: verify_written_volume(tmp, image)) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
         except RuntimeError as exc:
             raise InputError(f"Could not write volume file '{dest}': {_short(exc)}") from exc
     return dest
+
+
+# Geometry is stored as float32 in NIfTI headers: compare to that precision.
+_GEOMETRY_RTOL, _GEOMETRY_ATOL = 1e-5, 1e-4
+
+
+def _expected_size(path: Path) -> Optional[int]:
+    """The exact file size an uncompressed NRRD or NIfTI must have (from its own header); None otherwise."""
+    suffix = full_suffix(path)
+    with open(path, "rb") as fh:
+        head = fh.read(64 * 1024)
+    try:
+        if suffix == ".nrrd" and head.startswith(b"NRRD"):
+            h = parse_nrrd_header(head)
+            return h.data_offset + h.data_bytes if h.encoding == "raw" else None
+        if suffix == ".nii":
+            n = parse_nifti_header(head[:540])
+            return n.data_offset + n.data_bytes
+    except HeaderError:
+        return None  # an unusual but valid header: the read-back below still checks everything
+    return None
+
+
+def verify_written_volume(path: Path, image: sitk.Image) -> None:
+    """Raise WriteVerificationError unless ``path`` holds ``image``: the exact size its header implies (when
+    uncompressed), and a read-back with the same size, pixel type, geometry and identical voxel bytes."""
+    size = path.stat().st_size
+    expected = _expected_size(path)
+    if expected is not None and size != expected:
+        raise WriteVerificationError(f"the file has {size} bytes but its header needs {expected}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        back = reader.Execute()
+    except RuntimeError as exc:
+        raise WriteVerificationError(f"the written file cannot be read back ({_short(exc)})") from None
+    if back.GetSize() != image.GetSize() or back.GetPixelID() != image.GetPixelID() \
+            or back.GetNumberOfComponentsPerPixel() != image.GetNumberOfComponentsPerPixel():
+        raise WriteVerificationError(f"the file read back as {back.GetSize()} {back.GetPixelIDTypeAsString()}, "
+                                     f"not {image.GetSize()} {image.GetPixelIDTypeAsString()}")
+    for what in ("Spacing", "Origin", "Direction"):
+        a, b = getattr(back, f"Get{what}")(), getattr(image, f"Get{what}")()
+        if not np.allclose(a, b, rtol=_GEOMETRY_RTOL, atol=_GEOMETRY_ATOL):
+            raise WriteVerificationError(f"the file read back with {what.lower()} {a}, not {b}")
+    if not _same_voxels(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+        raise WriteVerificationError("the voxels read back differ from the image that was written")
+
+
+def _same_voxels(written: np.ndarray, meant: np.ndarray) -> bool:
+    # Byte-wise first (exact, NaN equal to itself). ITK's NIfTI reader turns NaN into 0, so where the image
+    # held NaN a read-back 0 is accepted too; every other voxel must be bit-identical.
+    if np.array_equal(np.ascontiguousarray(written).view(np.uint8), np.ascontiguousarray(meant).view(np.uint8)):
+        return True
+    if not np.issubdtype(meant.dtype, np.floating):
+        return False
+    nan = np.isnan(meant)
+    if not nan.any():
+        return False
+    return bool(np.array_equal(written[~nan].view(np.uint8), meant[~nan].view(np.uint8))
+                and np.all(np.isnan(written[nan]) | (written[nan] == 0)))

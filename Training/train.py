@@ -2,7 +2,7 @@
 """Headless training for every MedDiffusion stage.
 
     python Training/train.py {autoencoder,latents,denoiser,export,...} --config Training/configs/X.yaml \
-        [--stage 1|2] [--resume] [--max-steps N] [--out DIR] [key.sub=value ...]
+        [--stage 1|2] [--resume | --overwrite] [--max-steps N] [--out DIR] [key.sub=value ...]
 
 Multi-GPU: ``torchrun --nproc_per_node 8 Training/train.py denoiser --config ...`` (NCCL; gloo on CPU).
 Subcommands are the modules of ``Training/stages`` (see its ``__init__``).
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make MedDiffusionLib and Training importable
     sys.path.insert(0, str(REPO))
 
-from MedDiffusionLib.errors import MedDiffusionError  # noqa: E402
+from MedDiffusionLib.errors import InputError, MedDiffusionError  # noqa: E402
 from Training.config import apply_overrides, load_config, set_key  # noqa: E402
 from Training.stages import load_stage, stage_names  # noqa: E402
 
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", required=True, help="YAML config (Training/configs/*.yaml)")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start a new run in an output folder that holds an earlier run's checkpoints, replacing "
+                       "them (without it, or --resume, such a folder is refused)")
         p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
         p.add_argument("--out", default=None, help="output folder (overrides out_dir)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, values as YAML")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("meddiffusion.train")
-    from Training.trainer import init_distributed, teardown_distributed
+    from Training.trainer import claim_run_folder, init_distributed, teardown_distributed
 
     env = None
     try:
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg["out_dir"] = args.out
         if hasattr(module, "apply_arguments"):
             module.apply_arguments(cfg, args)
+        if args.resume and args.overwrite:
+            raise InputError("--resume and --overwrite contradict each other: continue the run or replace it")
+        cfg["overwrite"] = bool(args.overwrite)
+        if cfg.get("out_dir"):  # fail before any data is loaded; the Trainer checks again for stage defaults
+            claim_run_folder(cfg["out_dir"], bool(args.resume), bool(args.overwrite), delete=False)
         if cfg.get("threads"):
             # CPU threads for torch ops; small networks on a shared machine run much faster on 1 thread.
             import torch

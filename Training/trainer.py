@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.io.atomic import atomic_write_text
 from MedDiffusionLib.pipelines.common import resolve_device
 from Training.checkpointing import (CHECKPOINT_FORMAT, CheckpointManager, load_checkpoint, rng_state,  # noqa: F401
@@ -269,6 +270,28 @@ def state_hashes(modules: dict[str, nn.Module]) -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- the run folder
+
+
+def claim_run_folder(out_dir: str | os.PathLike[str], resume: bool, overwrite: bool, delete: bool = True) -> int:
+    """Refuse (InputError) to start a new run in a folder holding an earlier run's checkpoints, unless the run
+    resumes it or ``overwrite`` is set; with ``overwrite`` (and ``delete``) those checkpoints are deleted so that
+    the new run's are the ones kept. Returns how many were deleted."""
+    found = CheckpointManager(Path(out_dir) / "checkpoints").list()
+    if not found or resume:
+        return 0
+    if not overwrite:
+        raise InputError(f"'{out_dir}' already holds checkpoints of an earlier run (newest: {found[-1][1].name}); "
+                         "pass --resume to continue that run, --overwrite to start over and replace it, or choose "
+                         "another output folder (--out)")
+    if not delete:
+        return 0
+    for _, path in found:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return len(found)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -297,11 +320,13 @@ class Trainer:
         self._pending_rng: list[dict[str, Any]] | None = None
         self._stepped = False
         self.checkpoint_hooks: list[Callable[[int], None]] = []  # called on every rank after each save
+        # An earlier run's checkpoints are only continued (resume()) or, when asked, replaced; config.yaml and
+        # the weights are written once fit() has made sure which (see claim_run_folder).
+        self.overwrite = bool(cfg.get("overwrite", False))
+        self._resumed = False
+        self._claimed = False
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            import yaml  # the resolved config beside the run, for reproducibility
-
-            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         self.scalars = ScalarLogger(self.out_dir / "logs", enabled=env.is_main,
                                     tensorboard=bool(t.get("tensorboard", True)))
 
@@ -380,6 +405,7 @@ class Trainer:
 
     def resume(self, path: str | os.PathLike[str] | None = None) -> bool:
         """Load the newest checkpoint (or ``path``) into the registered objects; False when there is none."""
+        self._resumed = True
         if path is not None:
             found: tuple[dict[str, Any], Path] | None = (load_checkpoint(path), Path(path))
         else:
@@ -415,6 +441,7 @@ class Trainer:
 
         if self.loader is None:
             raise RuntimeError("make_loader() must be called before fit()")
+        self._claim()
         # Restore (or seed) the per-rank random streams last, right before the first batch.
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng[self.env.rank])
@@ -461,6 +488,22 @@ class Trainer:
         finally:
             bar.close()
         self._dump_hashes()
+
+    def _claim(self) -> None:
+        """Before the first step: refuse to train over an earlier run unless resuming or overwriting, then
+        write the resolved config beside the run (for reproducibility)."""
+        if self._claimed:
+            return
+        stale = claim_run_folder(self.out_dir, self._resumed, self.overwrite, self.env.is_main)
+        if stale:
+            log.warning("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", stale, self.ckpt.folder)
+        if self.env.is_main:
+            import yaml
+
+            saved = {k: v for k, v in self.cfg.items() if k != "overwrite"}  # never re-arm it from a copy
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+        barrier(self.env)
+        self._claimed = True
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         if not self.env.distributed or not values:

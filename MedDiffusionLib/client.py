@@ -332,7 +332,7 @@ class RemoteClient:
         header = nrrd_header(volume, "gzip" if compress else "raw")
         pieces, length = upload_pieces(head, header, volume.array, tail, compress)
         if length is not None:
-            self._check_upload_size(length)
+            self._check_upload_size(length - len(head) - len(tail))  # the server's limit is on the file itself
         headers = {**self._headers(), "Content-Type": f"multipart/form-data; boundary={boundary}"}
         return UploadTransfer(self.url_root, self._path_prefix + "/v1/reconstruct", pieces, length, headers,
                               self.timeout, self.error_from_status, self.unreachable)

@@ -34,6 +34,8 @@ SCHEDULE_LENGTH = 1000
 TASKS: dict[str, str] = {"sparse-ct": "CT", "mri": "MR"}
 MASKS: tuple[str, ...] = ("gaussian", "poisson")
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed, which takes a 64-bit integer
+# Exclusive lower bound of the MRI undersampling factor R: R = 1 samples everything (physics.mri uses it too).
+MIN_ACCELERATION = 1.0
 
 SizeXYZ = Tuple[int, int, int]
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+)\s*$")
@@ -299,7 +301,8 @@ class ReconstructOptions(TaskOptions):
     anatomy: Optional[str] = _opt(None, "anatomy prior (default: the model's first anatomy of the task's modality)")
     views: int = _opt(30, "sparse-ct: projection angles over 180 degrees", bound=Bound(1, 2048))
     # > 1: an acceleration of 1 is a fully sampled scan (physics.mri refuses it too); 64 keeps a few lines.
-    acceleration: float = _opt(8.0, "mri: undersampling factor R", bound=Bound(1, 64, low_open=True))
+    acceleration: float = _opt(8.0, "mri: undersampling factor R",
+                               bound=Bound(MIN_ACCELERATION, 64, low_open=True))
     mask: str = _opt("gaussian", "mri: 1D Gaussian variable-density lines or 2D Poisson disc", choices=MASKS)
     simulate: bool = _opt(True, "measure the input and reconstruct (else the input is the FBP / zero-filled image)")
     noise_photons: Optional[float] = _opt(None, "sparse-ct: Poisson noise with N incident photons per ray "

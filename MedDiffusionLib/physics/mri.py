@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..options import MIN_ACCELERATION  # the bound is defined once, with the reconstruction options
 
 __all__ = [
     "fft2c", "ifft2c", "fftnc", "ifftnc", "gaussian_mask_1d", "poisson_disc_mask", "mask_acceleration",
@@ -57,10 +58,6 @@ def _check_shape(shape: Sequence[int]) -> Tuple[int, int]:
     if len(shape) != 2 or min(int(s) for s in shape) < 1:
         raise InputError(f"mask shape must be (H, W) with positive ints, got {tuple(shape)}")
     return int(shape[0]), int(shape[1])
-
-
-# Exclusive lower bound of the undersampling factor R (R = 1 samples everything: nothing to reconstruct).
-MIN_ACCELERATION = 1.0
 
 
 def _check_acceleration(acceleration: float) -> float:

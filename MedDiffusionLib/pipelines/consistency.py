@@ -36,8 +36,8 @@ from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..options import MASKS, TASKS  # task -> modality of the anatomies it fits; k-space masks
 from ..physics.ct import ParallelBeamProjector, add_poisson_noise
-from ..physics.mri import (MIN_ACCELERATION, data_consistency, fft2c, gaussian_mask_1d, poisson_disc_mask,
-                            undersample, zero_filled)
+from ..options import MIN_ACCELERATION
+from ..physics.mri import data_consistency, fft2c, gaussian_mask_1d, poisson_disc_mask, undersample, zero_filled
 from .common import denormalize_latent, normalize_latent
 from .decode import decode_latent
 

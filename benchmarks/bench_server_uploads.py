@@ -4,7 +4,7 @@
 Starts `python -m MedDiffusionLib serve` (tiny random model, CPU, loopback) and sends, one after another, hostile
 and legitimate uploads, reading the server process's VmHWM (reset through /proc/PID/clear_refs) and VmRSS::
 
-    flock /work/.heavy.lock python benchmarks/bench_server_uploads.py [--side 256]
+    python benchmarks/bench_server_uploads.py [--side 256]     # about 2 GB of memory at its peak
 
 Prints one table row per upload: HTTP status, peak growth, memory held 2 s later (all in MB).
 """

@@ -568,8 +568,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _serverAllowed(self, params: MedDiffusionParameters) -> bool:
         """A remote server is contacted only if the user typed or approved its address (a scene may carry any
         URL); tokens.check_transport then refuses plain http to another machine when a token is set."""
-        if params.backend != "remote":
-            return True
+        if params.backend != "remote" or params.server_url == MedDiffusionParameters().server_url:
+            return True  # the local default (an SSH tunnel's usual end) is not something a scene chose
         return self._trust.allow(params.server_url, lambda text: slicer.util.confirmYesNoDisplay(
             text, windowTitle=_("MedDiffusion: unknown server")))
 

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from .catalog import Catalog, official_catalog
 from .errors import CheckpointError, InputError
 
-__all__ = ["BundleSummary", "demo_bundle_dir", "DEMO_ENV", "MANIFEST", "summarize_bundle", "summarize_official", "HU_RANGE_KEY", "OFFICIAL_HU_RANGE"]
+__all__ = ["BundleSummary", "demo_bundle_dir", "DEMO_ENV", "MANIFEST", "summarize_bundle", "summarize_official",
+           "HU_RANGE_KEY", "OFFICIAL_HU_RANGE", "parse_hu_range"]
 
 MANIFEST = "model.yaml"                # a bundle is a folder with this file (checkpoints/bundle.py)
 HU_RANGE_KEY = "hu_range"              # model.yaml: HU of the intensities 0 and 1 of generated CT

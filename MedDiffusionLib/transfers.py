@@ -250,6 +250,7 @@ class _Transfer:
         self._error_from = error_from
         self._unreachable = unreachable
         self.conn: Optional[http.client.HTTPConnection] = None
+        self.sock: Optional[socket.socket] = None
         self.done = False
         self.bytes_moved = 0
         self._last_progress = time.monotonic()
@@ -277,7 +278,8 @@ class _Transfer:
         if not _readable(self.conn.sock):
             self._check_stall()
             return None
-        self.conn.sock.settimeout(self.timeout)
+        self.sock = self.conn.sock  # http.client forgets it for a response that closes the connection
+        self.sock.settimeout(self.timeout)
         resp = self.conn.getresponse()
         self._last_progress = time.monotonic()
         if resp.status >= 300:
@@ -403,8 +405,7 @@ class DownloadTransfer(_Transfer):
                     return False
                 self._left = self._resp.length  # None: chunked coding, read with (bounded) blocking reads
                 if self._left is not None:
-                    assert self.conn.sock is not None
-                    self.conn.sock.setblocking(False)
+                    self.sock.setblocking(False)
             while time.monotonic() < deadline:
                 if self._left is None:
                     data = self._resp.read(PIECE)  # blocking, bounded by the socket timeout

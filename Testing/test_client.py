@@ -136,3 +136,75 @@ def test_timeout_is_unreachable():
         with pytest.raises(ServerUnreachable, match="timed out") as err:
             RemoteClient(url, timeout=0.5).health()
         assert url in str(err.value)
+
+
+# ---- sliced transfers (MedDiffusionLib/transfers.py): the NRRD stream both ways -----------------------------
+
+
+def _volume(shape=(5, 6, 7), dtype="float32"):
+    import numpy as np
+
+    from MedDiffusionLib.transfers import VolumeArray
+
+    arr = (np.arange(np.prod(shape)).reshape(shape) * 1.5 - 100).astype(dtype)
+    angle = 0.3
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    return VolumeArray(arr, (0.7, 1.3, 2.5), (-12.5, 30.25, 7.0), direction)
+
+
+def _nrrd_bytes(volume, encoding="raw") -> bytes:
+    import gzip
+
+    from MedDiffusionLib.transfers import nrrd_header
+
+    data = volume.array.astype(volume.array.dtype.newbyteorder("<")).tobytes()
+    return nrrd_header(volume, encoding) + (gzip.compress(data) if encoding == "gzip" else data)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_streamed_nrrd_round_trip_matches_simpleitk(tmp_path, encoding):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MedDiffusionLib.transfers import NrrdStreamDecoder
+
+    volume = _volume()
+    blob = _nrrd_bytes(volume, encoding)
+    (tmp_path / "v.nrrd").write_bytes(blob)  # what we send is an NRRD that SimpleITK reads identically
+    image = sitk.ReadImage(str(tmp_path / "v.nrrd"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), volume.array)
+    assert np.allclose(image.GetSpacing(), volume.spacing) and np.allclose(image.GetOrigin(), volume.origin_lps)
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), volume.direction_lps)
+    decoder = NrrdStreamDecoder(max_voxels=10**6)
+    for i in range(0, len(blob), 7):  # fed in tiny pieces, header split anywhere
+        decoder.feed(blob[i:i + 7])
+    out = decoder.finish()
+    assert np.array_equal(out.array, volume.array) and np.allclose(out.spacing, volume.spacing)
+    assert np.allclose(out.direction_lps, volume.direction_lps) and np.allclose(out.origin_lps, volume.origin_lps)
+    sitk.WriteImage(volume.to_sitk(), str(tmp_path / "itk.nrrd"), True)  # the server's own (ITK) writer
+    decoder = NrrdStreamDecoder(max_voxels=10**6)
+    decoder.feed((tmp_path / "itk.nrrd").read_bytes())
+    assert np.array_equal(decoder.finish().array, volume.array)
+
+
+def test_streamed_nrrd_refuses_hostile_answers():
+    from MedDiffusionLib.transfers import NrrdStreamDecoder, TransferError
+
+    volume = _volume()
+    blob = _nrrd_bytes(volume, "gzip")
+    with pytest.raises(TransferError, match="exceeds the expected"):  # checked before allocating anything
+        NrrdStreamDecoder(max_voxels=100).feed(blob)
+    header = blob[:blob.index(b"\n\n")]
+    with pytest.raises(TransferError, match="cannot be read"):
+        NrrdStreamDecoder(10**6).feed(header.replace(b"encoding: gzip", b"data file: /etc/passwd") + b"\n\n")
+    import gzip
+
+    bomb = header + b"\n\n" + gzip.compress(b"\0" * (volume.array.nbytes * 50))
+    with pytest.raises(TransferError, match="more data than its header"):
+        NrrdStreamDecoder(10**6).feed(bomb)
+    decoder = NrrdStreamDecoder(10**6)
+    decoder.feed(_nrrd_bytes(volume)[:-10])
+    with pytest.raises(TransferError, match="truncated"):
+        decoder.finish()
+    with pytest.raises(TransferError, match="too long"):
+        NrrdStreamDecoder(10**6).feed(b"NRRD0004\n" + b"# x\n" * 20000)

@@ -115,9 +115,15 @@ def _tiny_bundle_dir(tmp_path: Path, controlnets: bool = False) -> Path:
     return Path(made) if made is not None else tmp_path / "bundle"
 
 
+TINY_HU = (-1024.0, 3071.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
-    return _tiny_bundle_dir(tmp_path_factory.mktemp("tiny-model"), controlnets=True)
+    folder = _tiny_bundle_dir(tmp_path_factory.mktemp("tiny-model"), controlnets=True)
+    with open(folder / "model.yaml", "a", encoding="utf-8") as fh:  # the model declares its CT range
+        fh.write(f"hu_range: [{TINY_HU[0]:g}, {TINY_HU[1]:g}]\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +184,7 @@ def test_model_lists_come_from_model_yaml_without_torch(tiny_bundle):
     out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # The demo model: 8^3 latents with a 4x autoencoder -> 32^3 volumes (not the official 256^3 table).
-    assert out.stdout.strip() == "(-1000.0, 1000.0) [('ct-head-neck', (32, 32, 32)), ('ct-chest-abdomen', " \
+    assert out.stdout.strip() == "(-1024.0, 700.0) [('ct-head-neck', (32, 32, 32)), ('ct-chest-abdomen', " \
                                  "(32, 32, 32))] False", out.stdout
     summary = LocalBackend().model_summary(_local_params(tiny_bundle))
     assert summary.anatomies and all(a.sizes_xyz for a in summary.anatomies)
@@ -290,11 +296,15 @@ def test_remote_generate_against_real_server(scene, remote_server):
     chest = next(a for a in logic.anatomies(params, TOKEN) if a.name == "ct-chest-abdomen")
     size = min(chest.sizes_xyz, key=lambda s: s[0] * s[1] * s[2])
     params = params.replace(size="x".join(map(str, size)))
+    assert logic.model_summary(params, TOKEN).hu_range == TINY_HU  # the server reports the model's range
     assert logic.start_generate(params, TOKEN) == 17
     states = _poll_until_finished(logic)
     assert states[-1].state == "done", states[-1].message
     node = logic.finish(scene)[0]
     assert node.GetName() == "MedDiffusion CT chest-abdomen seed 17 dpmpp"
+    arr = slicer.util.arrayFromVolume(node)  # CT in HU by default: the model's declared range
+    assert arr.min() >= TINY_HU[0] - 1e-2 and arr.max() <= TINY_HU[1] + 1e-2 and arr.max() - arr.min() > 10.0
+    assert node.GetAttribute("MedDiffusion.hu_range") == "-1024,3071"
     assert mrml_volumes.volume_node_to_image(node).GetSize() == size
     attrs = {k: node.GetAttribute(f"MedDiffusion.{k}") for k in ("backend", "server", "seed", "steps", "anatomy")}
     assert attrs == {"backend": "remote", "server": remote_server.url, "seed": "17", "steps": "3",
@@ -381,3 +391,53 @@ def test_dependencies_checks_versions_and_asks_once():
     with pytest.raises(dependencies.MissingDependencies, match="declined"):
         dependencies.ensure_dependencies(requirements=reqs, confirm=lambda text: False)
     assert dependencies._version_tuple("2.13.0+cpu") == (2, 13, 0) >= dependencies._version_tuple("2.2")
+
+
+def test_scene_import_restores_the_saved_input_volume_at_end_import():
+    """Loading a saved scene into an open one (panel open, its own parameter node and input): at EndImportEvent,
+    when the panel re-reads its parameter node, the saved settings and input volume reference are there."""
+    saved = slicer.vtkMRMLScene()
+    volume = saved.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "saved input")
+    wrapper = MedDiffusionParameterNode.get_or_create(saved)
+    wrapper.write(MedDiffusionParameters(views=77, recon_anatomy="ct-legs", ct_hu_range="-1024,3071"))
+    wrapper.input_volume = volume
+    saved.SetSaveToXMLString(1)
+    saved.Commit()
+    xml = saved.GetSceneXMLString()
+
+    open_scene = slicer.vtkMRMLScene()
+    MedDiffusionParameterNode.get_or_create(open_scene).input_volume = \
+        open_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other")
+    seen = []
+    open_scene.AddObserver(open_scene.EndImportEvent, lambda caller, event: seen.append(
+        MedDiffusionParameterNode.get_or_create(open_scene)))
+    open_scene.SetLoadFromXMLString(1)
+    open_scene.SetSceneXMLString(xml)
+    open_scene.Import()
+    assert len(seen) == 1 and seen[0].input_volume is not None and seen[0].input_volume.GetName() == "saved input"
+    params = seen[0].read()
+    assert (params.views, params.recon_anatomy, params.ct_hu_range) == (77, "ct-legs", "-1024,3071")
+    assert open_scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+
+
+def test_sliced_upload_gzip_and_raw_reach_the_server_identically(remote_server):
+    """The chunked, gzip-on-the-fly upload (used for non-loopback servers) and the raw one give the same job
+    result for the same seed: the server decoded the same volume."""
+    client = remote_server.client()
+    volume = selfchecks.make_test_image((16, 16, 16), dtype=np.float32)
+    results = []
+    for compress in (False, True):
+        upload = client.start_reconstruct_upload(volume, compress=compress, task="sparse-ct",
+                                                 views=8, sampler="ddim", steps=2, seed=5, anatomy="ct-legs")
+        deadline = time.monotonic() + 60
+        while not upload.step(0.05):  # a timer would call it every 100 ms
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert (upload.length is None) == compress  # chunked when compressed
+        job = upload.result["id"]
+        client.wait(job, 0.1, timeout=120)
+        download = client.start_download(job, "result", max_voxels=16**3)
+        while not download.step(0.05):
+            time.sleep(0.01)
+        results.append(download.volume.array)
+    assert np.array_equal(results[0], results[1]) and volume.GetSize() == (16, 16, 16)

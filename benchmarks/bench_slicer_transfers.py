@@ -7,7 +7,7 @@ For each size (default 256^3 and 512^3 float32) it measures, with the real MRML 
           (`meddiffusion serve` on 127.0.0.1, raw NRRD), and the whole upload's duration
   download the longest DownloadTransfer.step() of the server's gzip NRRD answer (served as a file by a
           plain HTTP server process, as the job server would send it), and the whole download's duration
-  finish  the node creation from the downloaded array (array_to_volume_node + display preset)
+  finish  the node creation from the downloaded array (display window/level + array_to_volume_node)
 
 The GUI is frozen for at most max(read, longest step, finish). Usage (big: take the heavy lock):
 
@@ -32,12 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "MedDiffusion")]
 
 import slicer  # noqa: E402
+import vtk  # noqa: E402,F401  (loaded in Slicer already: keep its first import out of the timings)
 
 from MedDiffusionLib.client import RemoteClient  # noqa: E402
 from MedDiffusionLogic import mrml_volumes  # noqa: E402
 from MedDiffusionLogic.jobs import TRANSFER_BUDGET_S  # noqa: E402
 from MedDiffusionLogic.local_server import LocalServer, ServerSpec  # noqa: E402
-from MedDiffusionLogic.logic import apply_display_preset  # noqa: E402
+from MedDiffusionLogic.logic import display_window_level  # noqa: E402
 
 
 def _free_port() -> int:
@@ -109,8 +110,8 @@ def main() -> int:
                     http_proc.terminate()
                     http_proc.wait(10)
             t = time.monotonic()
-            out = mrml_volumes.array_to_volume_node(download.volume, scene, f"result {n}")
-            apply_display_preset(out, "CT", "ct-head-neck", download.volume.array)
+            out = mrml_volumes.array_to_volume_node(download.volume, scene, f"result {n}", display_window_level(
+                download.volume.array, "CT", "ct-head-neck"))
             finish_s = time.monotonic() - t
             assert np.array_equal(slicer.util.arrayFromVolume(out), slicer.util.arrayFromVolume(node))
             rows.append((n, read_s, up_longest, up_total, up_steps, dl_longest, dl_total, dl_steps, finish_s))

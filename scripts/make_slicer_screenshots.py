@@ -118,7 +118,8 @@ def results(out: Path) -> None:
         logic.start_generate(params)
         assert logic.wait(600).state == "done"
         generated = logic.finish()[0]
-        phantom = make_phantom("ct-chest-abdomen", (32, 32, 32), seed=11)
+        entry = logic.model_summary(params).anatomy("ct-chest-abdomen")
+        phantom = make_phantom("ct-chest-abdomen", entry.sizes_xyz[0], entry.spacing_xyz, seed=11)
         source = mrml_volumes.image_to_volume_node(phantom, scene, "phantom")
         logic.start_reconstruct(params.replace(task="sparse-ct", views=12), input_node=source)
         assert logic.wait(600).state == "done"
@@ -130,7 +131,7 @@ def results(out: Path) -> None:
              ("12-view FBP", slicer.util.arrayFromVolume(fbp)),
              ("MedDiffusion recon", slicer.util.arrayFromVolume(recon))]
     scale, pad, label_h = 6, 8, 22
-    size = 32 * scale
+    size = 32 * scale  # the demo model's volumes are 32^3
     canvas = QtGui.QImage(len(tiles) * (size + pad) + pad, size + label_h + 2 * pad, QtGui.QImage.Format_RGB32)
     canvas.fill(QtGui.QColor(32, 32, 32))
     painter = QtGui.QPainter(canvas)

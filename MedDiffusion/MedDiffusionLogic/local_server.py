@@ -34,7 +34,6 @@ HEALTH_TIMEOUT_S = 0.5
 START_TIMEOUT_S = 600.0
 LOCAL_MAX_UPLOAD_MB = 4096            # importing torch and loading a full-size model can take minutes
 CHILD = Path(__file__).with_name("server_child.py")
-LIB_ROOT = Path(__file__).resolve().parents[2]  # the folder holding MedDiffusionLib (checkout or extension)
 
 try:
     from MedDiffusionLib.errors import MedDiffusionError as _Base
@@ -54,12 +53,22 @@ def find_python(override: str = "") -> str:
     if exe.name.lower().startswith("python"):
         candidates.append(str(exe))
     suffix = ".exe" if os.name == "nt" else ""
-    candidates += [str(exe.with_name("PythonSlicer" + suffix)), shutil.which("PythonSlicer") or ""]
+    # Linux/Windows: bin/SlicerApp-real next to bin/PythonSlicer; macOS: Contents/MacOS/Slicer, Contents/bin/.
+    name = "PythonSlicer" + suffix
+    candidates += [str(exe.with_name(name)), str(exe.parent.parent / "bin" / name), shutil.which("PythonSlicer") or ""]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise ServerStartError("cannot find a Python to run the local MedDiffusion server (looked for PythonSlicer "
                            f"next to {exe}); set {PYTHON_ENV} to a Python executable")
+
+
+def lib_root() -> Path:
+    """The folder holding MedDiffusionLib: the repository root in a checkout, the module folder in an installed
+    extension (the child puts it on sys.path)."""
+    import MedDiffusionLib
+
+    return Path(MedDiffusionLib.__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -121,7 +130,7 @@ class LocalServer:
         self.token = secrets.token_urlsafe(32)
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [python, str(CHILD), str(LIB_ROOT), "serve", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [python, str(CHILD), str(lib_root()), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--store", str(self.folder / "store"), "--device", spec.device, "--log-level", "info",
                # Raw (uncompressed) uploads on loopback: a 512^3 float volume is 512 MiB plus headers.
                "--max-upload-mb", str(LOCAL_MAX_UPLOAD_MB), "--max-queue", "2",

@@ -176,11 +176,13 @@ def volume_node_to_image(node: Any) -> sitk.Image:
     return image
 
 
-def array_to_volume_node(volume: Any, scene: Any, name: str = "Volume") -> Any:
+def array_to_volume_node(volume: Any, scene: Any, name: str = "Volume",
+                         window_level: tuple[float, float] | None = None) -> Any:
     """A new scalar volume node holding a VolumeArray's voxels (LPS geometry converted to RAS).
 
-    The array is handed to VTK without another copy when its type allows, so a 512^3 volume becomes a node in
-    a fraction of a second (the downloaded array is not used elsewhere).
+    Fast for big volumes: the array is handed to VTK without another copy, and the grey display node is made
+    first with `window_level` (else the volume's own range) and automatic window/level off, because automatic
+    window/level would compute a histogram of every voxel (seconds for 512^3) on the main thread.
     """
     import vtk
     from vtk.util import numpy_support
@@ -188,16 +190,24 @@ def array_to_volume_node(volume: Any, scene: Any, name: str = "Volume") -> Any:
     arr = _slicer_compatible_array(np.ascontiguousarray(volume.array))
     direction_ras = LPS_TO_RAS @ _orthonormalize(np.asarray(volume.direction_lps, dtype=float).reshape(3, 3))
     origin_ras = LPS_TO_RAS @ np.asarray(volume.origin_lps, dtype=float)
+    if window_level is None:
+        sample = display_sample(arr)
+        lo, hi = (float(sample.min()), float(sample.max())) if sample.size else (0.0, 1.0)
+        window_level = (max(hi - lo, 1e-6), (hi + lo) / 2.0)
+    display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(float(window_level[0]), float(window_level[1]))
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    node.SetAndObserveDisplayNodeID(display.GetID())
     matrix = vtk.vtkMatrix4x4()
     for r in range(3):
         for c in range(3):
             matrix.SetElement(r, c, float(direction_ras[r, c]))
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
-    scalars = numpy_support.numpy_to_vtk(arr.ravel(), deep=False)
-    scalars._numpy_reference = arr  # the VTK array borrows the numpy buffer: keep it alive with the node
-    image_data.GetPointData().SetScalars(scalars)
+    # deep=False: VTK borrows the numpy buffer; numpy_support keeps a reference to the array on the VTK array.
+    image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(arr.ravel(), deep=False))
     was_modifying = node.StartModify()
     try:
         node.SetSpacing(*(float(v) for v in volume.spacing))

@@ -64,6 +64,7 @@ class Services:
         self.device = str(self.generator.device)
         self.reconstructor, self.recon_reason = self._build_reconstructor()
         self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
+        self.hu_range = _declared_hu_range(self.bundle)
         self.verifier = TokenVerifier(config.token)
         ttl_s = float(config.result_ttl_hours) * 3600.0
         self.store = JobStore(config.store_dir, ttl_s)
@@ -156,6 +157,20 @@ class Services:
         return rec
 
 
+def _declared_hu_range(bundle: Any) -> Optional[tuple[float, float]]:
+    """The HU range the bundle's model.yaml declares for generated CT (the Slicer panel's default)."""
+    from ..bundle_summary import OFFICIAL_HU_RANGE, summarize_bundle
+
+    source = getattr(bundle, "source", None)
+    if source is None:
+        return OFFICIAL_HU_RANGE if getattr(bundle, "name", "") == "official" else None
+    try:
+        return summarize_bundle(source).hu_range
+    except MedDiffusionError as exc:
+        log.warning("no HU range for the model: %s", exc)
+        return None
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (str, int, bool)) or v is None:
         return v
@@ -240,7 +255,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         return ModelsResponse(model=b.name, device=svc.device, downsample=b.downsample, anatomies=anatomies,
                               samplers=list(SAMPLERS),
                               default_steps={s: default_steps(s, b.timesteps) for s in SAMPLERS}, tasks=svc.tasks,
-                              reconstruct_available=svc.reconstructor is not None, limits=limits)
+                              reconstruct_available=svc.reconstructor is not None, limits=limits,
+                              hu_range=svc.hu_range)
 
     @api.get("/models/available", response_model=AvailableModelsResponse)
     async def available_models() -> AvailableModelsResponse:

@@ -84,6 +84,7 @@ class ModelsResponse(BaseModel):
     tasks: list[str]
     reconstruct_available: bool
     limits: Limits
+    hu_range: Optional[tuple[float, float]] = None  # HU of generated CT intensities 0 and 1 (model.yaml)
 
 
 class RegistryModelInfo(BaseModel):

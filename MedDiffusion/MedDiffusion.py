@@ -599,6 +599,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._serverAllowed(params):
                 return
             dependencies.ensure_dependencies(params.backend)
+            if not self._anatomies:  # the lists need PyYAML, which the first run may just have installed
+                self._refreshModelLists(quiet=True)
             start(params)
             self._onStarted(button)
 

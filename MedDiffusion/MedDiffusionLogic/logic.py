@@ -144,6 +144,10 @@ class MedDiffusionLogic:
             # In the job's first step: a remote model list is a request, and its errors belong to the job.
             entry = summary.anatomy(params.anatomy)
             job.modality = entry.modality if entry is not None else params.modality
+            # The answer may not claim more voxels than asked for (checked before the download allocates).
+            sizes = [params.size_xyz] if params.size_xyz else list(entry.sizes_xyz if entry is not None else ())
+            if sizes:
+                job.max_voxels = max(int(np.prod(s)) for s in sizes)
             hu_range = self.hu_range(params, summary) if job.modality == "CT" else None
             job.request["hu_range"] = list(hu_range) if hu_range is not None else None
 
@@ -178,7 +182,8 @@ class MedDiffusionLogic:
                 job.request["anatomy"] = suggest_anatomy(name, made_with, params.task, summary.anatomies) or None
 
         self._job = PanelJob("reconstruct", params, self.backend(params, token), request, volume=volume,
-                             modality=TASK_MODALITY[params.task], complete=complete)
+                             modality=TASK_MODALITY[params.task], complete=complete,
+                             max_voxels=int(volume.array.size))  # outputs are on the input's grid
         return seed
 
     def poll(self) -> JobState:

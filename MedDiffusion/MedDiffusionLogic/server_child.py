@@ -29,6 +29,8 @@ def main(argv: list[str]) -> int:
     if root and root not in sys.path:
         sys.path.insert(0, root)
     threading.Thread(target=_exit_when_parent_goes, name="meddiffusion-parent-watch", daemon=True).start()
+    # The panel shows the log's last line while the server starts: say what takes the time.
+    print("meddiffusion: loading PyTorch and the model...", file=sys.stderr, flush=True)
     from MedDiffusionLib.cli import main as cli_main
 
     return int(cli_main(args) or 0)

@@ -1,9 +1,9 @@
 """The module's settings, typed, with defaults, saved in the scene through a vtkMRMLScriptedModuleNode.
 
-`MedDiffusionParameters` is an immutable snapshot (what a background job receives, so the worker thread never
-reads the scene); `MedDiffusionParameterNode` wraps the scene node and converts both ways. The server token is
-deliberately not a field: scenes get shared, so the token lives in application settings (QSettings in Slicer)
-and is passed to the logic as an argument.
+`MedDiffusionParameters` is an immutable snapshot (what a job is started with, so a job never reads the scene
+again); `MedDiffusionParameterNode` wraps the scene node and converts both ways. The server token is deliberately
+not a field: scenes get shared, so tokens live in application settings per server origin (tokens.py) and are
+passed to the logic as an argument.
 """
 from __future__ import annotations
 

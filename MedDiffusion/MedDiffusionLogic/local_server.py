@@ -63,12 +63,17 @@ def find_python(override: str = "") -> str:
                            f"next to {exe}); set {PYTHON_ENV} to a Python executable")
 
 
-def lib_root() -> Path:
+def _lib_root() -> Path:
     """The folder holding MedDiffusionLib: the repository root in a checkout, the module folder in an installed
     extension (the child puts it on sys.path)."""
-    import MedDiffusionLib
-
+    try:
+        import MedDiffusionLib
+    except ImportError:  # pragma: no cover - the module puts the library on sys.path first
+        return Path(__file__).resolve().parents[2]
     return Path(MedDiffusionLib.__file__).resolve().parents[1]
+
+
+LIB_ROOT = _lib_root()
 
 
 def _free_port() -> int:
@@ -130,7 +135,7 @@ class LocalServer:
         self.token = secrets.token_urlsafe(32)
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [python, str(CHILD), str(lib_root()), "serve", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [python, str(CHILD), str(LIB_ROOT), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--store", str(self.folder / "store"), "--device", spec.device, "--log-level", "info",
                # Raw (uncompressed) uploads on loopback: a 512^3 float volume is 512 MiB plus headers.
                "--max-upload-mb", str(LOCAL_MAX_UPLOAD_MB), "--max-queue", "2",

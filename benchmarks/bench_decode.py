@@ -33,7 +33,8 @@ sys.path[:0] = [os.path.join(_HERE, "..")]
 
 OFFICIAL_AE = dict(n_hiddens=48, downsample=8, embedding_dim=8, n_codes=8192, num_groups=24)
 CATEGORIES = (  # first match wins; self time of profiler events
-    ("transposed conv", ("conv_transpose", "slow_conv_transpose", "mkldnn_convolution_transpose")),
+    # oneDNN's transposed convolution has no aten op below aten::_convolution; regular ones do (mkldnn_convolution)
+    ("transposed conv", ("aten::_convolution", "slow_conv_transpose")),
     ("convolution", ("convolution", "conv3d", "mkldnn_conv")),
     ("statistics", ("var_mean", "var", "std")),
     ("norm + SiLU", ("addcmul", "silu", "group_norm", "native_group_norm")),

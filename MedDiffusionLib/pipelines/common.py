@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -80,6 +80,36 @@ def sample_latent(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x = out.prev_sample
         if guide is not None:
             x = guide(x, out.pred_x0, t_int)
+        tracker.advance()
+    return x
+
+
+def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], item_shape: tuple[int, ...],
+                   seeds: Sequence[int], sampler_name: str, steps: int, device: torch.device,
+                   diffusion: Optional[GaussianDiffusion] = None, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelFlag] = None) -> torch.Tensor:
+    """Sample len(seeds) latents of `item_shape` (C, D, H, W) with one denoiser call per step for all of them.
+
+    Each item owns its generator (initial noise and any sampler noise) and its sampler state, and every sampler
+    step runs on that item's slice alone, so an item's random numbers never depend on its batch mates. With one
+    seed this is exactly `sample_latent` with batch 1."""
+    diffusion = diffusion or GaussianDiffusion()
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    samplers = [make_sampler(sampler_name, diffusion) for _ in seeds]
+    for s in samplers:
+        s.set_timesteps(steps)
+    x = torch.cat([torch.randn((1,) + tuple(item_shape), generator=g, device=device, dtype=torch.float32)
+                   for g in generators])
+    timesteps = samplers[0].timesteps
+    tracker = ProgressTracker(len(timesteps), progress, cancel, "sampling")
+    tracker.begin()
+    for t in timesteps:
+        t_int = int(t)
+        t_batch = torch.full((len(seeds),), t_int, device=device, dtype=torch.long)
+        with autocast_for(device):
+            eps = denoise(x, t_batch).float()
+        x = torch.cat([s.step(eps[i:i + 1], t_int, x[i:i + 1], generator=g).prev_sample
+                       for i, (s, g) in enumerate(zip(samplers, generators))])
         tracker.advance()
     return x
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,7 +14,7 @@ from ..catalog import Anatomy, parse_size
 from ..data.transforms import network_to_image
 from ..errors import InputError
 from .common import (BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps,
-                     sample_latent)
+                     sample_latents)
 from .decode import decode_latent
 from .progress import CancelFlag, ProgressCallback
 
@@ -58,6 +58,15 @@ def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multi
     return latent
 
 
+def check_hu_range(entry: Anatomy, hu_range: Optional[tuple[float, float]]) -> None:
+    if hu_range is None:
+        return
+    if entry.modality != "CT":
+        raise InputError(f"an HU range only applies to CT; {entry.name} is {entry.modality}")
+    if len(hu_range) != 2 or not hu_range[0] < hu_range[1]:
+        raise InputError(f"HU range must be two increasing numbers, got {hu_range}")
+
+
 class GenerationPipeline(BundlePipeline):
     """Composes a model bundle (autoencoder, denoiser, catalog) with a sampler into volumes with geometry."""
 
@@ -65,36 +74,66 @@ class GenerationPipeline(BundlePipeline):
                  seed: Optional[int] = None, hu_range: Optional[tuple[float, float]] = None,
                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None
                  ) -> GenerationResult:
+        return next(self.generate_batch([anatomy], size_xyz, sampler, steps, [resolve_seed(seed)], hu_range,
+                                        progress, cancel))
+
+    def generate_batch(self, anatomies: Sequence[str], size_xyz: SizeLike, sampler: str, steps: Optional[int],
+                       seeds: Sequence[int], hu_range: Optional[tuple[float, float]] = None,
+                       progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
+                       only: Optional[Sequence[bool]] = None) -> Iterator[GenerationResult]:
+        """One volume per (anatomy, seed), all of one size: their latents share each denoiser call, then they are
+        decoded and yielded one at a time (`only`: which of them to decode and yield). An item's random numbers
+        come from its own seed only; batch mates still change its floats at rounding level (CPU and GPU matrix
+        kernels block by batch size), so batch 1 reproduces `__call__` exactly and larger batches to ~1e-6."""
         start = time.perf_counter()
-        entry = self.bundle.catalog.get(anatomy)
-        if hu_range is not None:
-            if entry.modality != "CT":
-                raise InputError(f"an HU range only applies to CT; {entry.name} is {entry.modality}")
-            if len(hu_range) != 2 or not hu_range[0] < hu_range[1]:
-                raise InputError(f"HU range must be two increasing numbers, got {hu_range}")
-        latent = resolve_latent_size(entry, size_xyz, self.bundle.downsample, latent_multiple(self.denoiser))
+        if len(anatomies) != len(seeds) or not anatomies:
+            raise InputError("give one seed per anatomy")
+        entries = [self.bundle.catalog.get(a) for a in anatomies]
+        for entry in entries:
+            check_hu_range(entry, hu_range)
+        latents = {resolve_latent_size(e, size_xyz, self.bundle.downsample, latent_multiple(self.denoiser))
+                   for e in entries}
+        if len(latents) != 1:
+            raise InputError("a batch must have one latent size")
+        latent = latents.pop()
         steps = resolve_steps(sampler, steps, self.diffusion.timesteps)
-        seed = resolve_seed(seed)
-        volume = self.sample_volume(entry, latent, sampler, steps, seed, progress, cancel)
-        image = self.to_image(volume, entry, hu_range)
-        size = image.GetSize()
-        return GenerationResult(image, entry.name, seed, sampler, steps, (size[0], size[1], size[2]),
-                                time.perf_counter() - start)
+        seeds = [resolve_seed(s) for s in seeds]
+        keep = [True] * len(entries) if only is None else [bool(k) for k in only]
+        volumes = self.sample_volumes(entries, latent, sampler, steps, seeds, progress, cancel, keep)
+        kept = [(e, s) for e, s, k in zip(entries, seeds, keep) if k]
+        for (entry, seed), volume in zip(kept, volumes):
+            image = self.to_image(volume, entry, hu_range)
+            size = image.GetSize()
+            yield GenerationResult(image, entry.name, seed, sampler, steps, (size[0], size[1], size[2]),
+                                   time.perf_counter() - start)
 
     def sample_volume(self, entry: Anatomy, latent: tuple[int, int, int], sampler: str, steps: int, seed: int,
                       progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> np.ndarray:
         """Returns the decoded volume in network order (Z, X, Y), intensities in [0, 1]."""
+        return next(self.sample_volumes([entry], latent, sampler, steps, [seed], progress, cancel))
+
+    def sample_volumes(self, entries: Sequence[Anatomy], latent: tuple[int, int, int], sampler: str, steps: int,
+                       seeds: Sequence[int], progress: Optional[ProgressCallback] = None,
+                       cancel: Optional[CancelFlag] = None, keep: Optional[Sequence[bool]] = None
+                       ) -> Iterator[np.ndarray]:
+        """Samples all latents together, then decodes and yields them one by one (decoding is the memory peak);
+        `keep` skips decoding some (a resumed batch needs only its missing volumes)."""
         dev = self.device
         channels = self.denoiser.config["channels"]
-        y = torch.tensor([entry.class_index], device=dev)
-        res = torch.tensor([latent], dtype=torch.float32, device=dev) / float(self.denoiser.config.get("vq_size", 64))
+        y = torch.tensor([e.class_index for e in entries], device=dev)
+        res = torch.tensor([latent] * len(entries), dtype=torch.float32, device=dev) \
+            / float(self.denoiser.config.get("vq_size", 64))
         with inference_mode():
-            z = sample_latent(lambda x, t: self.denoiser(x, t, y, res), (1, channels) + latent, sampler, steps,
-                              seed, dev, self.diffusion, progress=progress, cancel=cancel)
+            z = sample_latents(lambda x, t: self.denoiser(x, t, y, res), (channels,) + latent, seeds, sampler,
+                               steps, dev, self.diffusion, progress=progress, cancel=cancel)
             z = denormalize_latent(z, self.bundle.latent_range)
-            z_q, _ = self.autoencoder.quantize(z)
-            vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, dev, progress, cancel)
-        return ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
+        for i in range(len(entries)):
+            if keep is not None and not keep[i]:
+                continue
+            with inference_mode():
+                z_q, _ = self.autoencoder.quantize(z[i:i + 1])
+                vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, dev, progress, cancel)
+            yield ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
 
     @staticmethod
     def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[tuple[float, float]]) -> sitk.Image:

@@ -143,7 +143,8 @@ def run_dataset(args: argparse.Namespace) -> int:
     try:
         seed: Optional[int] = args.seed
         if seed is None:  # rank 0 decides, so every rank plans the same dataset
-            seed = world.from_main(DatasetFolder(root).saved_base_seed() or resolve_seed(None))
+            saved = DatasetFolder(root).saved_base_seed()
+            seed = world.from_main(resolve_seed(None) if saved is None else saved)
         bundle = load_bundle_from_args(args)
         pipe = GenerationPipeline(bundle, world.device, decode_budget_gb=args.decode_budget_gb)
         with warnings.catch_warnings(record=True) as caught:

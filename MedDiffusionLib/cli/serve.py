@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-voxels", type=int, default=512**3, help="largest volume accepted or generated")
     p.add_argument("--result-ttl-hours", type=float, default=24.0,
                    help="finished jobs and their results are deleted after this long")
+    p.add_argument("--devices", metavar="LIST",
+                   help="one worker per device, all fed by the one queue, e.g. cuda:0,cuda:1 (overrides --device)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_model_args(p)
     p.set_defaults(func=run)
@@ -60,12 +62,19 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise InputError(f"the server needs '{exc.name}': pip install 'meddiffusion[server]'") from exc
 
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    if devices is not None and (not devices or not all(devices)):
+        raise InputError(f"--devices must be a comma-separated list such as cuda:0,cuda:1, got '{args.devices}'")
+    from ..pipelines.common import resolve_device
+
+    for d in devices or [args.device]:
+        resolve_device(d)  # an unavailable GPU is refused before the model loads
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if token is not None and args.insecure:
         print("meddiffusion: note: a token is configured, so it is required despite --insecure", file=sys.stderr)
     bundle = load_bundle_from_args(args)
-    config = ServerConfig(store_dir=store, bundle=bundle, device=args.device, host=args.host, token=token,
-                          insecure=args.insecure, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
+    config = ServerConfig(store_dir=store, bundle=bundle, device=args.device, devices=devices, host=args.host,
+                          token=token, insecure=args.insecure, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                           result_ttl_hours=args.result_ttl_hours, max_voxels=args.max_voxels)
     app = create_app(config)
     svc = app.state.services

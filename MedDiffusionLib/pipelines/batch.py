@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -33,7 +34,7 @@ import torch
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.volumes import WRITABLE_SUFFIXES, write_volume
-from .common import DEFAULT_STEPS, resolve_seed, resolve_steps
+from .common import resolve_seed, resolve_steps
 from .distributed import WorldInfo
 from .generate import GenerationPipeline, check_hu_range, latent_multiple, resolve_latent_size
 
@@ -327,8 +328,6 @@ def generate_dataset(pipe: GenerationPipeline, spec: DatasetSpec, out_dir: str |
                      world: Optional[WorldInfo] = None, progress: Optional[VolumeProgress] = None) -> DatasetReport:
     """Make every missing volume of `spec` in `out_dir`: this rank's share of the batches, then (rank 0) the
     manifest. Every rank must call it with the same spec."""
-    import time
-
     start = time.perf_counter()
     world = world or WorldInfo()
     folder = DatasetFolder(out_dir)
@@ -375,4 +374,4 @@ def generate_dataset(pipe: GenerationPipeline, spec: DatasetSpec, out_dir: str |
 
 __all__ = ["DatasetSpec", "DatasetFolder", "DatasetReport", "PlannedVolume", "generate_dataset", "make_spec",
            "plan_dataset", "group_batches", "assign_batches", "item_seed", "model_id", "parse_anatomy_mix",
-           "weighted_order", "MANIFEST_FILE", "SETTINGS_FILE", "MANIFEST_COLUMNS", "DEFAULT_STEPS"]
+           "weighted_order", "MANIFEST_FILE", "SETTINGS_FILE", "MANIFEST_COLUMNS"]

@@ -1,10 +1,12 @@
 """The FastAPI application: HTTP endpoints over one model, one job queue and one result store.
 
-The model is loaded and the pipelines are built once, in ``create_app``; the single worker thread reuses them
-for every job. Request handlers only validate, queue and report: nothing heavy runs on the event loop.
+The model is loaded and the pipelines are built once, in ``create_app``: one set per device (``devices``), each
+used by that device's worker thread for every job. Request handlers only validate, queue and report: nothing heavy runs on the event loop.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
 import threading
@@ -25,7 +27,7 @@ from ..errors import InputError, MedDiffusionError
 from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps
 from ..pipelines.generate import GenerationPipeline
 from .guard import BODY_IDLE_S, RequestGuard
-from .jobs import JobManager, QueueFull, RunOutput
+from .jobs import JobManager, QueueFull, RunOutput, Worker
 from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus, Limits,
                       ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
 from .security import TokenVerifier, check_startup_security
@@ -41,6 +43,7 @@ class ServerConfig:
     bundle: Any = None                   # a loaded ModelBundle; else loaded from model_dir (None = demo model)
     model_dir: Optional[str] = None
     device: str = "auto"
+    devices: Optional[list[str]] = None  # one worker per entry, e.g. ["cuda:0", "cuda:1"]; None: [device]
     host: str = "127.0.0.1"              # only used for the security check: insecure mode is loopback-only
     token: Optional[str] = None
     insecure: bool = False
@@ -60,9 +63,16 @@ class Services:
 
         self.config = config
         self.bundle = config.bundle if config.bundle is not None else load_bundle(config.model_dir)
-        self.generator = GenerationPipeline(self.bundle, config.device)
-        self.device = str(self.generator.device)
-        self.reconstructor, self.recon_reason = self._build_reconstructor()
+        devices = list(config.devices or [config.device])
+        # Each worker gets its own copy of the networks (copied before any moves to a device): pipelines patch
+        # modules while decoding, so two threads must never share one.
+        bundles = [self.bundle] + [copy.deepcopy(self.bundle) for _ in devices[1:]]
+        self.generators = [GenerationPipeline(b, d) for b, d in zip(bundles, devices)]
+        self.generator = self.generators[0]
+        self.device = ",".join(str(g.device) for g in self.generators)
+        built = [self._build_reconstructor(g) for g in self.generators]
+        self.reconstructors = [r for r, _ in built]
+        self.reconstructor, self.recon_reason = built[0]
         self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
         self.hu_range = _declared_hu_range(self.bundle)
         self.verifier = TokenVerifier(config.token)
@@ -71,49 +81,56 @@ class Services:
         counts = self.store.recover()
         if counts["loaded"]:
             log.info("store: %(loaded)d earlier job(s), %(failed_on_restart)d interrupted by the restart", counts)
-        runners = {"generate": self.run_generate, "reconstruct": self.run_reconstruct}
-        self.manager = JobManager(self.store, runners, config.max_queue, after_job=self._after_job)
+        workers = [Worker({"generate": functools.partial(self.run_generate, worker=i),
+                           "reconstruct": functools.partial(self.run_reconstruct, worker=i)},
+                          after_job=functools.partial(self._after_job, g.device), name=str(g.device))
+                   for i, g in enumerate(self.generators)]
+        self.manager = JobManager(self.store, workers, config.max_queue)
         self.purge_interval = config.purge_interval_s or min(max(ttl_s / 4, 0.5), 600.0)
         self._stop_purge = threading.Event()
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
         self.uploads_in_flight = 0  # changed on the event loop only
 
-    def _build_reconstructor(self) -> tuple[Any, str]:
+    def _build_reconstructor(self, generator: GenerationPipeline) -> tuple[Any, str]:
         # Generation keeps working when the model's ControlNets do not fit its denoiser (a CheckpointError);
         # any other error is a bug and must not be hidden behind "not available".
         from ..pipelines.reconstruct import ReconstructionPipeline
 
         try:
-            return ReconstructionPipeline(self.bundle, self.generator.device), ""
+            return ReconstructionPipeline(generator.bundle, generator.device), ""
         except MedDiffusionError as exc:
             log.warning("reconstruction disabled: %s", exc)
             return None, f"reconstruction is not available with this model: {exc}"
 
-    def _after_job(self) -> None:
-        if self.generator.device.type == "cuda":
+    @staticmethod
+    def _after_job(device: Any) -> None:
+        if device.type == "cuda":
             import torch
 
-            torch.cuda.empty_cache()  # give the memory of a large job back before the next one
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()  # give the memory of a large job back before the next one
 
     # ---- runners (worker thread) ---------------------------------------------------------------------
-    def run_generate(self, rec: JobRecord, _input: Optional[Path], progress, cancel) -> RunOutput:
+    def run_generate(self, rec: JobRecord, _input: Optional[Path], progress, cancel, worker: int = 0) -> RunOutput:
         p = rec.params
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = self.generator(p["anatomy"], p.get("size_xyz"), p["sampler"], p.get("steps"), p.get("seed"),
+            r = self.generators[worker](p["anatomy"], p.get("size_xyz"), p["sampler"], p.get("steps"), p.get("seed"),
                                tuple(p["hu_range"]) if p.get("hu_range") else None, progress=progress, cancel=cancel)
         info = {"anatomy": r.anatomy, "seed": r.seed, "sampler": r.sampler, "steps": r.steps,
                 "size_xyz": list(r.size_xyz), "spacing_xyz": list(r.image.GetSpacing()),
-                "elapsed_s": round(r.elapsed_s, 3), "warnings": [str(w.message) for w in caught]}
+                "elapsed_s": round(r.elapsed_s, 3), "warnings": [str(w.message) for w in caught],
+                "device": str(self.generators[worker].device)}
         return RunOutput({"result": r.image}, info)
 
-    def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress, cancel) -> RunOutput:
+    def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress, cancel,
+                        worker: int = 0) -> RunOutput:
         if input_path is None or not input_path.is_file():
             raise InputError("the uploaded volume of this job is missing from the server's store")
         p = dict(rec.params)
         acc = p["acceleration"]
         p["acceleration"] = int(acc) if float(acc).is_integer() else acc
-        r = self.reconstructor(read_stored_volume(input_path), progress=progress, cancel=cancel, **p)
+        r = self.reconstructors[worker](read_stored_volume(input_path), progress=progress, cancel=cancel, **p)
         images = {"result": r.image}
         if r.degraded is not None:
             images["degraded"] = r.degraded
@@ -121,6 +138,7 @@ class Services:
         info = {k: v for k, v in info.items() if v is not None}
         info["size_xyz"] = list(r.image.GetSize())
         info["spacing_xyz"] = list(r.image.GetSpacing())
+        info["device"] = str(self.generators[worker].device)
         return RunOutput(images, info)
 
     # ---- background purge ----------------------------------------------------------------------------

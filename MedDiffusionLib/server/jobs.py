@@ -1,6 +1,7 @@
-"""A bounded job queue and ONE worker thread that runs jobs in order on the device.
+"""A bounded job queue and one worker thread per device (`serve --devices cuda:0,cuda:1`), all pulling from it.
 
-One worker because a GPU runs one sampling loop efficiently at a time and two would compete for its memory.
+One worker per device because a GPU runs one sampling loop efficiently at a time and two would compete for its
+memory; each worker owns its device's pipelines, so no network is shared between threads.
 The queue bound turns overload into an immediate 429 instead of hours of hidden waiting. Progress from the
 pipeline callbacks is written into the in-memory record, which status requests read.
 """
@@ -12,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import SimpleITK as sitk
 
@@ -42,27 +43,41 @@ class RunOutput:
 Runner = Callable[[JobRecord, Optional[Path], Callable[[ProgressInfo], None], threading.Event], RunOutput]
 
 
+@dataclass
+class Worker:
+    """What one worker thread runs jobs with: its runners (bound to its device) and an after-job hook."""
+    runners: Mapping[str, Runner]
+    after_job: Optional[Callable[[], None]] = None  # e.g. release cached GPU memory between jobs
+    name: str = "worker"
+
+
 class JobManager:
-    def __init__(self, store: JobStore, runners: Mapping[str, Runner], max_queue: int = 8,
+    """`runners` for one worker, or a list of Workers (one thread each, e.g. one per GPU) sharing the queue."""
+
+    def __init__(self, store: JobStore, runners: Mapping[str, Runner] | Sequence[Worker], max_queue: int = 8,
                  after_job: Optional[Callable[[], None]] = None) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.store = store
-        self.runners = dict(runners)
+        self.workers = [Worker(dict(runners), after_job)] if isinstance(runners, Mapping) else list(runners)
+        if not self.workers or any(set(w.runners) != set(self.workers[0].runners) for w in self.workers):
+            raise ValueError("every worker needs the same job kinds")
+        self.runners = dict(self.workers[0].runners)
         self.max_queue = int(max_queue)
-        self.after_job = after_job  # e.g. release cached GPU memory between jobs
         self._queue: deque[str] = deque()
         self._cancels: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self._stopping = False
-        self._running: Optional[str] = None
-        self._thread: Optional[threading.Thread] = None
+        self._running: dict[int, str] = {}  # worker index -> job id
+        self._threads: list[threading.Thread] = []
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="meddiffusion-worker", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for i, w in enumerate(self.workers):
+                t = threading.Thread(target=self._worker, args=(i,), name=f"meddiffusion-{w.name}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the worker: the running job is interrupted but left 'running' on disk, so the next start reports
@@ -72,8 +87,9 @@ class JobManager:
             for event in self._cancels.values():
                 event.set()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.0))
 
     # ---- requests ------------------------------------------------------------------------------------
     def queued_count(self) -> int:
@@ -93,7 +109,14 @@ class JobManager:
 
     @property
     def running_id(self) -> Optional[str]:
-        return self._running
+        """One running job (the first worker's), for callers that think of one device."""
+        ids = self.running_ids
+        return ids[0] if ids else None
+
+    @property
+    def running_ids(self) -> list[str]:
+        with self._cond:
+            return [self._running[i] for i in sorted(self._running)]
 
     def submit(self, kind: str, params: dict[str, Any], input_file: Optional[Path] = None,
                input_suffix: str = "") -> JobRecord:
@@ -128,32 +151,33 @@ class JobManager:
         return rec
 
     # ---- worker --------------------------------------------------------------------------------------
-    def _next(self) -> Optional[str]:
+    def _next(self, index: int) -> Optional[str]:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
             job_id = self._queue.popleft()
-            self._running = job_id
+            self._running[index] = job_id
             return job_id
 
-    def _worker(self) -> None:
+    def _worker(self, index: int) -> None:
+        worker = self.workers[index]
         while True:
-            job_id = self._next()
+            job_id = self._next(index)
             if job_id is None:
                 return
             try:
-                self._run(job_id)
+                self._run(job_id, worker.runners)
             except Exception:  # never let one job kill the worker
                 log.exception("job %s: unexpected error in the worker", job_id[:8])
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.pop(index, None)
                     self._cancels.pop(job_id, None)
-                if self.after_job is not None:
+                if worker.after_job is not None:
                     try:
-                        self.after_job()
+                        worker.after_job()
                     except Exception:
                         log.exception("after-job hook failed")
 
@@ -169,12 +193,12 @@ class JobManager:
                               total=int(info.total), eta_s=None if info.eta_s is None else float(info.eta_s))
         return report
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, job_id: str, runners: Mapping[str, Runner]) -> None:
         rec = self.store.get(job_id)
         cancel = self._cancels.get(job_id)
         if rec is None or cancel is None:
             return
-        runner = self.runners[rec.kind]
+        runner = runners[rec.kind]
         if cancel.is_set():
             self.store.finish(job_id, "cancelled", "cancelled by the user", stage=None)
             return

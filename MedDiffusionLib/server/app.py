@@ -68,11 +68,10 @@ class Services:
         # modules while decoding, so two threads must never share one.
         bundles = [self.bundle] + [copy.deepcopy(self.bundle) for _ in devices[1:]]
         self.generators = [GenerationPipeline(b, d) for b, d in zip(bundles, devices)]
-        self.generator = self.generators[0]
         self.device = ",".join(str(g.device) for g in self.generators)
         built = [self._build_reconstructor(g) for g in self.generators]
         self.reconstructors = [r for r, _ in built]
-        self.reconstructor, self.recon_reason = built[0]
+        self.recon_reason = built[0][1]
         self.tasks = sorted(self.bundle.controlnets) if self.reconstructor is not None else []
         self.hu_range = _declared_hu_range(self.bundle)
         self.verifier = TokenVerifier(config.token)
@@ -90,6 +89,19 @@ class Services:
         self._stop_purge = threading.Event()
         self.max_upload_bytes = int(config.max_upload_mb * 2**20)
         self.uploads_in_flight = 0  # changed on the event loop only
+
+    # The first worker's pipelines: what the endpoints validate against (every worker has the same model).
+    @property
+    def generator(self) -> GenerationPipeline:
+        return self.generators[0]
+
+    @property
+    def reconstructor(self) -> Any:
+        return self.reconstructors[0]
+
+    @reconstructor.setter
+    def reconstructor(self, pipeline: Any) -> None:  # tests swap in a stub: every worker then uses it
+        self.reconstructors = [pipeline] * len(self.generators)
 
     def _build_reconstructor(self, generator: GenerationPipeline) -> tuple[Any, str]:
         # Generation keeps working when the model's ControlNets do not fit its denoiser (a CheckpointError);

@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         print("meddiffusion: note: a token is configured, so it is required despite --insecure", file=sys.stderr)
     bundle = load_bundle_from_args(args)
     config = ServerConfig(store_dir=store, bundle=bundle, device=args.device, devices=devices, host=args.host,
-                          token=token, insecure=args.insecure, max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
-                          result_ttl_hours=args.result_ttl_hours, max_voxels=args.max_voxels)
+                          token=token, insecure=args.insecure, max_queue=args.max_queue,
+                          max_upload_mb=args.max_upload_mb, result_ttl_hours=args.result_ttl_hours,
+                          max_voxels=args.max_voxels)
     app = create_app(config)
     svc = app.state.services
     print(f"meddiffusion server {bundle.name} on {svc.device}: http://{args.host}:{args.port} "

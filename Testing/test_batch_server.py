@@ -61,7 +61,7 @@ def test_two_workers_run_two_jobs_at_once(tmp_path):
 def test_server_with_two_cpu_workers_runs_two_jobs_concurrently(tmp_path: Path):
     from helpers import make_tiny_bundle
 
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     srv = ServerProcess(make_tiny_bundle(tmp_path / "model"), tmp_path / "store", tmp_path / "server.log",
                         "--devices", "cpu,cpu", "--max-queue", "2", token=token)
     try:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from MedDiffusionLib.checkpoints.safe_pickle import OmegaDictConfig, safe_torch_load
+from MedDiffusionLib.checkpoints.safe_pickle import OmegaDictConfig
+from MedDiffusionLib.checkpoints.torch_file import safe_torch_load
 from MedDiffusionLib.errors import CheckpointError
 
 

@@ -21,7 +21,7 @@ from .official import (
     load_official_autoencoder,
     load_official_biflownet,
 )
-from .safe_pickle import safe_torch_load
+from .torch_file import safe_torch_load
 
 __all__ = [
     "safe_torch_load",

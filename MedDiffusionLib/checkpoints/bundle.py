@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..bundle_summary import DEMO_ENV, MANIFEST, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
 from ..errors import CheckpointError, InputError
 from .native import load_any_autoencoder, load_any_controlnet, load_any_denoiser, save_network
+from .safe_yaml import dump_yaml, read_yaml_file
 
 __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", "default_bundle_dir",
            "add_controlnet_to_bundle",
@@ -124,12 +124,7 @@ def _manifest_path(path: str | os.PathLike[str] | None) -> Path:
 
 
 def _read_manifest(p: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"Cannot read '{p}': {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"'{p}' is not valid YAML: {exc}") from exc
+    data = read_yaml_file(p)  # no aliases, size-capped: the manifest may come from anyone
     if not isinstance(data, dict):
         raise CheckpointError(f"'{p}' must hold a mapping of bundle settings")
     if data.get("format") != BUNDLE_FORMAT:
@@ -144,6 +139,9 @@ def _read_manifest(p: Path) -> dict[str, Any]:
     for key in ("autoencoder", "denoiser"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise CheckpointError(f"'{p}' must name the {key} file ('{key}: <file>')")
+    for key in ("autoencoder_options", "denoiser_options"):
+        if data.get(key) is not None and not isinstance(data[key], Mapping):
+            raise CheckpointError(f"'{p}': {key} must be a mapping of settings")
     return data
 
 
@@ -168,6 +166,35 @@ def _latent_range(value: Any, autoencoder: nn.Module, manifest: Path) -> tuple[f
     return lo, hi
 
 
+# What model.yaml may set for sampling: the authors train with 1000 steps; a manifest is not allowed to make
+# the sampler allocate tables of billions of steps.
+MAX_TIMESTEPS = 100_000
+SCHEDULES = ("cosine", "linear")
+
+
+def _diffusion(value: Any, manifest: Path) -> dict[str, Any]:
+    diffusion = {**_default_diffusion(), **(value if isinstance(value, Mapping) else {})}
+    if value is not None and not isinstance(value, Mapping):
+        raise CheckpointError(f"'{manifest}': diffusion must be a mapping (timesteps, schedule)")
+    steps = diffusion["timesteps"]
+    if type(steps) is not int or not 1 <= steps <= MAX_TIMESTEPS:
+        raise CheckpointError(f"'{manifest}': diffusion.timesteps must be an integer in 1..{MAX_TIMESTEPS}, "
+                              f"got {steps!r}")
+    if diffusion["schedule"] not in SCHEDULES:
+        raise CheckpointError(f"'{manifest}': diffusion.schedule must be one of {', '.join(SCHEDULES)}, "
+                              f"got {diffusion['schedule']!r}")
+    return diffusion
+
+
+def _patch_size(value: Any, downsample: int, manifest: Path) -> int:
+    if value is None:
+        return 64
+    if type(value) is not int or not downsample <= value <= 1024 or value % downsample:
+        raise CheckpointError(f"'{manifest}': encode_patch_size must be a multiple of {downsample} in "
+                              f"{downsample}..1024, got {value!r}")
+    return value
+
+
 def _check_compatible(bundle: ModelBundle, where: str) -> None:
     """Fail at load time, with the file named, rather than with a shape error in the first sampling step."""
     ae_cfg = getattr(bundle.autoencoder, "config", {})
@@ -188,6 +215,7 @@ def load_bundle(path: str | os.PathLike[str] | None = None, map_location: Any = 
     manifest = _manifest_path(path)
     folder = manifest.parent
     data = _read_manifest(manifest)
+    diffusion = _diffusion(data.get("diffusion"), manifest)  # cheap checks before the networks load
     ae = load_any_autoencoder(_resolve_file(folder, data["autoencoder"], "autoencoder", manifest), map_location,
                               overrides=data.get("autoencoder_options"))
     dn = load_any_denoiser(_resolve_file(folder, data["denoiser"], "denoiser", manifest), map_location,
@@ -207,10 +235,10 @@ def load_bundle(path: str | os.PathLike[str] | None = None, map_location: Any = 
             catalog = official_catalog(downsample)
     except InputError as exc:
         raise CheckpointError(f"'{manifest}': invalid anatomies: {exc}") from exc
-    diffusion = {**_default_diffusion(), **(data.get("diffusion") or {})}
     bundle = ModelBundle(
         autoencoder=ae, denoiser=dn, catalog=catalog, latent_range=_latent_range(data.get("latent_range"), ae, manifest),
-        downsample=downsample, encode_patch_size=int(data.get("encode_patch_size", 64)), controlnets=controlnets,
+        downsample=downsample, encode_patch_size=_patch_size(data.get("encode_patch_size"), downsample, manifest),
+        controlnets=controlnets,
         name=str(data.get("name") or folder.name), source=folder, diffusion=diffusion)
     _check_compatible(bundle, f"'{manifest}'")
     return bundle
@@ -280,7 +308,7 @@ def _write_files(bundle: ModelBundle, folder: Path) -> None:
     from ..io.atomic import atomic_write_text
 
     # model.yaml last: a reader that finds it also finds every file it names.
-    atomic_write_text(folder / MANIFEST, yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None))
+    atomic_write_text(folder / MANIFEST, dump_yaml(manifest))
 
 
 def save_bundle(bundle_or_parts: ModelBundle | Mapping[str, Any], folder: str | os.PathLike[str]) -> Path:
@@ -343,5 +371,5 @@ def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controln
     data["controlnets"] = dict(sorted(nets.items()))
     from ..io.atomic import atomic_write_text
 
-    atomic_write_text(manifest, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    atomic_write_text(manifest, dump_yaml(data))
     return path

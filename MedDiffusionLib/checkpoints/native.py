@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .network_build import build_network, network_class
+from .safetensors_file import MAX_HEADER_BYTES, read_file, read_header, tensors_from
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "KINDS", "save_network", "load_network", "read_network_metadata",
@@ -26,24 +28,6 @@ __all__ = [
 FORMAT_NAME = "meddiffusion"
 FORMAT_VERSION = "1"
 KINDS = ("autoencoder", "biflownet", "controlnet")
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-def network_class(kind: str) -> type[nn.Module]:
-    """The class stored under ``kind`` (imported lazily: models depend on nothing here)."""
-    if kind == "autoencoder":
-        from ..models.autoencoder import PatchVolumeAutoencoder
-
-        return PatchVolumeAutoencoder
-    if kind == "biflownet":
-        from ..models.biflownet import BiFlowNet
-
-        return BiFlowNet
-    if kind == "controlnet":
-        from ..models.controlnet import ControlNet
-
-        return ControlNet
-    raise CheckpointError(f"unknown network kind '{kind}'; expected one of {', '.join(KINDS)}")
 
 
 def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
@@ -57,7 +41,7 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
     if len(head) < 9:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{"
+    return 2 <= n <= min(MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
 
 
 def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,20 +82,7 @@ def save_network(model: nn.Module, path: str | os.PathLike[str], kind: str,
     return Path(path)
 
 
-def read_network_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed metadata of one of our files: format, format_version, kind, config (dict), extra (dict)."""
-    from safetensors import safe_open
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"Network file not found: '{p}'")
-    if not is_safetensors_file(p):
-        raise CheckpointError(f"'{p}' is not a safetensors file")
-    try:
-        with safe_open(str(p), framework="pt") as fh:
-            raw = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"Cannot read '{p}': corrupt safetensors file ({exc})") from exc
+def _parse_metadata(p: Path, raw: dict[str, str]) -> dict[str, Any]:
     if raw.get("format") != FORMAT_NAME:
         raise CheckpointError(f"'{p}' is a safetensors file but not a MedDiffusion network (no format metadata)")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -123,11 +94,26 @@ def read_network_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         config = json.loads(raw.get("config", "{}"))
         extra = json.loads(raw.get("extra", "{}") or "{}")
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"'{p}': the stored configuration is not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"'{p}': the stored configuration is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or not isinstance(extra, dict):
         raise CheckpointError(f"'{p}': the stored configuration is not a JSON object")
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "config": config, "extra": extra}
+
+
+def _checked_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"Network file not found: '{p}'")
+    if not is_safetensors_file(p):
+        raise CheckpointError(f"'{p}' is not a safetensors file")
+    return p
+
+
+def read_network_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed metadata of one of our files: format, format_version, kind, config (dict), extra (dict)."""
+    p = _checked_path(path)
+    return _parse_metadata(p, read_header(p).metadata)
 
 
 def _device_str(map_location: Any) -> str:
@@ -140,34 +126,26 @@ def _device_str(map_location: Any) -> str:
 
 def load_network(path: str | os.PathLike[str], map_location: Any = "cpu",
                  expected_kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the network stored in one of our files: (model in eval mode on ``map_location``, metadata)."""
-    from safetensors.torch import load_file
+    """Build the network stored in one of our files: (model in eval mode on ``map_location``, metadata).
 
-    p = Path(path).expanduser()
-    meta = read_network_metadata(p)
+    The file is read once; the config is validated and the network's shapes are compared with the header
+    before anything is allocated (see :mod:`.network_build`).
+    """
+    p = _checked_path(path)
+    header, buf = read_file(p)
+    meta = _parse_metadata(p, header.metadata)
     kind = meta["kind"]
     if expected_kind is not None and kind != expected_kind:
         raise CheckpointError(f"'{p}' holds a {kind}, expected a {expected_kind}")
-    cls = network_class(kind)
+    model = build_network(kind, meta["config"], f"'{p}'", file_numel=header.numel,
+                          file_shapes={k: e.shape for k, e in header.tensors.items()})
+    state = tensors_from(header, buf)
     try:
-        model = cls(**meta["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"'{p}': cannot build a {kind} from the stored config {meta['config']}: {exc}") from exc
-    try:
-        state = load_file(str(p), device=_device_str(map_location))
-    except Exception as exc:
-        raise CheckpointError(f"Cannot read the weights in '{p}' (corrupt or truncated file: {exc})") from exc
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"'{p}': the weights do not match the stored {kind} config: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:5])})")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:5])})")
-        raise CheckpointError(f"'{p}': the weights do not match the stored {kind} config: " + "; ".join(parts))
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied; shapes and names were checked above
+        raise CheckpointError(f"'{p}': the weights do not match the stored {kind} config: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+    del state, buf
     return model.to(_device_str(map_location)).eval(), meta
 
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .safe_pickle import safe_torch_load
+from .network_build import build_network
+from .torch_file import safe_torch_load
 
 __all__ = [
     "load_official_autoencoder", "load_official_biflownet", "load_official", "detect_official_kind",
@@ -158,22 +159,22 @@ def infer_autoencoder_config(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, A
 
 def _build_autoencoder(ckpt: Mapping[str, Any], path: Path, map_location: Any,
                        overrides: Mapping[str, Any] | None) -> nn.Module:
-    from ..models.autoencoder import PatchVolumeAutoencoder
-
     raw = ckpt.get("state_dict", ckpt)
     sd = _tensor_dict(raw, "the autoencoder state_dict", path)
     conf = infer_autoencoder_config(sd, {**_ae_model_cfg(ckpt), **(overrides or {})}, path)
     conf.update({k: v for k, v in (overrides or {}).items() if k in conf})
-    return _build_and_load(PatchVolumeAutoencoder, "autoencoder", conf, sd, path, map_location)
+    return _build_and_load("autoencoder", conf, sd, path, map_location)
 
 
-def _build_and_load(cls: type, what: str, conf: dict[str, Any], sd: Mapping[str, Any], path: Any,
+def _build_and_load(kind: str, conf: dict[str, Any], sd: Mapping[str, Any], path: Any,
                     map_location: Any) -> nn.Module:
-    """Construct the network from its inferred config and load the authors' weights; errors name the file."""
-    try:
-        model = cls(**conf)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"'{path}': cannot build the {what} {conf}: {exc}") from exc
+    """Construct the network from its inferred config and load the authors' weights; errors name the file.
+
+    The config is validated and checked on the meta device against the weights the file holds before the
+    real network is allocated (:func:`.network_build.build_network`).
+    """
+    numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
+    model = build_network(kind, conf, f"'{path}'", file_numel=numel)
     try:
         model.load_official_state_dict(sd)
     except CheckpointError as exc:  # name the file: the network's message does not know it
@@ -282,11 +283,9 @@ def _biflownet_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
 
 def _build_biflownet(ckpt: Mapping[str, Any], path: Path, map_location: Any, overrides: Mapping[str, Any] | None,
                      use_ema: bool) -> nn.Module:
-    from ..models.biflownet import BiFlowNet
-
     sd = _biflownet_weights(ckpt, path, use_ema)
     conf = infer_biflownet_config(sd, {**_biflownet_args(ckpt), **(overrides or {})}, path)
-    return _build_and_load(BiFlowNet, "BiFlowNet", conf, sd, path, map_location)
+    return _build_and_load("biflownet", conf, sd, path, map_location)
 
 
 # ------------------------------------------------------------------------------------------------ public

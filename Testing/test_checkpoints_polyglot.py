@@ -200,7 +200,14 @@ def test_python_and_torch_written_archives_load(tmp_path: Path) -> None:
     torch.save({"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}, torch_written)
     python_written = tmp_path / "python.pt"  # no data descriptors, sizes in the local headers
     python_written.write_bytes(_checkpoint_bytes({"a": torch.arange(6.0).view(2, 3)}))
-    for path in (torch_written, python_written):
+    zip64 = tmp_path / "zip64.pt"  # zip64 extra fields in the local headers (as for records over 4 GiB)
+    src = zipfile.ZipFile(python_written)
+    with zipfile.ZipFile(zip64, "w") as zf:
+        for info in src.infolist():
+            with zf.open(info.filename, "w", force_zip64=True) as fh:
+                fh.write(src.read(info))
+    assert b"\x01\x00\x10\x00" in zip64.read_bytes()  # the zip64 extra block is there
+    for path in (torch_written, python_written, zip64):
         out = safe_torch_load(path)
         assert torch.equal(out["a"], torch.arange(6.0).view(2, 3))
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from .catalog import Catalog, official_catalog
 from .errors import CheckpointError, InputError
+from .safe_yaml import read_yaml_file
 
 __all__ = ["BundleSummary", "demo_bundle_dir", "DEMO_ENV", "MANIFEST", "summarize_bundle", "summarize_official",
            "HU_RANGE_KEY", "OFFICIAL_HU_RANGE", "parse_hu_range"]
@@ -25,7 +26,6 @@ HU_RANGE_KEY = "hu_range"              # model.yaml: HU of the intensities 0 and
 # The authors normalise CT from [-1000, 1000] HU (their data preparation clips to that window).
 OFFICIAL_HU_RANGE = (-1000.0, 1000.0)
 OFFICIAL_DOWNSAMPLE = 8
-MAX_MANIFEST_BYTES = 1 << 20
 DEMO_ENV = "MEDDIFFUSION_DEMO_MODEL"
 MAX_SAFETENSORS_HEADER = 16 << 20
 
@@ -45,18 +45,6 @@ class BundleSummary:
     downsample: int
     hu_range: Optional[tuple[float, float]]
     tasks: tuple[str, ...]
-
-
-def _yaml_without_aliases(text: str) -> Any:
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-            if self.check_event(yaml.AliasEvent):  # aliases let a few bytes expand to gigabytes
-                raise CheckpointError("model.yaml uses YAML aliases, which bundles do not need")
-            return super().compose_node(parent, index)
-
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _downsample_from_safetensors(path: Path) -> Optional[int]:
@@ -91,16 +79,7 @@ def summarize_bundle(path: str | Path) -> BundleSummary:
     """Anatomies, sizes and HU range of the bundle folder (or model.yaml) at ``path``."""
     p = Path(path).expanduser()
     manifest = p / MANIFEST if p.is_dir() else p
-    try:
-        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            raise CheckpointError(f"'{manifest}' is too large to be a model.yaml")
-        data = _yaml_without_aliases(manifest.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the model bundle '{manifest}': {exc.strerror or exc}") from None
-    except CheckpointError:
-        raise
-    except Exception as exc:  # yaml errors
-        raise CheckpointError(f"'{manifest}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml_file(manifest)  # the same reader as the loader: no aliases, at most 1 MiB
     if not isinstance(data, dict) or data.get("format") != "meddiffusion-bundle":
         raise CheckpointError(f"'{manifest}' is not a MedDiffusion model bundle")
     downsample = None

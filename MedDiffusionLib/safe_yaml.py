@@ -1,5 +1,7 @@
 """YAML for files that may come from anyone (``model.yaml``): no aliases, bounded size and depth.
 
+Imports no torch: the Slicer panel reads manifests with it too (:mod:`MedDiffusionLib.bundle_summary`).
+
 ``yaml.safe_load`` builds no objects but plain data, yet an alias bomb (``a: &a [x, x]``, ``b: &b [*a, *a]``...)
 of 600 bytes expands into billions of references: anything that walks the result (printing it, copying it,
 converting it to JSON) then took 11 GB and 53 s. Bundles never need aliases, so the reader refuses them, and
@@ -13,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["MAX_YAML_BYTES", "read_yaml_file", "dump_yaml"]
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, Tu
 from .errors import InputError
 
 __all__ = [
-    "SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SCHEDULE_LENGTH", "TASKS", "MASKS", "SEED_MAX",
+    "SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SCHEDULE_LENGTH", "TASKS", "MASKS", "SEED_MAX", "METHODS",
+    "DEFAULT_METHOD", "METHOD_TASKS",
     "Bound", "OptionSpec", "TaskOptions", "GenerateOptions", "ReconstructOptions", "parse_size", "format_size",
     "default_steps",
 ]
@@ -33,6 +34,13 @@ SCHEDULE_LENGTH = 1000
 # Reconstruction task -> the modality of the anatomies it fits.
 TASKS: dict[str, str] = {"sparse-ct": "CT", "mri": "MR"}
 MASKS: tuple[str, ...] = ("gaussian", "poisson")
+# Reconstruction methods (pipelines/recon_settings.py documents what each does and the rules it follows).
+METHODS: tuple[str, ...] = ("fbp", "zero-filled", "sart", "tv", "diffusion")
+DEFAULT_METHOD = "diffusion"
+METHOD_TASKS: dict[str, tuple[str, ...]] = {
+    "fbp": ("sparse-ct",), "zero-filled": ("mri",), "sart": ("sparse-ct",), "tv": ("sparse-ct", "mri"),
+    "diffusion": ("sparse-ct", "mri"),
+}
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed, which takes a 64-bit integer
 # Exclusive lower bound of the MRI undersampling factor R: R = 1 samples everything (physics.mri uses it too).
 MIN_ACCELERATION = 1.0
@@ -293,12 +301,15 @@ class ReconstructOptions(TaskOptions):
 
     TASK: ClassVar[str] = "reconstruct"
     KINDS: ClassVar[dict[str, type]] = {
-        "task": str, "anatomy": str, "views": int, "acceleration": float, "mask": str, "simulate": bool,
-        "noise_photons": float, "sampler": str, "steps": int, "seed": int, "data_consistency": bool,
-        "dc_weight": float, "dc_every": int, "dc_iters": int}
+        "task": str, "method": str, "anatomy": str, "views": int, "acceleration": float, "mask": str,
+        "simulate": bool, "noise_photons": float, "sampler": str, "steps": int, "seed": int,
+        "data_consistency": bool, "tv_weight": float, "dc_every": int}
 
     task: str = _opt("sparse-ct", "sparse-ct (sparse-view CT) or mri (undersampled MRI)", choices=tuple(TASKS))
-    anatomy: Optional[str] = _opt(None, "anatomy prior (default: the model's first anatomy of the task's modality)")
+    method: str = _opt(DEFAULT_METHOD, "reconstruction method on the scan's own grid: fbp and sart are CT-only, "
+                       "zero-filled MRI-only; fbp / zero-filled / sart / tv need no model", choices=METHODS)
+    anatomy: Optional[str] = _opt(None, "diffusion prior's anatomy (default: chosen from the modality and the "
+                                  "scan's field of view; the choice and the reason are reported)")
     views: int = _opt(30, "sparse-ct: projection angles over 180 degrees", bound=Bound(1, 2048))
     # > 1: an acceleration of 1 is a fully sampled scan (physics.mri refuses it too); 64 keeps a few lines.
     acceleration: float = _opt(8.0, "mri: undersampling factor R",
@@ -310,11 +321,15 @@ class ReconstructOptions(TaskOptions):
     sampler: str = _opt(DEFAULT_SAMPLER, "sampler", choices=SAMPLERS)
     steps: Optional[int] = _opt(None, _steps_help(), bound=Bound(1, SCHEDULE_LENGTH))
     seed: Optional[int] = _opt(None, "random seed (default: random, reported)", bound=Bound(0, SEED_MAX))
-    data_consistency: bool = _opt(True, "enforce the measurements (off: the ControlNet prior only)")
-    dc_weight: float = _opt(1.0, "data-consistency strength", bound=Bound(0, 1))
-    dc_every: Optional[int] = _opt(None, "latent data consistency every K sampler steps (default: ~4 per run; "
-                                   "0: only the final image-space step)", bound=Bound(0, None))
-    dc_iters: int = _opt(8, "iterations per data-consistency correction", bound=Bound(0, None))
+    data_consistency: bool = _opt(True, "diffusion: solve against the measurements on the scan's grid (off: the "
+                                  "prior only, brought to the scan's grid)")
+    tv_weight: Optional[float] = _opt(None, "TV weight of the tv method and of the diffusion method's final solve "
+                                      "(default: the documented rule from the views / acceleration and noise; 0: "
+                                      "diffusion solves the prior-regularised least squares by CG only)",
+                                      bound=Bound(0, None))
+    dc_every: Optional[int] = _opt(None, "diffusion: guidance towards the measurements every K sampler steps "
+                                   "(default: ~4 per run; 0: only the final solve on the scan's grid)",
+                                   bound=Bound(0, None))
 
     @property
     def modality(self) -> str:
@@ -327,7 +342,11 @@ class ReconstructOptions(TaskOptions):
         values = self._checked(bundle)
         if values["anatomy"] is not None and not values["anatomy"].strip():
             values["anatomy"] = None  # an empty form field: the default anatomy
-        if bundle is not None:
+        if values["task"] not in METHOD_TASKS[values["method"]]:
+            allowed = [m for m, tasks in METHOD_TASKS.items() if values["task"] in tasks]
+            raise InputError(f"method '{values['method']}' does not apply to task '{values['task']}'; choose one "
+                             f"of {', '.join(allowed)}")
+        if bundle is not None and values["method"] == "diffusion":  # the model-free methods need no ControlNet
             task = values["task"]
             if task not in bundle.controlnets:
                 have = ", ".join(sorted(bundle.controlnets)) or "none"

@@ -37,7 +37,9 @@ def test_reconstruct_sparse_ct_end_to_end(model, ct_file, tmp_path, capsys):
                    "--degraded-out", str(fbp), "--json", str(report), "--seed", "4", "--model", str(model), *FAST])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "seed 4" in text and "PSNR" in text and "measurement residual" in text
+    assert "seed 4" in text and "PSNR" in text and "measurement residual" in text and "method diffusion" in text
+    assert "on the input grid, CT window [-1000, 1000] HU" in text
+    assert "anatomy ct-head-neck: CT, in-plane field of view 28 mm" in text  # chosen, and the reason printed
     src = sitk.ReadImage(str(ct_file))
     for path in (out, fbp):
         img = sitk.ReadImage(str(path))
@@ -46,6 +48,18 @@ def test_reconstruct_sparse_ct_end_to_end(model, ct_file, tmp_path, capsys):
         assert np.allclose(img.GetDirection(), src.GetDirection())
     info = json.loads(report.read_text())
     assert info["task"] == "sparse-ct" and info["views"] == 8 and info["seed"] == 4 and info["simulated"]
+    assert info["method"] == "diffusion" and info["anatomy"] == "ct-head-neck"
+
+
+@pytest.mark.parametrize("method", ["fbp", "sart", "tv"])
+def test_model_free_methods(model, ct_file, tmp_path, capsys, method):
+    out = tmp_path / "recon.nrrd"
+    rc = cli_main(["reconstruct", "--task", "sparse-ct", "--method", method, "--views", "12", "--input",
+                   str(ct_file), "--out", str(out), "--seed", "1", "--model", str(model), *FAST])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"method {method}" in text and "anatomy" not in text and "steps" not in text
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
 
 
 def test_reconstruct_mri_already_degraded_without_consistency(model, tmp_path, capsys):
@@ -62,6 +76,7 @@ def test_reconstruct_mri_already_degraded_without_consistency(model, tmp_path, c
 
 @pytest.mark.parametrize("case,message", [
     ("unknown-task", "unknown task 'dehaze'"),
+    ("wrong-method", "method 'zero-filled' does not apply to task 'sparse-ct'"),
     ("missing-controlnet", "no ControlNet for task 'sparse-ct'"),
     ("unreadable", "bad.nrrd"),
     ("missing-input", "nothere.nrrd"),
@@ -72,6 +87,8 @@ def test_reconstruct_errors_are_clear(model, ct_file, tmp_path, capsys, case, me
             "--model", str(model), *FAST]
     if case == "unknown-task":
         args[2] = "dehaze"
+    elif case == "wrong-method":
+        args += ["--method", "zero-filled"]
     elif case == "missing-controlnet":
         args[args.index("--model") + 1] = str(make_tiny_bundle(tmp_path / "plain"))
     elif case == "unreadable":
@@ -89,24 +106,26 @@ def test_reconstruct_errors_are_clear(model, ct_file, tmp_path, capsys, case, me
 
 def test_evaluate_prints_the_table(model, tmp_path, capsys):
     report = tmp_path / "eval.json"
-    rc = cli_main(["evaluate", "--task", "sparse-ct", "--views", "6", "--count", "1", "--seed", "3", "--json",
-                   str(report), "--model", str(model), *FAST])
+    rc = cli_main(["evaluate", "--task", "sparse-ct", "--views", "12", "--count", "1", "--size", "32", "32", "4",
+                   "--seed", "3", "--json", str(report), "--model", str(model), *FAST])
     assert rc == 0
     out = capsys.readouterr().out
-    for row in ("FBP", "ControlNet ", "ControlNet + DC"):
+    for row in ("fbp ", "sart ", "tv ", "diffusion "):
         assert row in out
-    assert "PSNR (dB)" in out and "+-" in out
+    assert "PSNR (dB)" in out and "+-" in out and "32x32x4 voxels" in out and "[-1000, 1000] HU" in out
     data = json.loads(report.read_text())
-    assert data["count"] == 1 and data["samples"][0]["phantom_seed"] == 10_003
-    assert set(data["summary"]) == {"FBP", "ControlNet", "ControlNet + DC"}
-    assert all(np.isfinite(v["psnr_mean"]) for v in data["summary"].values())
+    assert data["volumes"] == 1 and set(data["methods"]) == {"fbp", "sart", "tv", "diffusion"}
+    assert all(np.isfinite(v["psnr"][0]) for v in data["methods"].values())
 
 
-def test_evaluate_mri_uses_mr_phantoms(model, capsys):
-    assert cli_main(["evaluate", "--task", "mri", "--acceleration", "4", "--count", "1", "--model", str(model),
-                     *FAST]) == 0
+def test_evaluate_native_resolution_volumes(model, tmp_path, capsys):
+    """Any fully sampled volume at its own resolution, not only model-sized phantoms."""
+    path = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(make_phantom("mr-t1-brain", (48, 40, 4), (2.0, 2.0, 3.0), 8), str(path))
+    assert cli_main(["evaluate", "--task", "mri", "--acceleration", "4", "--input", str(path), "--methods",
+                     "zero-filled", "tv", "--model", str(model), *FAST]) == 0
     out = capsys.readouterr().out
-    assert "zero-filled" in out and "mr-" in out
+    assert "zero-filled" in out and "48x40x4 voxels" in out and "diffusion" not in out
 
 
 def test_controlnet_file_option_supplies_a_missing_task(tmp_path, ct_file, capsys):

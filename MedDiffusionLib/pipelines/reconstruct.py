@@ -1,51 +1,55 @@
-"""Conditional reconstruction: sparse-view CT and accelerated MRI with a ControlNet-guided BiFlowNet prior.
+"""Reconstruction of sparse-view CT and accelerated MRI on the scan's own grid.
 
-    image (any size, spacing, orientation, dtype)
-      -> resample to the anatomy's spacing along the image's own axes, normalise (0.5/99.5 percentiles -> [-1, 1]),
-         centre-pad to the model grid                                         (the "model grid" volume x)
-      -> simulate=True: measure x (CT: sinograms of `views` angles per axial slice, optional Poisson noise;
-         MRI: undersampled k-space per axial slice) and reconstruct conventionally (FBP / zero-filled);
-         simulate=False: the input already is that conventional reconstruction
-      -> sample a latent with denoiser(x_t, t, y, res, control=ControlNet(x_t, t, y, res, degraded image)),
-         with optional latent data consistency every few steps (pipelines/consistency.py)
-      -> decode, final data-consistency step in image space, de-normalise, resample onto the input's exact grid
-         and cast to its pixel type.
+    scan (any size, spacing, orientation, pixel type) -> physics units on its own grid (``native``)
+      -> measurements there (``measurements.prepare_problem``): simulated from the scan, or derived from an
+         already-degraded input
+      -> method fbp / zero-filled / sart / tv: model-free, on those measurements (``measurements.solve_model_free``)
+      -> method diffusion: the conventional reconstruction is averaged onto the model's grid (the anatomy's
+         spacing, same origin and axes, edges extended from the scan, never padded with air) and conditions the
+         ControlNet-guided sampler; every few steps the decoded estimate is brought to the native grid, moved
+         towards the measurements by a few CG steps of ||A x - y||^2 + lam ||x - prior||^2, and the change is
+         carried back into the latent (``consistency.LatentDataConsistency``, as decomposed diffusion sampling
+         does). The final decoded prior is brought to the native grid and the data-consistency problem is solved
+         there (CG from the prior, then TV-regularised PDHG unless tv_weight=0), so the result is never further
+         from the measurements than they allow; weights and iteration counts follow ``recon_settings``.
+      -> back to the scan's intensity scale and pixel type, nothing clipped but what the pixel type cannot hold.
 
-Without measurements (simulate=False) data consistency is approximate: for CT the degraded input's own
-projections at the `views` acquisition angles stand in for the sinogram (an FBP of evenly spaced views
-reprojects to within ~1 % of its sinogram at 30 views, ~13 % at 8), which keeps the result consistent with
-what the FBP says about the measured directions; for MRI the k-space mask of the acquisition is unknown, so
-no data consistency is applied (``ReconstructionResult.data_consistency`` reports False).
+Metrics (when simulating) compare with the input on its own grid (``evaluation.native_scores``; CT on the window
+[-1000, 1000] HU).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..catalog import Anatomy
-from ..data.transforms import (center_pad_or_crop, denormalize, image_to_network, network_to_image_like,
-                               normalize_percentile, resample_like, resample_to_spacing)
 from ..diffusion import make_sampler
 from ..errors import CheckpointError, InputError
-from ..metrics import psnr, ssim3d
-from .common import (BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps,
-                     sample_latent)
-from .consistency import MASKS, TASKS, LatentDataConsistency, make_operator, to_network, to_physics
+from ..physics.operators import MASKS, TASKS
+from ..physics.solvers import cg_regularised, tv_pdhg
+from . import recon_settings as rules
+from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps, sample_latent
+from .consistency import LatentDataConsistency
 from .decode import decode_latent
+from .evaluation import native_scores
 from .generate import latent_multiple
+from .measurements import NativeProblem, prepare_problem, solve_model_free, to_image
+from .native import GridMap
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
 
-__all__ = ["ReconstructionPipeline", "ReconstructionResult", "PreparedVolume", "prepare_volume",
-           "back_to_input", "validate_image", "TASKS", "MASKS", "MAX_MODEL_VOXELS"]
+__all__ = ["ReconstructionPipeline", "ReconstructionResult", "reconstruct_model_free", "validate_image",
+           "TASKS", "MASKS", "METHODS", "MAX_MODEL_VOXELS"]
 
-# The model-grid volume is held several times (clean, degraded, decoded, float32): 512^3 voxels is ~0.5 GB each.
+METHODS = rules.METHODS
+# The model-grid volume is held several times (condition, decoded, float32): 512^3 voxels is ~0.5 GB each.
 MAX_MODEL_VOXELS = 512**3
+MAX_NATIVE_VOXELS = 1024 * 1024 * 1024  # the native volume is held ~10 times in float32 by the solvers
 _SPACING_RANGE = (1e-3, 1e3)  # mm; anything outside is a broken header, not a scan
 
 
@@ -54,33 +58,28 @@ class ReconstructionResult:
     image: sitk.Image                     # the reconstruction, on the input's grid, in its pixel type
     degraded: Optional[sitk.Image]        # FBP / zero-filled (the input itself when simulate=False)
     task: str
-    anatomy: str
-    seed: int
-    sampler: str
-    steps: int
+    method: str
     simulated: bool
-    data_consistency: bool                # whether any data consistency was applied
+    data_consistency: bool                # whether the output was solved against measurements
+    anatomy: Optional[str] = None         # the prior's anatomy (diffusion only)
+    anatomy_reason: str = ""              # how it was chosen
+    seed: Optional[int] = None
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
     views: Optional[int] = None
     acceleration: Optional[float] = None
     mask: Optional[str] = None
-    psnr: Optional[float] = None          # vs the clean model-grid volume, [0, 1] intensities (simulate only)
+    tv_weight: Optional[float] = None
+    psnr: Optional[float] = None          # vs the input on its grid (CT: window [-1000, 1000] HU), simulate only
     ssim: Optional[float] = None
     degraded_psnr: Optional[float] = None
     degraded_ssim: Optional[float] = None
+    metric_range: Optional[tuple[float, float]] = None  # intensity window of the metrics
     residual: Optional[float] = None      # relative measurement residual ||A u - y|| / ||y|| of the output
     degraded_residual: Optional[float] = None
-    dc_applications: int = 0              # latent data-consistency corrections during sampling
-    model_size_xyz: tuple[int, int, int] = (0, 0, 0)
+    dc_applications: int = 0              # guidance corrections during sampling
+    model_size_xyz: tuple[int, int, int] = (0, 0, 0)  # the prior's grid (diffusion only)
     elapsed_s: float = 0.0
-
-
-@dataclass
-class PreparedVolume:
-    x: np.ndarray                 # (Z, X, Y) float32 in [-1, 1], padded to the model grid
-    undo: tuple[slice, ...]       # x[undo] is the resampled (unpadded) volume
-    lo: float                     # intensity percentiles for de-normalising
-    hi: float
-    grid: sitk.Image              # the resampled volume: geometry of x[undo]
 
 
 def validate_image(image: object) -> None:
@@ -95,6 +94,9 @@ def validate_image(image: object) -> None:
                          "a scalar (grey-level) volume is needed")
     if min(image.GetSize()) < 1:
         raise InputError(f"the input is empty (size {image.GetSize()})")
+    if math.prod(image.GetSize()) > MAX_NATIVE_VOXELS:
+        raise InputError(f"the input has {'x'.join(map(str, image.GetSize()))} voxels; at most "
+                         f"{MAX_NATIVE_VOXELS} are supported (crop the volume)")
     spacing = image.GetSpacing()
     if not all(math.isfinite(s) and _SPACING_RANGE[0] <= s <= _SPACING_RANGE[1] for s in spacing):
         raise InputError(f"the input's voxel spacing {tuple(spacing)} mm is not sane (each must lie in "
@@ -109,53 +111,72 @@ def validate_image(image: object) -> None:
         raise InputError("the input contains NaN or infinite voxels")
 
 
-def _model_extent(n: int, spacing: float, new_spacing: float) -> int:
-    # Enough voxels that the last voxel centre of the input is covered (no extrapolated rim on the way back).
-    return max(1, int(math.ceil((n - 1) * spacing / new_spacing - 1e-6)) + 1)
+def _check_common(task: str, method: str, views: object, mask: str) -> tuple[str, str, int]:
+    task = str(task).strip().lower()
+    if task not in TASKS:
+        raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")
+    method = rules.check_method(method, task)
+    if mask not in MASKS:
+        raise InputError(f"unknown mask '{mask}'; choose one of {', '.join(MASKS)}")
+    return task, method, _whole_number(views, "views") if task == "sparse-ct" else int(30)
 
 
-def prepare_volume(image: sitk.Image, spacing_xyz: tuple[float, float, float], step: int, patch: int
-                   ) -> PreparedVolume:
-    """Resample to ``spacing_xyz`` (own axes), normalise to [-1, 1], centre-pad every axis to the model grid.
-
-    Every padded side is a multiple of ``step`` (downsample x latent multiple); sides above the encoder's
-    ``patch`` are also multiples of it (the autoencoder encodes whole patches).
-    """
-    size = [_model_extent(n, s, ns) for n, s, ns in zip(image.GetSize(), image.GetSpacing(), spacing_xyz)]
-    if math.prod(size) > MAX_MODEL_VOXELS:
-        raise InputError(f"the input covers {'x'.join(map(str, size))} voxels at the model's spacing "
-                         f"{tuple(spacing_xyz)} mm; at most {MAX_MODEL_VOXELS} are supported (crop the volume)")
-    grid = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spacing_xyz, "linear", size=size)
-    arr, (lo, hi) = normalize_percentile(image_to_network(grid))
-    big = math.lcm(step, patch)
-
-    def side(n: int) -> int:
-        m = -(-n // step) * step
-        return m if m <= patch or m % patch == 0 else -(-n // big) * big
-
-    target = [side(n) for n in arr.shape]
-    undo = tuple(slice((t - n) // 2, (t - n) // 2 + n) for n, t in zip(arr.shape, target))  # as center_pad_or_crop
-    x = np.ascontiguousarray(center_pad_or_crop(arr, target, value=-1.0), dtype=np.float32)
-    return PreparedVolume(x, undo, lo, hi, grid)
-
-
-def back_to_input(arr_zxy: np.ndarray, prep: PreparedVolume, image: sitk.Image) -> sitk.Image:
-    """Unpadded model-grid volume in [-1, 1] -> the input's grid, intensity scale and pixel type."""
-    model = network_to_image_like(denormalize(arr_zxy, prep.lo, prep.hi), prep.grid)
-    out = sitk.GetArrayFromImage(resample_like(model, image, "linear", default_value=prep.lo))
-    dtype = sitk.GetArrayViewFromImage(image).dtype
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        out = np.clip(np.rint(out), info.min, info.max).astype(dtype)
+def _finish(result: ReconstructionResult, problem: NativeProblem, u_out: torch.Tensor, image: sitk.Image,
+            start: float) -> ReconstructionResult:
+    result.image = to_image(u_out, problem, image)
+    result.degraded = to_image(problem.degraded, problem, image) if problem.simulated else sitk.Image(image)
+    result.residual = problem.residual(u_out)
+    result.degraded_residual = problem.residual(problem.degraded)
+    if problem.simulated:
+        result.psnr, result.ssim, result.metric_range = native_scores(result.image, image, problem.modality)
+        result.degraded_psnr, result.degraded_ssim, _ = native_scores(result.degraded, image, problem.modality)
+    if problem.task == "sparse-ct":
+        result.views = problem.views
     else:
-        out = out.astype(dtype)
-    result = sitk.GetImageFromArray(out)
-    result.CopyInformation(image)
+        result.acceleration = problem.acceleration
+    result.elapsed_s = time.perf_counter() - start
     return result
 
 
+def reconstruct_model_free(image: sitk.Image, task: str = "sparse-ct", method: str = "tv", views: int = 30,
+                           acceleration: float = 8, mask: str = "gaussian", simulate: bool = True,
+                           noise_photons: Optional[float] = None, seed: Optional[int] = None,
+                           tv_weight: Optional[float] = None, device: str | torch.device = "cpu",
+                           progress: Optional[ProgressCallback] = None,
+                           cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
+    """fbp / zero-filled / sart / tv on the scan's grid: no model needed."""
+    start = time.perf_counter()
+    task, method, views = _check_common(task, method, views, mask)
+    if method == "diffusion":
+        raise InputError("method 'diffusion' needs a model: use ReconstructionPipeline")
+    validate_image(image)
+    seed = resolve_seed(seed)
+    problem = prepare_problem(image, task, views=views, acceleration=acceleration, mask=mask, simulate=simulate,
+                              noise_photons=noise_photons, seed=seed, device=device)
+    tracker = ProgressTracker(_iterations(method), progress, cancel, method)
+    tracker.begin()
+    u = solve_model_free(problem, method, tv_weight, step=lambda i: tracker.advance())
+    result = ReconstructionResult(image, None, task, method, problem.simulated,
+                                  data_consistency=method in ("sart", "tv") and problem.measurements is not None,
+                                  seed=seed, mask=mask if task == "mri" else None,
+                                  tv_weight=_tv(problem, tv_weight) if method == "tv" else None)
+    return _finish(result, problem, u, image, start)
+
+
+def _iterations(method: str) -> int:
+    return {"sart": rules.SART_ITERS, "tv": rules.TV_ITERS}.get(method, 1)
+
+
+def _tv(problem: NativeProblem, tv_weight: Optional[float]) -> float:
+    if tv_weight is not None:
+        if not (float(tv_weight) >= 0 and math.isfinite(float(tv_weight))):
+            raise InputError(f"tv_weight must be a number >= 0, got {tv_weight}")
+        return float(tv_weight)
+    return rules.tv_weight(problem.task, problem.views, problem.acceleration, problem.photons)
+
+
 class ReconstructionPipeline(BundlePipeline):
-    """Sparse-view CT / accelerated MRI reconstruction with the bundle's ControlNets (``bundle.controlnets``)."""
+    """All methods; ``diffusion`` uses the bundle's ControlNets (``bundle.controlnets``) as the prior."""
 
     def __init__(self, bundle, device: str | torch.device | None = "auto",
                  decode_budget_gb: Optional[float] = None) -> None:
@@ -181,106 +202,95 @@ class ReconstructionPipeline(BundlePipeline):
                                   f"(differs in {', '.join(diff)})")
 
     def _controlnet(self, task: str) -> torch.nn.Module:
-        if task not in TASKS:
-            raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")
         if task not in self.controlnets:
             have = ", ".join(self.tasks) or "none"
             raise InputError(f"model '{getattr(self.bundle, 'name', 'model')}' has no ControlNet for task '{task}' "
                              f"(available: {have})")
         return self.controlnets[task]
 
-    def _anatomy(self, task: str, anatomy: Optional[str]) -> Anatomy:
+    def anatomy_for(self, task: str, anatomy: Optional[str], image: sitk.Image) -> tuple[Anatomy, str]:
+        """The named anatomy (checked against the task's modality), or one chosen from the scan, with why."""
         modality = TASKS[task]
         if anatomy:
             entry = self.bundle.catalog.get(anatomy)
             if entry.modality != modality:
                 raise InputError(f"anatomy '{entry.name}' is {entry.modality}; task '{task}' needs a {modality} "
                                  f"anatomy: {', '.join(a.name for a in self.bundle.catalog.by_modality(modality))}")
-            return entry
-        choices = self.bundle.catalog.by_modality(modality)
-        if not choices:
-            raise InputError(f"the model has no {modality} anatomy for task '{task}'")
-        return choices[0]
+            return entry, "given"
+        return rules.choose_anatomy(self.bundle.catalog, modality, image)
 
-    def __call__(self, image: sitk.Image, task: str = "sparse-ct", anatomy: Optional[str] = None, views: int = 30,
-                 acceleration: float = 8, mask: str = "gaussian", simulate: bool = True,
-                 noise_photons: Optional[float] = None, sampler: str = "dpmpp", steps: Optional[int] = None,
-                 seed: Optional[int] = None, data_consistency: bool = True, dc_weight: float = 1.0,
-                 dc_every: Optional[int] = None, dc_iters: int = 8, progress: Optional[ProgressCallback] = None,
+    def __call__(self, image: sitk.Image, task: str = "sparse-ct", method: str = rules.DEFAULT_METHOD,
+                 anatomy: Optional[str] = None, views: int = 30, acceleration: float = 8, mask: str = "gaussian",
+                 simulate: bool = True, noise_photons: Optional[float] = None, sampler: str = "dpmpp",
+                 steps: Optional[int] = None, seed: Optional[int] = None, data_consistency: bool = True,
+                 tv_weight: Optional[float] = None, dc_every: Optional[int] = None,
+                 progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
-        """Reconstruct ``image``; see the module docstring. ``dc_every``: latent corrections every k sampler
-        steps (default: about 4 per run; 0: only the final image-space step); ``dc_iters``: iterations per
-        correction (CT: CGLS, MRI: k-space / real-part projections); ``dc_weight`` in [0, 1] blends each one."""
+        """Reconstruct ``image`` with ``method`` (see the module docstring). ``tv_weight``: TV weight of the
+        final solve (default: the rule in ``recon_settings``; 0: CG on the prior-regularised least squares);
+        ``dc_every``: guidance every k sampler steps (default: ~4 per run; 0: only the final solve)."""
+        task, method, views = _check_common(task, method, views, mask)
+        if method != "diffusion":
+            return reconstruct_model_free(image, task, method, views, acceleration, mask, simulate, noise_photons,
+                                          seed, tv_weight, self.device, progress, cancel)
         start = time.perf_counter()
-        task = str(task).strip().lower()
         controlnet = self._controlnet(task)
-        entry = self._anatomy(task, anatomy)
+        validate_image(image)
+        entry, reason = self.anatomy_for(task, anatomy, image)
         steps = resolve_steps(sampler, steps, self.diffusion.timesteps)
         seed = resolve_seed(seed)
-        if mask not in MASKS:
-            raise InputError(f"unknown mask '{mask}'; choose one of {', '.join(MASKS)}")
-        if not 0.0 <= float(dc_weight) <= 1.0:
-            raise InputError(f"dc_weight must lie in [0, 1], got {dc_weight}")
         if dc_every is not None and int(dc_every) < 0:
             raise InputError(f"dc_every must be >= 0, got {dc_every}")
-        if int(dc_iters) < 0:
-            raise InputError(f"dc_iters must be >= 0, got {dc_iters}")
-        if task == "sparse-ct":
-            views = _whole_number(views, "views")
-        validate_image(image)
 
-        tracker = ProgressTracker(2, progress, cancel, "preparing")
+        tracker = ProgressTracker(1, progress, cancel, "measuring")
         tracker.begin()
-        prep = prepare_volume(image, entry.spacing_xyz, self.step, int(self.bundle.encode_patch_size))
+        problem = prepare_problem(image, task, views=views, acceleration=acceleration, mask=mask,
+                                  simulate=simulate, noise_photons=noise_photons, seed=seed, device=self.device)
         tracker.advance()
-        dev = self.device
-        op = make_operator(task, prep.x.shape[-2:], views=views, acceleration=acceleration, mask=mask, seed=seed,
-                           photons=noise_photons if simulate else None, pixel_mm=float(entry.spacing_xyz[0]),
-                           iters=int(dc_iters))
-        with inference_mode():
-            u = to_physics(torch.from_numpy(prep.x).to(dev))
-            if simulate:
-                meas: Optional[torch.Tensor] = op.measure(u, torch.Generator(device=dev).manual_seed(seed + 1))
-                u_deg = op.degrade(meas)
-            else:
-                u_deg = u
-                # CT: the degraded input's projections stand in for the sinogram (see the module docstring).
-                meas = op.measure(u_deg) if task == "sparse-ct" else None
-            tracker.advance()
-            use_dc = bool(data_consistency) and meas is not None and float(dc_weight) > 0
-            cond = to_network(u_deg).clamp(-1.0, 1.0)[None, None]
-            z, dc_count = self._sample(controlnet, entry, cond, op, meas, use_dc, sampler, steps, seed, dc_weight,
-                                       dc_every, progress, cancel)
-            z_q, _ = self.autoencoder.quantize(denormalize_latent(z, self.bundle.latent_range))
-            vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, dev, progress, cancel)
-            final = ProgressTracker(1, progress, cancel, "data consistency" if use_dc else "finishing")
-            final.begin()
-            u_out = to_physics(vol[0, 0].to(dev).clamp(-1.0, 1.0))
-            if use_dc:
-                u_out = op.project(u_out, meas, float(dc_weight)).clamp(0.0, 1.0)
-            result = ReconstructionResult(
-                image=back_to_input(to_network(u_out)[prep.undo].float().cpu().numpy(), prep, image),
-                degraded=(back_to_input(to_network(u_deg)[prep.undo].float().cpu().numpy(), prep, image)
-                          if simulate else sitk.Image(image)),
-                task=task, anatomy=entry.name, seed=seed, sampler=sampler, steps=steps, simulated=bool(simulate),
-                data_consistency=use_dc, views=views if task == "sparse-ct" else None,
-                acceleration=float(acceleration) if task == "mri" else None, mask=mask if task == "mri" else None,
-                dc_applications=dc_count, model_size_xyz=(prep.x.shape[1], prep.x.shape[2], prep.x.shape[0]))
-            if meas is not None:
-                result.residual = op.residual(u_out, meas)
-                result.degraded_residual = op.residual(u_deg, meas)
-            if simulate:
-                clean, out, deg = u[prep.undo], u_out[prep.undo], u_deg[prep.undo].clamp(0.0, 1.0)
-                result.psnr, result.ssim = psnr(out, clean, 1.0), ssim3d(out, clean, 1.0)
-                result.degraded_psnr, result.degraded_ssim = psnr(deg, clean, 1.0), ssim3d(deg, clean, 1.0)
-            final.advance()
-        result.elapsed_s = time.perf_counter() - start
-        return result
+        use_dc = bool(data_consistency) and problem.measurements is not None
+        beta = _tv(problem, tv_weight)
+        sx, sy, sz = entry.spacing_xyz
+        grids = GridMap(tuple(problem.given.shape), problem.spacing_zxy, (sz, sx, sy), self.device)
+        prior_model = _PriorGrid(grids, problem.degraded, self.step, int(self.bundle.encode_patch_size))
 
-    def _sample(self, controlnet: torch.nn.Module, entry: Anatomy, cond: torch.Tensor, op, meas, use_dc: bool,
-                sampler: str, steps: int, seed: int, dc_weight: float, dc_every: Optional[int],
-                progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> tuple[torch.Tensor, int]:
-        """ControlNet-guided sampling of the normalised latent; returns (latent, latent DC corrections)."""
+        def correct(img: torch.Tensor) -> torch.Tensor:  # decoded model-grid image -> data-consistent, same grid
+            prior = prior_model.to_native(img)
+            x = cg_regularised(problem.op, problem.measurements, prior, rules.PRIOR_WEIGHT, rules.GUIDE_CG_ITERS)
+            return prior_model.to_model(x)
+
+        with inference_mode():
+            z, dc_count = self._sample(controlnet, entry, prior_model.condition, correct if use_dc else None,
+                                       sampler, steps, seed, dc_every, progress, cancel)
+            z_q, _ = self.autoencoder.quantize(denormalize_latent(z, self.bundle.latent_range))
+            vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, self.device, progress, cancel)
+            prior = prior_model.to_native(vol[0, 0].to(self.device).clamp(-1.0, 1.0))
+            # CG from the prior first (fast, keeps what the prior put where the data are silent), then TV.
+            iters = rules.DC_CG_ITERS + (rules.TV_ITERS if beta > 0 else 0)
+            final = ProgressTracker(iters if use_dc else 1, progress, cancel,
+                                    "data consistency" if use_dc else "finishing")
+            final.begin()
+            if not use_dc:
+                u_out = prior
+                final.advance()
+            else:
+                u_out = cg_regularised(problem.op, problem.measurements, prior, rules.PRIOR_WEIGHT,
+                                       rules.DC_CG_ITERS, step=lambda i: final.advance())
+                if beta > 0:
+                    u_out = tv_pdhg(problem.op, problem.measurements, beta, rules.TV_ITERS,
+                                    z_weight=problem.z_weight, prior=prior, lam=rules.PRIOR_WEIGHT,
+                                    x0=u_out.clamp_min(0.0), step=lambda i: final.advance())
+        result = ReconstructionResult(
+            image, None, task, method, problem.simulated, use_dc, anatomy=entry.name, anatomy_reason=reason,
+            seed=seed, sampler=sampler, steps=steps, mask=mask if task == "mri" else None,
+            tv_weight=beta if use_dc else None, dc_applications=dc_count,
+            model_size_xyz=tuple(int(prior_model.padded_shape[i]) for i in (1, 2, 0)))  # type: ignore[arg-type]
+        return _finish(result, problem, u_out, image, start)
+
+    def _sample(self, controlnet: torch.nn.Module, entry: Anatomy, cond: torch.Tensor,
+                correct: Optional[Callable[[torch.Tensor], torch.Tensor]], sampler: str, steps: int, seed: int,
+                dc_every: Optional[int], progress: Optional[ProgressCallback],
+                cancel: Optional[CancelFlag]) -> tuple[torch.Tensor, int]:
+        """ControlNet-guided sampling of the normalised latent; returns (latent, guidance corrections)."""
         dev, f = self.device, int(self.bundle.downsample)
         latent = tuple(int(s) // f for s in cond.shape[2:])
         y = torch.tensor([entry.class_index], device=dev)
@@ -291,17 +301,69 @@ class ReconstructionPipeline(BundlePipeline):
             return self.denoiser(x, t, y, res, control=controlnet(x, t, y, res, hint=hint))
 
         guide = None
-        every = max(1, steps // 4) if dc_every is None else int(dc_every)
-        if use_dc and every > 0:
+        every = max(1, steps // rules.GUIDE_TIMES) if dc_every is None else int(dc_every)
+        if correct is not None and every > 0:
             grid = make_sampler(sampler, self.diffusion)
             grid.set_timesteps(steps)  # the same grid sample_latent will walk
             guide = LatentDataConsistency(self.autoencoder, self.bundle.latent_range,
-                                          int(self.bundle.encode_patch_size), op, meas, self.diffusion,
-                                          grid.timesteps.tolist(), every, float(dc_weight), self.decode_budget_gb, dev)
+                                          int(self.bundle.encode_patch_size), correct, self.diffusion,
+                                          grid.timesteps.tolist(), every, self.decode_budget_gb, dev)
         channels = int(self.denoiser.config["channels"])
         z = sample_latent(denoise, (1, channels) + latent, sampler, steps, seed, dev, self.diffusion, guide=guide,
                           progress=progress, cancel=cancel)
         return z, (guide.applied if guide is not None else 0)
+
+
+class _PriorGrid:
+    """The model's grid for one scan: the ControlNet condition, and model-grid network images <-> native physics.
+
+    Network images are the conventional reconstruction's 0.5 / 99.5 percentiles mapped to [-1, 1] (the training
+    recipe); the grid is padded to the model's multiples by reflecting the scan's edge, so no air is invented."""
+
+    def __init__(self, grids: GridMap, degraded: torch.Tensor, step: int, patch: int) -> None:
+        if math.prod(grids.model_shape) > MAX_MODEL_VOXELS:
+            raise InputError(f"the input covers {'x'.join(map(str, grids.model_shape))} voxels at the model's "
+                             f"spacing; at most {MAX_MODEL_VOXELS} are supported (crop the volume)")
+        self.grids = grids
+        coarse = grids.to_model(degraded)
+        lo, hi = np.percentile(coarse.float().cpu().numpy(), [0.5, 99.5])
+        self.lo, self.hi = float(lo), float(hi) if hi > lo else float(lo) + 1.0
+        big = math.lcm(step, patch)
+
+        def side(n: int) -> int:
+            m = -(-n // step) * step
+            return m if m <= patch or m % patch == 0 else -(-n // big) * big
+
+        self.padded_shape = tuple(side(n) for n in grids.model_shape)
+        self.pads = [((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(grids.model_shape, self.padded_shape)]
+        self.undo = tuple(slice(a, a + n) for (a, _), n in zip(self.pads, grids.model_shape))
+        self.condition = self._pad(self._to_network(coarse)).clamp(-1.0, 1.0)[None, None]
+
+    def _to_network(self, u: torch.Tensor) -> torch.Tensor:
+        return (u - self.lo) / (self.hi - self.lo) * 2.0 - 1.0
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        for axis, (a, b) in enumerate(self.pads):
+            if a or b:
+                n = x.shape[axis]
+                idx = torch.arange(-a, n + b, device=x.device)
+                if n > 1:  # reflect without repeating the edge voxel, folding back as often as needed
+                    period = 2 * (n - 1)
+                    idx = idx % period
+                    idx = torch.where(idx >= n, period - idx, idx)
+                else:
+                    idx = torch.zeros_like(idx)
+                x = x.index_select(axis, idx)
+        return x
+
+    def to_native(self, img: torch.Tensor) -> torch.Tensor:
+        """Padded model-grid network image (Z, X, Y) -> native physics units."""
+        u = (img[self.undo].float() + 1.0) * 0.5 * (self.hi - self.lo) + self.lo
+        return self.grids.to_native(u)
+
+    def to_model(self, u: torch.Tensor) -> torch.Tensor:
+        """Native physics units -> padded model-grid network image."""
+        return self._pad(self._to_network(self.grids.to_model(u)))
 
 
 def _whole_number(value: object, name: str) -> int:

@@ -118,7 +118,7 @@ class ConditionSimulator:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from MedDiffusionLib.pipelines.consistency import make_operator, to_network, to_physics
+        from MedDiffusionLib.physics.operators import make_operator, to_network, to_physics
 
         u = to_physics(x.float())
         shape = tuple(u.shape[-2:])

@@ -1,0 +1,206 @@
+"""Model-free reconstruction on the measurement operators of ``physics.operators``, on the scan's own grid.
+
+  * ``cg_regularised``: conjugate gradients on (A^T A + lam I) x = A^T y + lam p, i.e. the minimiser of
+    ||A x - y||^2 + lam ||x - p||^2 (p: a prior image, 0 for plain Tikhonov), one independent CG per slice (the
+    operators act slice by slice, so the normal equations decouple and each slice keeps its own step sizes).
+  * ``os_sart``: ordered-subsets SART for CT (one view per subset, views visited in a spread-out order), the
+    classical model-free iterative method; each iteration is one pass over the views.
+  * ``tv_pdhg``: min 1/2 ||A x - y||^2 / ||A||^2 + beta TV(x) + lam / 2 ||x - p||^2 subject to x >= 0, by the
+    primal-dual hybrid gradient method (Chambolle & Pock 2011). TV is isotropic 3D with the through-plane
+    difference weighted by in-plane / slice spacing (a gradient per millimetre). The data term is divided by
+    ||A||^2 (estimated by power iteration) so that beta and lam mean the same for any grid size or view count.
+
+Inputs are volumes (Z, H, W) in the operators' physics units (empty space 0); everything stays in torch on the
+measurements' device, so the same code runs on CPU and GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .ct import ParallelBeamProjector
+from .operators import AcceleratedMRI, Operator, SparseViewCT
+
+__all__ = ["cg_regularised", "os_sart", "tv_pdhg", "operator_norm_sq", "gradient3", "divergence3"]
+
+_TINY = 1e-30
+_PRIMAL_DUAL_RATIO = 10.0
+StopCheck = Optional[Callable[[int], None]]  # called once per iteration (progress; may raise Cancelled)
+
+
+def _slice_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-slice inner product over the last two dims (real part for complex tensors), kept for broadcasting."""
+    prod = a * b.conj() if a.is_complex() else a * b
+    return prod.real.sum(dim=(-2, -1), keepdim=True) if prod.is_complex() else prod.sum(dim=(-2, -1), keepdim=True)
+
+
+class Whitened:
+    """x -> R^(1/2) A x with its adjoint: the data term every solver here fits is ||R^(1/2) (A x - y)||^2."""
+
+    def __init__(self, op: Operator) -> None:
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.weight_sqrt(self.op.forward(x))
+
+    def adjoint(self, r: torch.Tensor) -> torch.Tensor:
+        return self.op.adjoint(self.op.weight_sqrt(r))
+
+    def data(self, y: torch.Tensor) -> torch.Tensor:
+        return self.op.weight_sqrt(y)
+
+
+def operator_norm_sq(op: Operator, device: torch.device | str = "cpu", iters: int = 20) -> float:
+    """||R^(1/2) A||^2 (largest eigenvalue of the whitened normal operator) of one slice by power iteration;
+    cached on the operator."""
+    cached = getattr(op, "_whitened_norm_sq", None)
+    if cached is not None:
+        return cached
+    if isinstance(op, AcceleratedMRI):
+        value = 1.0 if float(op.mask.max()) > 0 else 0.0  # orthonormal FFT times a 0/1 mask
+    else:
+        white = Whitened(op)
+        v = torch.rand((1, *op.slice_shape), generator=torch.Generator().manual_seed(0)).to(device)
+        value = 0.0
+        for _ in range(iters):
+            w = white.adjoint(white.forward(v))
+            value = float(w.norm() / v.norm().clamp_min(_TINY))
+            v = w / w.norm().clamp_min(_TINY)
+    op._whitened_norm_sq = value  # type: ignore[union-attr]
+    return value
+
+
+def slice_shape(op: Operator) -> tuple[int, int]:
+    return tuple(op.slice_shape) if isinstance(op, SparseViewCT) else tuple(op.mask.shape)  # type: ignore[return-value]
+
+
+def cg_regularised(op: Operator, y: torch.Tensor, prior: torch.Tensor, lam: float, iters: int,
+                   x0: Optional[torch.Tensor] = None, step: StopCheck = None) -> torch.Tensor:
+    """Minimise ||R^(1/2) (A x - y)||^2 / ||R^(1/2) A||^2 + lam ||x - prior||^2 per slice with ``iters`` CG
+    iterations from ``x0`` (default: the prior). ``lam`` is relative to the normalised data term."""
+    white = Whitened(op)
+    scale = 1.0 / max(operator_norm_sq(op, y.device), _TINY)
+    x = (prior if x0 is None else x0).clone()
+    b = white.adjoint(white.data(y)) * scale + lam * prior
+
+    def normal(v: torch.Tensor) -> torch.Tensor:
+        return white.adjoint(white.forward(v)) * scale + lam * v
+
+    r = b - normal(x)
+    p = r.clone()
+    rs = _slice_dot(r, r)
+    for i in range(int(iters)):
+        ap = normal(p)
+        alpha = rs / _slice_dot(p, ap).clamp_min(_TINY)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = _slice_dot(r, r)
+        p = r + (rs_new / rs.clamp_min(_TINY)) * p
+        rs = rs_new
+        if step is not None:
+            step(i)
+    return x
+
+
+def _view_order(n: int) -> list[int]:
+    """Views in a spread-out order (each next view far from the recent ones), as ordered-subsets methods want."""
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    return sorted(range(n), key=lambda i: (i * golden) % 1.0)
+
+
+@functools.lru_cache(maxsize=4)
+def _view_projectors(h: int, w: int, views: int, n_det: int) -> tuple[ParallelBeamProjector, ...]:
+    angles = torch.arange(views, dtype=torch.float64) * (math.pi / views)
+    return tuple(ParallelBeamProjector((h, w), 1, angles=angles[i:i + 1], n_detectors=n_det) for i in range(views))
+
+
+def os_sart(op: SparseViewCT, y: torch.Tensor, iters: int = 10, relax: float = 0.5,
+            x0: Optional[torch.Tensor] = None, nonneg: bool = True, step: StopCheck = None) -> torch.Tensor:
+    """Ordered-subsets SART (one view per subset): x += relax * A_v^T((y_v - A_v x) / A_v 1) / A_v^T 1."""
+    h, w = op.projector.image_size
+    n_det = op.projector.n_detectors
+    singles = _view_projectors(h, w, op.views, n_det)
+    x = torch.zeros((*y.shape[:-2], h, w), dtype=y.dtype, device=y.device) if x0 is None else x0.clone()
+    ones = torch.ones((1, h, w), dtype=y.dtype, device=y.device)
+    weights = []
+    for proj in singles:
+        ray = proj(ones)                                      # (1, 1, det): path length of every ray
+        pix = proj.adjoint(torch.ones_like(ray))              # (1, h, w): how many rays touch a pixel
+        weights.append((torch.where(ray > 1e-6, 1.0 / ray, torch.zeros_like(ray)),
+                        torch.where(pix > 1e-6, 1.0 / pix, torch.zeros_like(pix))))
+    order = _view_order(op.views)
+    for i in range(int(iters)):
+        for v in order:
+            proj, (inv_ray, inv_pix) = singles[v], weights[v]
+            r = (y[..., v:v + 1, :] - proj(x)) * inv_ray
+            x = x + relax * inv_pix * proj.adjoint(r)
+            if nonneg:
+                x = x.clamp_min(0.0)
+        if step is not None:
+            step(i)
+    return x
+
+
+def gradient3(x: torch.Tensor, z_weight: float) -> torch.Tensor:
+    """Forward differences (3, Z, H, W) with zero flux at the far borders; the Z difference is scaled."""
+    g = torch.zeros((3, *x.shape), dtype=x.dtype, device=x.device)
+    g[0, :-1] = (x[1:] - x[:-1]) * z_weight
+    g[1, :, :-1] = x[:, 1:] - x[:, :-1]
+    g[2, :, :, :-1] = x[:, :, 1:] - x[:, :, :-1]
+    return g
+
+
+def divergence3(g: torch.Tensor, z_weight: float) -> torch.Tensor:
+    """The negative adjoint of ``gradient3``: <gradient3(x), g> = -<x, divergence3(g)>."""
+    d = torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device)
+    gz = g[0] * z_weight
+    d[:-1] += gz[:-1]
+    d[1:] -= gz[:-1]
+    d[:, :-1] += g[1, :, :-1]
+    d[:, 1:] -= g[1, :, :-1]
+    d[:, :, :-1] += g[2, :, :, :-1]
+    d[:, :, 1:] -= g[2, :, :, :-1]
+    return d
+
+
+def tv_pdhg(op: Operator, y: torch.Tensor, beta: float, iters: int, z_weight: float = 1.0,
+            prior: Optional[torch.Tensor] = None, lam: float = 0.0, x0: Optional[torch.Tensor] = None,
+            nonneg: bool = True, step: StopCheck = None) -> torch.Tensor:
+    """Minimise 1/2 ||R^(1/2) (A x - y)||^2 / ||R^(1/2) A||^2 + beta TV(x) + lam / 2 ||x - prior||^2 (x >= 0).
+
+    ``beta`` and ``lam`` are relative to the normalised data term (see the module docstring); ``x0`` (default
+    zeros) warm-starts the primal variable; ``z_weight`` scales the through-plane difference."""
+    shape = slice_shape(op)
+    white = Whitened(op)
+    scale = 1.0 / math.sqrt(max(operator_norm_sq(op, y.device), _TINY))  # A' = R^(1/2) A / ||R^(1/2) A||
+    y_n = white.data(y) * scale
+    depth = y.shape[0] if y.dim() >= 3 else 1
+    x = (torch.zeros((depth, *shape), dtype=torch.float32, device=y.device) if x0 is None else x0.clone())
+    if x.dim() == 2:
+        x = x[None]
+    use_prior = prior is not None and lam > 0
+    norm_k = math.sqrt(1.0 + 4.0 * (2.0 + z_weight ** 2))  # ||A'|| = 1, ||grad||^2 <= 4 (1 + 1 + wz^2)
+    # tau * sigma * ||K||^2 < 1 guarantees convergence; the split between the two matters for speed: a larger
+    # primal step suits this problem (whitened data term, small beta); 10x gave the fastest descent on CT phantoms.
+    tau, sigma = 0.99 * _PRIMAL_DUAL_RATIO / norm_k, 0.99 / (_PRIMAL_DUAL_RATIO * norm_k)
+    q = torch.zeros_like(y_n)
+    g = torch.zeros((3, *x.shape), dtype=x.dtype, device=x.device)
+    x_bar = x
+    for i in range(int(iters)):
+        q = (q + sigma * (white.forward(x_bar) * scale - y_n)) / (1.0 + sigma)
+        g = g + sigma * gradient3(x_bar, z_weight)
+        g = g / (g.norm(dim=0, keepdim=True) / max(beta, _TINY)).clamp_min(1.0)  # project onto |g| <= beta
+        x_new = x - tau * (white.adjoint(q) * scale - divergence3(g, z_weight))
+        if use_prior:
+            x_new = (x_new + tau * lam * prior) / (1.0 + tau * lam)
+        if nonneg:
+            x_new = x_new.clamp_min(0.0)
+        x_bar = 2.0 * x_new - x
+        x = x_new
+        if step is not None:
+            step(i)
+    return x
+

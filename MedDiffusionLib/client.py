@@ -256,11 +256,12 @@ class RemoteClient:
                     acceleration: float = _R.acceleration, mask: str = _R.mask, simulate: bool = _R.simulate,
                     sampler: str = _R.sampler, steps: Optional[int] = None, seed: Optional[int] = None,
                     data_consistency: bool = _R.data_consistency,
-                    anatomy: Optional[str] = None) -> str:
+                    anatomy: Optional[str] = None, method: str = _R.method) -> str:
         """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id.
-        ``anatomy`` picks the model's anatomy (default: the server's first one of the task's modality)."""
+        ``anatomy`` picks the prior's anatomy (default: the server chooses from the modality and the field of
+        view); ``method`` is one of ``options.METHODS`` (fbp / zero-filled / sart / tv need no model)."""
         fields = reconstruct_fields(task, views, acceleration, mask, simulate, sampler, steps, seed,
-                                    data_consistency, anatomy)
+                                    data_consistency, anatomy, method)
         tmpdir = None
         try:
             if isinstance(image, (str, os.PathLike)) and _upload_suffix(Path(image)) and Path(image).is_file():
@@ -399,11 +400,11 @@ def reconstruct_fields(task: str = _R.task, views: int = _R.views, acceleration:
                        mask: str = _R.mask, simulate: bool = _R.simulate, sampler: str = _R.sampler,
                        steps: Optional[int] = None, seed: Optional[int] = None,
                        data_consistency: bool = _R.data_consistency,
-                       anatomy: Optional[str] = None) -> dict[str, Any]:
+                       anatomy: Optional[str] = None, method: str = _R.method) -> dict[str, Any]:
     """The form fields of a reconstruction request (one list for the file upload and the sliced one)."""
     return {"task": task, "views": views, "acceleration": acceleration, "mask": mask, "simulate": simulate,
             "sampler": sampler, "steps": steps, "seed": seed, "data_consistency": data_consistency,
-            "anatomy": anatomy}
+            "anatomy": anatomy, "method": method}
 
 
 def _multipart_frame(fields: dict[str, Any], boundary: str, suffix: str) -> tuple[bytes, bytes]:

@@ -256,7 +256,7 @@ def test_concurrent_status_polls(server, client):
 
 # ---- uploads and reconstruction ----------------------------------------------------------------------------
 def _echo_reconstruction(image, task, views, acceleration, mask, simulate, sampler, steps, seed, data_consistency,
-                         anatomy=None, progress=None, cancel=None):
+                         anatomy=None, method="diffusion", progress=None, cancel=None):
     """Stands in for the reconstruction pipeline: returns the input, so only the HTTP layer is under test."""
     from types import SimpleNamespace
 
@@ -295,7 +295,9 @@ def test_upload_rejections(stub_server, tmp_path):
                             ({"task": "sparse-ct", "views": 0}, "views"),
                             ({"task": "sparse-ct", "colour": "red"}, "colour"),
                             ({"task": "sparse-ct", "anatomy": "mr-knee"}, "needs a CT anatomy"),
-                            ({"task": "sparse-ct", "anatomy": "ct-brain"}, "unknown anatomy")]:
+                            ({"task": "sparse-ct", "anatomy": "ct-brain"}, "unknown anatomy"),
+                            ({"task": "sparse-ct", "method": "zero-filled"}, "does not apply to task 'sparse-ct'"),
+                            ({"task": "sparse-ct", "method": "magic"}, "method")]:
         status, body = upload(server, ok, "v.nrrd", fields, tmp=tmp_path)
         assert status == 400 and message in body["detail"], body
     assert not list((server.store / "uploads").iterdir())  # nothing left behind
@@ -371,6 +373,9 @@ def test_reconstruct_end_to_end(server, client):
     assert out.GetSpacing() == pytest.approx(img.GetSpacing()) and out.GetOrigin() == pytest.approx(img.GetOrigin())
     degraded = client.degraded(job)
     assert degraded.GetSize() == img.GetSize() and degraded.GetSpacing() == pytest.approx(img.GetSpacing())
+    tv = client.wait(client.reconstruct(img, task=task, method="tv", views=8, acceleration=4, seed=3), poll_s=0.1,
+                     timeout=90)
+    assert tv["state"] == "done" and tv["info"]["method"] == "tv" and tv["params"]["method"] == "tv"
 
 
 # ---- persistence and expiry --------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ Rules (not tuned per case; the README's benchmark table shows what they give on 
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import SimpleITK as sitk
+from typing import TYPE_CHECKING, Optional
 
 from ..catalog import Anatomy, Catalog
 from ..errors import InputError
 from ..options import DEFAULT_METHOD, METHOD_TASKS, METHODS  # the one list of choices (options.py)
+
+if TYPE_CHECKING:  # the client imports the method list: keep this module free of SimpleITK and torch
+    import SimpleITK as sitk
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "METHOD_TASKS", "baseline_method", "check_method", "tv_weight",
            "PRIOR_WEIGHT", "SART_ITERS", "TV_ITERS", "DC_CG_ITERS", "GUIDE_CG_ITERS", "GUIDE_TIMES",
@@ -72,7 +73,7 @@ _MR_KNEE_MAX_FOV = 200.0     # knee coils: 120-180 mm; brain: 200-260 mm
 _MR_BRAIN_MAX_FOV = 300.0    # abdomen: 300-450 mm
 
 
-def choose_anatomy(catalog: Catalog, modality: str, image: sitk.Image) -> tuple[Anatomy, str]:
+def choose_anatomy(catalog: Catalog, modality: str, image: "sitk.Image") -> tuple[Anatomy, str]:
     """(anatomy, why) for a scan of ``modality`` from its in-plane field of view, among the model's anatomies."""
     choices = catalog.by_modality(modality)
     if not choices:

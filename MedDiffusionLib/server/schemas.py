@@ -46,6 +46,7 @@ class ReconstructParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = _option(_RECONSTRUCT["task"], min_length=1, max_length=64)
+    method: str = _option(_RECONSTRUCT["method"], max_length=16)
     anatomy: Optional[str] = _option(_RECONSTRUCT["anatomy"], max_length=64)
     views: int = _option(_RECONSTRUCT["views"])
     acceleration: float = _option(_RECONSTRUCT["acceleration"])
@@ -55,6 +56,13 @@ class ReconstructParams(BaseModel):
     steps: Optional[int] = _option(_RECONSTRUCT["steps"])
     seed: Optional[int] = _option(_RECONSTRUCT["seed"])
     data_consistency: bool = _option(_RECONSTRUCT["data_consistency"])
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}")
+        return v
 
 
 class AnatomyInfo(BaseModel):

@@ -57,13 +57,6 @@ class ReconstructParams(BaseModel):
     seed: Optional[int] = _option(_RECONSTRUCT["seed"])
     data_consistency: bool = _option(_RECONSTRUCT["data_consistency"])
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}")
-        return v
-
 
 class AnatomyInfo(BaseModel):
     name: str

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from ..options import METHODS, TASKS, ReconstructOptions
 from .common import TqdmProgress, add_model_args, add_option, load_bundle_from_args
@@ -154,7 +153,6 @@ def _eval_images(args: argparse.Namespace) -> list:
     from ..data.phantoms import ANATOMIES, make_phantom
     from ..errors import InputError
     from ..io.volumes import read_volume
-    from ..physics.operators import TASKS
 
     if args.input:
         return [read_volume(p) for p in args.input]

@@ -17,6 +17,7 @@ sha256; rank 0 merges the entries into ``manifest.csv`` once every rank has fini
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -324,6 +325,11 @@ class DatasetReport:
     manifest: Optional[Path]  # rank 0 only
 
 
+def _sampling_progress(progress: Optional[VolumeProgress], done: int, n: int, todo: int, info: Any) -> None:
+    if progress is not None and info.stage == "sampling":
+        progress(done + n * 0.8 * info.fraction, todo)  # sampling is most of a volume's time
+
+
 def generate_dataset(pipe: GenerationPipeline, spec: DatasetSpec, out_dir: str | Path,
                      world: Optional[WorldInfo] = None, progress: Optional[VolumeProgress] = None) -> DatasetReport:
     """Make every missing volume of `spec` in `out_dir`: this rank's share of the batches, then (rank 0) the
@@ -348,10 +354,7 @@ def generate_dataset(pipe: GenerationPipeline, spec: DatasetSpec, out_dir: str |
         progress(0.0, todo)
     for batch in mine:
         wanted = [i for i in batch if i.index in missing_set]
-
-        def on_step(info, n=len(wanted), base=done) -> None:
-            if progress is not None and info.stage == "sampling":
-                progress(base + n * 0.8 * info.fraction, todo)  # sampling is most of a volume's time
+        on_step = functools.partial(_sampling_progress, progress, done, len(wanted), todo)
 
         results = pipe.generate_batch([i.anatomy for i in batch], batch[0].size_xyz, spec.sampler, spec.steps,
                                       [i.seed for i in batch], spec.hu_range, progress=on_step,

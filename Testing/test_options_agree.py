@@ -127,3 +127,26 @@ def test_slicer_widgets_match_the_parameters(panel) -> None:
     for name in ("sampler", "task", "mask"):
         items = widgets[f"{name}ComboBox"].findall("item")
         assert len(items) == len(fields[name].metadata["choices"]), name
+
+
+@pytest.mark.parametrize("argv, options", [
+    (["generate", "--anatomy", "ct-legs", "--steps", "0", "--out", "x.nrrd"],
+     GenerateOptions(anatomy="ct-legs", steps=0)),
+    (["generate", "--anatomy", "ct-legs", "--sampler", "euler", "--out", "x.nrrd"],
+     GenerateOptions(anatomy="ct-legs", sampler="euler")),
+    (["reconstruct", "--task", "mri", "--acceleration", "1", "--input", "in.nrrd", "--out", "x.nrrd"],
+     ReconstructOptions(task="mri", acceleration=1)),
+    (["reconstruct", "--task", "sparse-ct", "--views", "2049", "--input", "in.nrrd", "--out", "x.nrrd"],
+     ReconstructOptions(views=2049)),
+])
+def test_cli_refuses_with_the_library_message_before_loading(argv, options, tmp_path, capsys) -> None:
+    """A bad value is refused with the options' message before the model (here: a missing folder) or the input
+    is touched."""
+    from MedDiffusionLib.cli import main as cli_main
+    from MedDiffusionLib.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        options.validate()
+    argv = [a if not a.endswith(".nrrd") else str(tmp_path / a) for a in argv]
+    assert cli_main(argv + ["--model", str(tmp_path / "no-such-model")]) == 2
+    assert capsys.readouterr().err.strip() == f"meddiffusion: error: {err.value}"

@@ -9,9 +9,9 @@ For each size (default 256^3 and 512^3 float32) it measures, with the real MRML 
           plain HTTP server process, as the job server would send it), and the whole download's duration
   finish  the node creation from the downloaded array (display window/level + array_to_volume_node)
 
-The GUI is frozen for at most max(read, longest step, finish). Usage (big: take the heavy lock):
+The GUI is frozen for at most max(read, longest step, finish). Usage (needs a few GB of memory at 512^3):
 
-    flock /work/.heavy.lock python benchmarks/bench_slicer_transfers.py [--sizes 256 512]
+    python benchmarks/bench_slicer_transfers.py [--sizes 256 512]
 """
 from __future__ import annotations
 

@@ -12,10 +12,9 @@ from safetensors.torch import save_file
 
 from MedDiffusionLib.catalog import official_catalog
 from MedDiffusionLib.checkpoints.bundle import ModelBundle, bundle_from_official, load_bundle, save_bundle
+from MedDiffusionLib.checkpoints.any_format import load_any_autoencoder, load_any_denoiser
 from MedDiffusionLib.checkpoints.native import (
     is_safetensors_file,
-    load_any_autoencoder,
-    load_any_denoiser,
     load_network,
     read_network_metadata,
     save_network,

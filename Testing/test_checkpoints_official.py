@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from MedDiffusionLib.checkpoints.native import load_any_autoencoder, load_any_denoiser, load_network
+from MedDiffusionLib.checkpoints.any_format import convert_official, load_any_autoencoder, load_any_denoiser
+from MedDiffusionLib.checkpoints.native import load_network
 from MedDiffusionLib.checkpoints.official import (
-    convert_official,
     detect_official_kind,
     infer_autoencoder_config,
     load_official,

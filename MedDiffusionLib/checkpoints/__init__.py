@@ -5,17 +5,14 @@ Nothing here executes code stored in a file: pickles go through an allow-listing
 from __future__ import annotations
 
 from .bundle import ModelBundle, bundle_from_official, default_bundle_dir, load_bundle, save_bundle
+from .any_format import convert_official, load_any_autoencoder, load_any_controlnet, load_any_denoiser
 from .native import (
     is_safetensors_file,
-    load_any_autoencoder,
-    load_any_controlnet,
-    load_any_denoiser,
     load_network,
     read_network_metadata,
     save_network,
 )
 from .official import (
-    convert_official,
     detect_official_kind,
     load_official,
     load_official_autoencoder,

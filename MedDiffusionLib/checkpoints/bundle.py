@@ -34,7 +34,8 @@ from ..bundle_summary import DEMO_ENV, MANIFEST, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
 from ..errors import CheckpointError, InputError
 from ..safe_yaml import dump_yaml, read_yaml_file
-from .native import load_any_autoencoder, load_any_controlnet, load_any_denoiser, save_network
+from .any_format import load_any_autoencoder, load_any_controlnet, load_any_denoiser
+from .native import save_network
 
 __all__ = ["ModelBundle", "load_bundle", "save_bundle", "bundle_from_official", "default_bundle_dir",
            "add_controlnet_to_bundle",

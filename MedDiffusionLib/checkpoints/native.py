@@ -22,7 +22,7 @@ from .safetensors_file import MAX_HEADER_BYTES, read_file, read_header, tensors_
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "KINDS", "save_network", "load_network", "read_network_metadata",
-    "is_safetensors_file", "load_any_autoencoder", "load_any_denoiser", "load_any_controlnet", "network_class",
+    "is_safetensors_file", "network_class",
 ]
 
 FORMAT_NAME = "meddiffusion"
@@ -147,36 +147,3 @@ def load_network(path: str | os.PathLike[str], map_location: Any = "cpu",
                               f"{str(exc).strip().splitlines()[0]}") from None
     del state, buf
     return model.to(_device_str(map_location)).eval(), meta
-
-
-def _load_any(path: str | os.PathLike[str], kind: str, map_location: Any,
-              overrides: Mapping[str, Any] | None) -> nn.Module:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"{kind} file not found: '{p}'")
-    if is_safetensors_file(p) or p.suffix.lower() == ".safetensors":  # by name too: clearer error if corrupt
-        return load_network(p, map_location, expected_kind=kind)[0]
-    from .official import load_official_autoencoder, load_official_biflownet
-
-    if kind == "autoencoder":
-        return load_official_autoencoder(p, map_location, overrides=overrides)
-    if kind == "biflownet":
-        return load_official_biflownet(p, map_location, overrides=overrides)
-    raise CheckpointError(f"'{p}': a {kind} must be in the MedDiffusion safetensors format")
-
-
-def load_any_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu",
-                         overrides: Mapping[str, Any] | None = None) -> nn.Module:
-    """An autoencoder from our safetensors file or the authors' Lightning checkpoint."""
-    return _load_any(path, "autoencoder", map_location, overrides)
-
-
-def load_any_denoiser(path: str | os.PathLike[str], map_location: Any = "cpu",
-                      overrides: Mapping[str, Any] | None = None) -> nn.Module:
-    """A BiFlowNet from our safetensors file or the authors' checkpoint (EMA weights)."""
-    return _load_any(path, "biflownet", map_location, overrides)
-
-
-def load_any_controlnet(path: str | os.PathLike[str], map_location: Any = "cpu") -> nn.Module:
-    """A ControlNet (only our safetensors format exists for these)."""
-    return _load_any(path, "controlnet", map_location, None)

@@ -29,7 +29,7 @@ from .torch_file import safe_torch_load
 
 __all__ = [
     "load_official_autoencoder", "load_official_biflownet", "load_official", "detect_official_kind",
-    "convert_official", "infer_autoencoder_config", "infer_biflownet_config", "official_kind_of",
+    "infer_autoencoder_config", "infer_biflownet_config", "official_kind_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,13 +334,3 @@ def load_official_biflownet(path: str | os.PathLike[str], map_location: Any = "c
     if official_kind_of(ckpt) != "biflownet":
         raise CheckpointError(f"'{p}' is not a BiFlowNet checkpoint")
     return _build_biflownet(ckpt, p, map_location, overrides, use_ema)
-
-
-def convert_official(path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                     overrides: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> str:
-    """Convert an authors' checkpoint to our safetensors format (no pickle at load time); returns the kind."""
-    from .native import save_network
-
-    kind, model = load_official(path, overrides=overrides)
-    save_network(model, out_path, kind, extra={"converted_from": Path(path).name, **(extra or {})})
-    return kind

@@ -31,7 +31,7 @@ def run_anatomies(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ..checkpoints.official import convert_official
+    from ..checkpoints.any_format import convert_official
 
     kind = convert_official(args.input, args.output)
     print(f"wrote {args.output} ({kind})")

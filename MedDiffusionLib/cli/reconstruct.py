@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pipeline(args: argparse.Namespace):
-    from ..checkpoints.native import load_any_controlnet
+    from ..checkpoints.any_format import load_any_controlnet
     from ..pipelines.reconstruct import ReconstructionPipeline
 
     bundle = load_bundle_from_args(args)

@@ -39,7 +39,7 @@ class ExpectedConfig:
 
 
 def _load(path: Path, role: str) -> Any:
-    from ..checkpoints.native import load_any_autoencoder, load_any_denoiser
+    from ..checkpoints.any_format import load_any_autoencoder, load_any_denoiser
 
     return load_any_autoencoder(path) if role == "autoencoder" else load_any_denoiser(path)
 

@@ -90,7 +90,8 @@ def training_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any] | 
 def load_network_any(path: str | os.PathLike[str], kind: str, prefer_ema: bool = True) -> nn.Module:
     """Our safetensors file, one of our training checkpoints (``step_*.pt``; EMA weights when present), or
     the authors' checkpoint. Returned in eval mode on the CPU."""
-    from MedDiffusionLib.checkpoints.native import is_safetensors_file, load_any_autoencoder, load_any_denoiser
+    from MedDiffusionLib.checkpoints.any_format import load_any_autoencoder, load_any_denoiser
+    from MedDiffusionLib.checkpoints.native import is_safetensors_file
 
     p = Path(path).expanduser()
     if not p.is_file():

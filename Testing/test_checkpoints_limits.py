@@ -26,7 +26,7 @@ from MedDiffusionLib.checkpoints import load_bundle, load_network, safe_torch_lo
 from MedDiffusionLib.checkpoints.official import load_official_autoencoder
 from MedDiffusionLib.checkpoints.safe_pickle import UnsafePickleError, safe_pickle_module
 from MedDiffusionLib.cli import main
-from MedDiffusionLib.errors import CheckpointError
+from MedDiffusionLib.errors import CheckpointError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,3 +272,17 @@ def test_written_manifests_never_use_aliases(tmp_path: Path) -> None:
     assert "&" not in text and "*id" not in text
     assert load_bundle(folder).diffusion == shared
     assert math.isfinite(load_bundle(folder).latent_range[0])
+
+
+def test_training_checkpoints_and_vgg_weights_use_the_safe_reader(tmp_path: Path) -> None:
+    """torch's weights_only allow-list still lets a pickle call bytearray(n); our other .pt readers must not."""
+    from Training.checkpointing import load_checkpoint
+
+    from MedDiffusionLib.models.perceptual import load_vgg16_state_dict
+
+    bomb = tmp_path / "bomb.pt"
+    bomb.write_bytes(_zip_checkpoint(_call("builtins", "bytearray", 1 << 31)))
+    with pytest.raises(CheckpointError, match="bytearray"):
+        load_checkpoint(bomb)
+    with pytest.raises(InputError, match="bytearray"):  # the perceptual loss reports user input as InputError
+        load_vgg16_state_dict(bomb)

@@ -59,7 +59,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a training checkpoint safely (tensors and plain containers only)."""
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    from MedDiffusionLib.checkpoints.torch_file import safe_torch_load
+
+    # The project's own reader: torch's weights_only allow-list still lets a pickle allocate (bytearray(n)).
+    return safe_torch_load(path)
 
 
 class CheckpointManager:

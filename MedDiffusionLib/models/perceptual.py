@@ -69,7 +69,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    from ..checkpoints.torch_file import safe_torch_load  # no code, no allocation bombs (not torch.load)
+
+    obj = safe_torch_load(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -87,10 +87,9 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
     model.yaml entries (e.g. the HU range of generated CT). The folder is assembled
     beside ``dest`` under a temporary name and renamed into place, so a killed conversion leaves no half model.
     """
-    import yaml
-
     from ..checkpoints.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, load_bundle
     from ..io.atomic import atomic_write_text
+    from ..safe_yaml import dump_yaml
 
     dest = Path(dest).expanduser().absolute()
     if dest.exists():
@@ -122,7 +121,7 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
         if source is not None:
             record = {**source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             atomic_write_text(tmp / SOURCE_FILE, json.dumps(record, indent=2, sort_keys=True))
-        atomic_write_text(tmp / MANIFEST, yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None))
+        atomic_write_text(tmp / MANIFEST, dump_yaml(manifest))
         if on_stage:
             on_stage("check")
         load_bundle(tmp)  # the whole bundle loads (networks agree, anatomies known) before it is published

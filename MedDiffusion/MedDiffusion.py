@@ -6,7 +6,6 @@ MedDiffusionLogic package next to this file, tested headlessly against slicer-co
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import tempfile
@@ -39,11 +38,11 @@ from slicer.util import VTKObservationMixin  # noqa: E402
 from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
 from MedDiffusionLogic.backends import AnatomyChoice  # noqa: E402
 from MedDiffusionLogic.logic import MedDiffusionLogic, suggest_anatomy  # noqa: E402
-from MedDiffusionLogic.model_downloads import DownloadFlow, ModelChoice, launcher, model_choices  # noqa: E402
 from MedDiffusionLogic.parameters import (  # noqa: E402
     DEVICES, MASKS, MODALITIES, SAMPLERS, TASK_MODALITY, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
-    format_size)
+    format_size, methods_for_task)
 from MedDiffusionLogic.tokens import ServerTrust, TokenStore  # noqa: E402
+from MedDiffusionWidgets.model_chooser import CUSTOM_MODEL, ModelChooser  # noqa: E402
 
 try:
     from slicer.i18n import tr as _
@@ -53,9 +52,6 @@ except ImportError:  # Slicer < 5.4
 
 # The timer drives jobs: each tick is one short step (a status request, or ~0.1 s of transfer).
 POLL_INTERVAL_MS = 100
-DOWNLOAD_POLL_MS = 250          # a model download reports through a file; four reads a second are plenty
-CUSTOM_MODEL = ""               # the model list's last entry: the folder or files below it
-LAST_MODEL_SETTING = "MedDiffusion/lastModel"   # the model chosen last, for new scenes
 
 
 class MedDiffusion(ScriptedLoadableModule):
@@ -91,9 +87,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._tokens: TokenStore | None = None
         self._trust: ServerTrust | None = None
-        self._modelChoices: list[ModelChoice] = []
-        self._download: DownloadFlow | None = None
-        self._downloadTimer = None
+        self._models: ModelChooser | None = None
 
     # ------------------------------------------------------------------ setup and lifetime
 
@@ -111,9 +105,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onPoll)
-        self._downloadTimer = qt.QTimer()
-        self._downloadTimer.setInterval(DOWNLOAD_POLL_MS)
-        self._downloadTimer.connect("timeout()", self._onDownloadPoll)
+        self._models = ModelChooser(self.ui, lambda: self._parameterNode,
+                                    lambda: self._updateEnabledState(self._parameterNode.read()),
+                                    self._onDownloadFinished)
         # The local server stops with Slicer (its child also exits by itself when Slicer's end of its stdin pipe
         # closes, e.g. after a crash).
         slicer.app.connect("aboutToQuit()", self.logic.stop_server)
@@ -128,7 +122,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       ui.simulateRadioButton, ui.degradedRadioButton, ui.dataConsistencyCheckBox):
             radio.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         for combo in (ui.deviceComboBox, ui.samplerComboBox, ui.maskComboBox, ui.sizeComboBox,
-                      ui.reconAnatomyComboBox):
+                      ui.reconAnatomyComboBox, ui.methodComboBox):
             combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         ui.taskComboBox.connect("currentIndexChanged(int)", self.onTaskChanged)
         ui.modalityComboBox.connect("currentIndexChanged(int)", self.onModalityChanged)
@@ -140,7 +134,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for path in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
             path.connect("currentPathChanged(QString)", self.onModelChanged)
         ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChoiceChanged)
-        ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        ui.downloadModelButton.connect("clicked(bool)", self._models.on_download)
         ui.remoteRadioButton.connect("toggled(bool)", self.onModelChanged)
         ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         ui.tokenLineEdit.connect("editingFinished()", self.onTokenEdited)
@@ -151,18 +145,17 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.stopServerButton.connect("clicked(bool)", self.onStopServer)
         ui.showServerLogButton.connect("clicked(bool)", self.onShowServerLog)
 
-        self._fillModelChoices()
+        self._models.fill()
         self.initializeParameterNode()
-        self._applyRememberedModel()
+        self._models.apply_remembered()
         self._refreshModelLists(quiet=True)
 
     def cleanup(self) -> None:
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
-        if self._download is not None:
-            self._downloadTimer.stop()
-            self._download.cancel()
+        if self._models is not None:
+            self._models.stop()
         if self.logic is not None:
             self.logic.stop_server()
 
@@ -231,7 +224,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.deviceComboBox.currentIndex = DEVICES.index(p.device)
             ui.serverUrlLineEdit.text = p.server_url
             ui.tokenLineEdit.text = self._tokens.get(p.server_url) if self._tokens else ""
-            self._selectModelChoice(p)
+            self._models.select(p)
             ui.bundlePathLineEdit.currentPath = p.bundle_dir
             ui.autoencoderPathLineEdit.currentPath = p.autoencoder_path
             ui.denoiserPathLineEdit.currentPath = p.denoiser_path
@@ -245,6 +238,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.huRangeLineEdit.text = p.ct_hu_range
             ui.inputVolumeSelector.setCurrentNode(self._parameterNode.input_volume)
             ui.taskComboBox.currentIndex = TASKS.index(p.task)
+            self._fillMethods(p)
             self._fillReconAnatomies(p)
             ui.viewsSpinBox.value = p.views
             ui.accelerationSpinBox.value = p.acceleration
@@ -264,17 +258,14 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         custom = not p.use_demo_model and not p.model_name
         for widget in (ui.bundlePathLineEdit, ui.autoencoderPathLineEdit, ui.denoiserPathLineEdit):
             widget.enabled = not remote and custom
-        ui.modelComboBox.enabled = not remote and self._download is None
-        choice = self._currentModelChoice()
-        ui.downloadModelButton.enabled = self._download is not None or (
-            not remote and choice is not None and choice.downloadable)
-        ui.modelInfoLabel.text = (_("The remote server uses its own model.") if remote else
-                                  choice.info if choice is not None else "")
+        self._models.update_state(remote)
         ui.seedSpinBox.enabled = not p.random_seed
         ui.huRangeLineEdit.enabled = p.modality == "CT"
         sparse_ct = p.task == "sparse-ct"
         ui.viewsSpinBox.enabled = sparse_ct
         ui.accelerationSpinBox.enabled = ui.maskComboBox.enabled = not sparse_ct
+        # Only the diffusion method uses the model: the prior's anatomy and the data-consistency switch.
+        ui.reconAnatomyComboBox.enabled = ui.dataConsistencyCheckBox.enabled = p.method == "diffusion"
         running = self.logic is not None and self.logic.is_running
         ui.generateButton.enabled = not running or self._runningButton is ui.generateButton
         ui.loadModelButton.enabled = not running
@@ -299,12 +290,14 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         sizeData = ui.sizeComboBox.itemData(ui.sizeComboBox.currentIndex)
         reconAnatomy = ui.reconAnatomyComboBox.itemData(ui.reconAnatomyComboBox.currentIndex)
+        method = ui.methodComboBox.itemData(ui.methodComboBox.currentIndex)
+        models = self._models.name()
         changes = dict(
             backend="remote" if ui.remoteRadioButton.checked else "local",
             device=DEVICES[max(ui.deviceComboBox.currentIndex, 0)],
             server_url=ui.serverUrlLineEdit.text.strip(),
-            use_demo_model=self._modelChoiceName() == "demo",
-            model_name="" if self._modelChoiceName() in ("demo", CUSTOM_MODEL) else self._modelChoiceName(),
+            use_demo_model=models == "demo",
+            model_name="" if models in ("demo", CUSTOM_MODEL) else models,
             bundle_dir=ui.bundlePathLineEdit.currentPath,
             autoencoder_path=ui.autoencoderPathLineEdit.currentPath,
             denoiser_path=ui.denoiserPathLineEdit.currentPath,
@@ -316,6 +309,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ct_hu_range=ui.huRangeLineEdit.text.strip(),
             task=TASKS[max(ui.taskComboBox.currentIndex, 0)],
             recon_anatomy=str(reconAnatomy) if reconAnatomy else "",
+            method=str(method) if method else self._parameterNode.read().method,
             views=int(ui.viewsSpinBox.value), acceleration=int(ui.accelerationSpinBox.value),
             mask=MASKS[max(ui.maskComboBox.currentIndex, 0)],
             simulate=ui.simulateRadioButton.checked, data_consistency=ui.dataConsistencyCheckBox.checked)
@@ -375,115 +369,15 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateParameterNodeFromGUI()
         self._refreshModelLists(quiet=True)
 
-    # ------------------------------------------------------------------ model list and downloads
-
-    def _fillModelChoices(self) -> None:
-        """The registry's models (library: one list for the CLI, the server and this panel), then 'Custom'."""
-        try:
-            self._modelChoices = model_choices()
-        except Exception as exc:  # an unreadable registry file: say so, keep the panel usable
-            self._modelChoices = []
-            self.ui.statusLabel.text = _("Model list unavailable: {reason}").format(reason=exc)
-        combo = self.ui.modelComboBox
-        was = combo.blockSignals(True)
-        combo.clear()
-        for choice in self._modelChoices:
-            combo.addItem(choice.label, choice.name)
-        combo.addItem(_("Custom: the folder or files below"), CUSTOM_MODEL)
-        combo.blockSignals(was)
-
-    def _modelChoiceName(self) -> str:
-        combo = self.ui.modelComboBox
-        data = combo.itemData(combo.currentIndex) if combo.currentIndex >= 0 else "demo"
-        return str(data) if data is not None else CUSTOM_MODEL
-
-    def _currentModelChoice(self) -> ModelChoice | None:
-        name = self._modelChoiceName()
-        return next((c for c in self._modelChoices if c.name == name), None)
-
-    def _selectModelChoice(self, p: MedDiffusionParameters) -> None:
-        name = "demo" if p.use_demo_model else (p.model_name or CUSTOM_MODEL)
-        combo = self.ui.modelComboBox
-        index = combo.findData(name)
-        if index < 0:  # a name saved in a scene that this computer does not know: show it, marked
-            combo.insertItem(combo.count - 1, _("{name} (not on this computer)").format(name=name), name)
-            index = combo.findData(name)
-        was = combo.blockSignals(True)
-        combo.currentIndex = index
-        combo.blockSignals(was)
-
-    def _applyRememberedModel(self) -> None:
-        """A new scene starts with the model chosen last (if it is still here); a saved scene keeps its own."""
-        remembered = str(qt.QSettings().value(LAST_MODEL_SETTING, "") or "")
-        p = self._parameterNode.read() if self._parameterNode is not None else None
-        fresh = p is not None and p.use_demo_model and not p.model_name
-        if fresh and remembered and remembered != "demo" and any(
-                c.name == remembered and c.available for c in self._modelChoices):
-            self._parameterNode.update(use_demo_model=False, model_name=remembered)
+    # ------------------------------------------------------------------ model list and downloads (model_chooser.py)
 
     def onModelChoiceChanged(self, index: int) -> None:
         if self._updatingGUI:
             return
-        name = self._modelChoiceName()
-        if name != CUSTOM_MODEL:
-            qt.QSettings().setValue(LAST_MODEL_SETTING, name)
+        self._models.remember()
         self.onModelChanged()
 
-    def onDownloadModel(self) -> None:
-        if self._download is not None:  # the button cancels a running download
-            self._download.cancel()
-            self._finishDownload(_("Download cancelled."))
-            return
-        choice = self._currentModelChoice()
-        if choice is None or not choice.downloadable:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the download."), waitCursor=True):
-            dependencies.ensure_dependencies("local")  # huggingface_hub and the converter's packages
-            self._download = DownloadFlow(choice.name, launcher())
-            self.ui.downloadModelButton.text = _("Cancel download")
-            self.ui.downloadProgressBar.visible = True
-            self.ui.downloadProgressBar.setRange(0, 0)
-            self._updateEnabledState(self._parameterNode.read())
-            self._downloadTimer.start()
-
-    def _onDownloadPoll(self) -> None:
-        flow = self._download
-        if flow is None:
-            self._downloadTimer.stop()
-            return
-        event = flow.step()
-        bar = self.ui.downloadProgressBar
-        if event.kind == "working":
-            if event.fraction is None:
-                bar.setRange(0, 0)
-            else:
-                bar.setRange(0, 1000)
-                bar.setValue(int(event.fraction * 1000))
-            self.ui.modelInfoLabel.text = event.text
-        elif event.kind == "confirm":
-            self._downloadTimer.stop()  # no ticks while the question is open
-            flow.consent(slicer.util.confirmOkCancelDisplay(event.text, windowTitle=_("Download a model")))
-            if flow.active:
-                self._downloadTimer.start()
-            else:
-                self._finishDownload(_("Nothing was downloaded."))
-        elif event.kind == "done":
-            self._finishDownload(event.text, select=flow.name)
-        elif event.kind == "error":
-            self._finishDownload(_("Download failed."))
-            slicer.util.errorDisplay(event.text, windowTitle=_("MedDiffusion"))
-        else:
-            self._finishDownload(event.text)
-
-    def _finishDownload(self, text: str, select: str = "") -> None:
-        self._downloadTimer.stop()
-        self._download = None
-        self.ui.downloadModelButton.text = _("Download")
-        self.ui.downloadProgressBar.visible = False
-        self._fillModelChoices()
-        if select and self._parameterNode is not None:
-            qt.QSettings().setValue(LAST_MODEL_SETTING, select)
-            self._parameterNode.update(use_demo_model=False, model_name=select)
+    def _onDownloadFinished(self, text: str) -> None:
         self.updateGUIFromParameterNode()
         self._refreshModelLists(quiet=True)
         self.ui.statusLabel.text = text
@@ -542,6 +436,15 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for size in sizes:
             combo.addItem(size, size)
         combo.currentIndex = sizes.index(p.size) + 1 if p.size in sizes else 0
+
+    def _fillMethods(self, p: MedDiffusionParameters) -> None:
+        """The library's methods that apply to the task (options.METHODS, in its order)."""
+        combo = self.ui.methodComboBox
+        combo.clear()
+        methods = methods_for_task(p.task)
+        for method in methods:
+            combo.addItem(method, method)
+        combo.currentIndex = methods.index(p.method) if p.method in methods else 0
 
     def _fillReconAnatomies(self, p: MedDiffusionParameters) -> None:
         combo = self.ui.reconAnatomyComboBox

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from MedDiffusionLib.options import (DEFAULT_SAMPLER, MASKS, SAMPLERS, SCHEDULE_LENGTH, TASKS, GenerateOptions,
-                                     ReconstructOptions, default_steps)
+from MedDiffusionLib.options import (DEFAULT_METHOD, DEFAULT_SAMPLER, MASKS, METHOD_TASKS, METHODS, SAMPLERS,
+                                     SCHEDULE_LENGTH, TASKS, GenerateOptions, ReconstructOptions, default_steps)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,11 @@ def test_slicer_parameters_come_from_the_options(panel) -> None:
     assert (fields["steps"].metadata["min"], fields["steps"].metadata["max"]) == (1, SCHEDULE_LENGTH)
     assert fields["task"].metadata["choices"] == tuple(TASKS) and panel.TASK_MODALITY == TASKS
     assert fields["mask"].metadata["choices"] == MASKS
+    assert fields["method"].metadata["choices"] == METHODS and defaults.method == DEFAULT_METHOD == ReconstructOptions.method
+    for task in TASKS:  # the panel lists the methods the library accepts for the task, in the library's order
+        assert panel.methods_for_task(task) == tuple(m for m in METHODS if task in METHOD_TASKS[m])
+        for method in panel.methods_for_task(task):
+            ReconstructOptions(task=task, method=method).validate()
     r = ReconstructOptions
     assert (defaults.task, defaults.views, defaults.acceleration, defaults.mask, defaults.simulate,
             defaults.data_consistency) == (r.task, r.views, r.acceleration, r.mask, r.simulate, r.data_consistency)
@@ -127,6 +132,8 @@ def test_slicer_widgets_match_the_parameters(panel) -> None:
     for name in ("sampler", "task", "mask"):
         items = widgets[f"{name}ComboBox"].findall("item")
         assert len(items) == len(fields[name].metadata["choices"]), name
+    # The method list depends on the task: the widget fills it from the library (no second list in the .ui).
+    assert widgets["methodComboBox"].findall("item") == []
 
 
 @pytest.mark.parametrize("argv, options", [

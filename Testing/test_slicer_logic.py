@@ -92,6 +92,18 @@ def test_parameter_node_validates_and_tolerates_bad_stored_values(scene):
     with pytest.raises(ValueError, match="unknown"):
         wrapper.update(token="secret")  # the token is never stored in the scene
     assert wrapper.update(size="64x48x32").size_xyz == (64, 48, 32)
+    with pytest.raises(ValueError, match="method"):
+        wrapper.update(method="euler")
+    with pytest.raises(ValueError, match="does not apply"):
+        wrapper.update(task="sparse-ct", method="zero-filled")
+    # A new task keeps the method when it applies there, else takes the default one.
+    assert wrapper.update(task="sparse-ct", method="tv").method == "tv"
+    assert wrapper.update(task="mri").method == "tv"
+    assert wrapper.update(task="sparse-ct", method="fbp").method == "fbp"
+    assert wrapper.update(task="mri").method == "diffusion"
+    wrapper.update(task="sparse-ct", method="fbp")
+    wrapper.node.SetParameter("task", "mri")  # a hand-edited scene: fbp does not apply to MRI
+    assert (wrapper.read().task, wrapper.read().method) == ("mri", "diffusion")
     wrapper.node.SetParameter("steps", "many")  # e.g. a hand-edited or older scene
     wrapper.node.SetParameter("views", "-3")
     wrapper.node.SetParameter("simulate", "maybe")
@@ -328,6 +340,37 @@ def test_remote_reconstruct_against_real_server(scene, remote_server):
             assert np.allclose(getattr(out, f"Get{name}")(), getattr(image, f"Get{name}")(), atol=1e-5), name
     assert recon.GetAttribute("MedDiffusion.anatomy") == "ct-legs"
     assert remote_server.client().status(recon.GetAttribute("MedDiffusion.job"))["params"]["anatomy"] == "ct-legs"
+
+
+def test_method_reaches_both_backends_and_changes_the_result(scene, remote_server, local_backend, tiny_bundle):
+    """The panel's method goes into the server's request (remote and local backends) and decides the result."""
+    image = selfchecks.make_test_image((16, 16, 16), dtype=np.float32)
+    source = mrml_volumes.image_to_volume_node(image, scene, "input CT")
+    common = dict(task="sparse-ct", views=8, sampler="ddim", steps=2, seed=3, input_volume_id=source.GetID(),
+                  recon_anatomy="ct-legs")
+    runs = [(MedDiffusionLogic(scene), _remote_params(remote_server, **common), TOKEN, remote_server.client())]
+    local = MedDiffusionLogic(scene, local_backend)
+    runs.append((local, _local_params(tiny_bundle, **common), "", None))
+    arrays = {}
+    for logic, params, token, client in runs:
+        methods = ("fbp", "sart", "tv", "diffusion") if client is not None else ("sart",)
+        for method in methods:
+            logic.start_reconstruct(params.replace(method=method), token)
+            state = _poll_until_finished(logic, 300)[-1]
+            assert state.state == "done", (method, state.message)
+            recon = logic.finish()[0]
+            job = recon.GetAttribute("MedDiffusion.job")
+            status = (client or logic.local.client()).status(job)
+            assert status["params"]["method"] == method and status["info"]["method"] == method
+            assert recon.GetAttribute("MedDiffusion.method") == method
+            if method != "diffusion":
+                assert recon.GetName().startswith(f"MedDiffusion sparse-CT 8 views {method} recon")
+            arrays[(client is None, method)] = slicer.util.arrayFromVolume(recon).copy()
+    remote = {m: a for (is_local, m), a in arrays.items() if not is_local}
+    for a, b in ((a, b) for a in remote for b in remote if a < b):
+        assert np.abs(remote[a] - remote[b]).max() > 1e-3, f"{a} and {b} gave the same volume"
+    # The local server ran the same method on the same input: the same result.
+    assert np.allclose(arrays[(True, "sart")], remote["sart"], atol=1e-4)
 
 
 def test_remote_errors_are_clear_failed_states(scene, remote_server, caplog):

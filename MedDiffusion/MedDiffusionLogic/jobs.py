@@ -242,6 +242,8 @@ class PanelJob:
         provenance = {"backend": self.backend.name, "job": self.job_id,
                       "sampler": str(info.get("sampler") or self.params.sampler),
                       "steps": str(info.get("steps") or self.request.get("steps") or "")}
+        if self.kind == "reconstruct":
+            provenance["method"] = str(info.get("method") or self.request.get("method") or "")
         if self.backend.name == "remote":
             provenance["server"] = self.backend.url
         if self.request.get("hu_range"):

@@ -47,14 +47,16 @@ def generation_node_name(outcome: Outcome) -> str:
 
 def reconstruction_node_names(params: MedDiffusionParameters, outcome: Optional[Outcome] = None) -> tuple[str, str]:
     """(reconstruction, degraded input) names, e.g. 'MedDiffusion sparse-CT 30 views head-neck seed 3 ddim recon'
-    / 'MedDiffusion sparse-CT 30 views FBP'."""
+    / 'MedDiffusion sparse-CT 30 views FBP'; a model-free method names itself ('... 30 views sart recon')."""
     if params.task == "sparse-ct":
         base = f"MedDiffusion sparse-CT {params.views} views"
         degraded = f"{base} FBP"
     else:
         base = f"MedDiffusion MRI {params.acceleration}x {params.mask}"
         degraded = f"{base} zero-filled"
-    if outcome is not None:
+    if outcome is not None and params.method != "diffusion":
+        base += f" {params.method}"  # model-free: no anatomy, seed or sampler took part
+    elif outcome is not None:
         modality = TASK_MODALITY[params.task]
         sampler = outcome.info.get("sampler", "")
         base += f" {_short_anatomy(outcome.anatomy, modality)} seed {outcome.seed}{f' {sampler}' if sampler else ''}"
@@ -175,10 +177,10 @@ class MedDiffusionLogic:
         request = {"task": params.task, "anatomy": params.recon_anatomy or None, "views": params.views,
                    "acceleration": params.acceleration, "mask": params.mask, "simulate": params.simulate,
                    "sampler": params.sampler, "steps": params.steps, "seed": seed,
-                   "data_consistency": params.data_consistency}
+                   "data_consistency": params.data_consistency, "method": params.method}
 
         def complete(job: PanelJob, summary: ModelSummary) -> None:
-            if not job.request["anatomy"]:
+            if not job.request["anatomy"] and params.method == "diffusion":  # only the prior has an anatomy
                 job.request["anatomy"] = suggest_anatomy(name, made_with, params.task, summary.anatomies) or None
 
         self._job = PanelJob("reconstruct", params, self.backend(params, token), request, volume=volume,

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from MedDiffusionLib.options import (DEFAULT_SAMPLER, MASKS, SAMPLERS, SEED_MAX, GenerateOptions,
-                                     ReconstructOptions, default_steps, format_size, parse_size)
+from MedDiffusionLib.options import (DEFAULT_SAMPLER, MASKS, METHOD_TASKS, METHODS, SAMPLERS, SEED_MAX,
+                                     GenerateOptions, ReconstructOptions, default_steps, format_size, parse_size)
 from MedDiffusionLib.options import TASKS as _TASKS
 
 __all__ = [
@@ -24,6 +24,9 @@ __all__ = [
     "SAMPLERS",
     "TASKS",
     "MASKS",
+    "METHODS",
+    "methods_for_task",
+    "method_for_task",
     "MedDiffusionParameters",
     "MedDiffusionParameterNode",
     "parse_size",
@@ -87,11 +90,15 @@ class MedDiffusionParameters:
     views: int = field(default=ReconstructOptions.views, metadata=_meta(None, *_VIEWS_RANGE))
     acceleration: int = field(default=int(ReconstructOptions.acceleration), metadata=_meta(None, *_ACCELERATION_RANGE))
     mask: str = field(default=ReconstructOptions.mask, metadata=_meta(MASKS))
+    method: str = field(default=ReconstructOptions.method, metadata=_meta(METHODS))
     simulate: bool = ReconstructOptions.simulate
     data_consistency: bool = ReconstructOptions.data_consistency
 
     def replace(self, **changes: Any) -> "MedDiffusionParameters":
-        """A validated copy with `changes` applied."""
+        """A validated copy with `changes` applied. A new task keeps the method when it applies to that task,
+        else takes the default method (the panel's method list changes with the task)."""
+        if "task" in changes and "method" not in changes:
+            changes["method"] = method_for_task(self.method, changes["task"])
         return dataclasses.replace(self, **changes).validated()
 
     def validated(self) -> "MedDiffusionParameters":
@@ -101,11 +108,24 @@ class MedDiffusionParameters:
         if self.size:
             parse_size(self.size)
         parse_hu_setting(self.ct_hu_range)
+        if self.method not in methods_for_task(self.task):
+            raise ValueError(f"method {self.method} does not apply to task {self.task}; choose one of "
+                             f"{', '.join(methods_for_task(self.task))}")
         return self
 
     @property
     def size_xyz(self) -> tuple[int, int, int] | None:
         return parse_size(self.size) if self.size else None
+
+
+def methods_for_task(task: str) -> tuple[str, ...]:
+    """The reconstruction methods that apply to `task`, in the library's order (fbp is CT-only, ...)."""
+    return tuple(m for m in METHODS if task in METHOD_TASKS[m])
+
+
+def method_for_task(method: str, task: str) -> str:
+    """`method` if it applies to `task`, else the library's default method (which applies to every task)."""
+    return method if method in methods_for_task(task) else ReconstructOptions.method
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MedDiffusionParameters)}
@@ -216,6 +236,8 @@ class MedDiffusionParameterNode:
                 _log.warning("MedDiffusion parameter %s=%r ignored (%s); using the default", name, text, exc)
                 continue
             values[name] = value
+        if "method" in values:  # e.g. fbp stored with task mri by a hand-edited scene: the default method
+            values["method"] = method_for_task(values["method"], values.get("task", _DEFAULTS.task))
         params = MedDiffusionParameters(**values)
         for name, check in (("size", parse_size), ("ct_hu_range", parse_hu_setting)):
             if getattr(params, name):

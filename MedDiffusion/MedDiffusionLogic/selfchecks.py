@@ -120,7 +120,7 @@ def non_default_parameters(input_volume_id: str = "") -> MedDiffusionParameters:
         use_demo_model=False, bundle_dir="models/my bundle", autoencoder_path="ckpt/ae.safetensors",
         denoiser_path="ckpt/denoiser.safetensors", modality="MR", anatomy="mr-t1-brain", size="96x96x64",
         sampler="dpmpp", steps=25, seed=17, random_seed=False, input_volume_id=input_volume_id, task="mri",
-        views=60, acceleration=4, mask="poisson", simulate=False, data_consistency=False)
+        views=60, acceleration=4, mask="poisson", method="tv", simulate=False, data_consistency=False)
 
 
 def _reload(scene: Any) -> Any:

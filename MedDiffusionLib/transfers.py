@@ -272,6 +272,41 @@ class _Transfer:
                 pass
             self.conn = None
 
+    def step(self, budget_s: float = 0.1) -> bool:
+        """Move bytes for at most ``budget_s`` without waiting for the network; True once the transfer is
+        complete. Network failures raise the client's ServerUnreachable, HTTP errors its error for the status."""
+        if self.done:
+            return True
+        deadline = time.monotonic() + budget_s
+        try:
+            if self.conn is None:
+                self.conn = _connect(self.base_url, self.timeout)
+                self._send_request(self.conn)
+            if not self._advance(deadline):
+                return False
+            self.close()
+            self._finish()
+        except MedDiffusionError:
+            self.close()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise self._unreachable(exc) from None
+        self.done = True
+        return True
+
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
+        """Send the request line and headers on the new connection."""
+        raise NotImplementedError
+
+    def _advance(self, deadline: float) -> bool:
+        """Move bytes until ``deadline``; True when everything has been moved."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Turn what arrived into the result (the connection is closed)."""
+        raise NotImplementedError
+
     def _response(self, path: str) -> Optional[http.client.HTTPResponse]:
         """The response once its first bytes are here (never waits for them); raises for HTTP errors."""
         assert self.conn is not None and self.conn.sock is not None
@@ -305,6 +340,7 @@ class UploadTransfer(_Transfer):
         self._body = body
         self._pending = memoryview(b"")
         self._body_done = False
+        self._answer = b""
         self.result: Any = None
 
     def _next_piece(self) -> bool:
@@ -321,57 +357,47 @@ class UploadTransfer(_Transfer):
         self._pending = piece
         return True
 
-    def step(self, budget_s: float = 0.1) -> bool:
-        if self.done:
-            return True
-        deadline = time.monotonic() + budget_s
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
+        conn.putrequest("POST", self.path, skip_accept_encoding=True)
+        for key, value in self.headers.items():
+            conn.putheader(key, value)
+        if self.length is None:
+            conn.putheader("Transfer-Encoding", "chunked")
+        else:
+            conn.putheader("Content-Length", str(self.length))
+        conn.endheaders()
+        assert conn.sock is not None
+        conn.sock.setblocking(False)
+
+    def _advance(self, deadline: float) -> bool:
+        assert self.conn is not None and self.conn.sock is not None
+        sock = self.conn.sock
+        while time.monotonic() < deadline and not (self._body_done and not len(self._pending)):
+            if not len(self._pending) and not self._next_piece():
+                break
+            try:
+                sent = sock.send(self._pending[:PIECE])
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                if not _writable(sock):
+                    self._check_stall()
+                    return False
+                continue
+            self._pending = self._pending[sent:]
+            self._moved(sent)
+        if not (self._body_done and not len(self._pending)):
+            self._check_stall()
+            return False
+        resp = self._response(self.path)
+        if resp is None:
+            return False
+        self._answer = resp.read()
+        return True
+
+    def _finish(self) -> None:
         try:
-            if self.conn is None:
-                self.conn = _connect(self.base_url, self.timeout)
-                self.conn.putrequest("POST", self.path, skip_accept_encoding=True)
-                for key, value in self.headers.items():
-                    self.conn.putheader(key, value)
-                if self.length is None:
-                    self.conn.putheader("Transfer-Encoding", "chunked")
-                else:
-                    self.conn.putheader("Content-Length", str(self.length))
-                self.conn.endheaders()
-                assert self.conn.sock is not None
-                self.conn.sock.setblocking(False)
-            sock = self.conn.sock
-            assert sock is not None
-            while time.monotonic() < deadline and not (self._body_done and not len(self._pending)):
-                if not len(self._pending) and not self._next_piece():
-                    break
-                try:
-                    sent = sock.send(self._pending[:PIECE])
-                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    if not _writable(sock):
-                        self._check_stall()
-                        return False
-                    continue
-                self._pending = self._pending[sent:]
-                self._moved(sent)
-            if not (self._body_done and not len(self._pending)):
-                self._check_stall()
-                return False
-            resp = self._response(self.path)
-            if resp is None:
-                return False
-            data = resp.read()
-            self.close()
-        except MedDiffusionError:
-            self.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise self._unreachable(exc) from None
-        try:
-            self.result = json.loads(data.decode("utf-8")) if data else None
+            self.result = json.loads(self._answer.decode("utf-8")) if self._answer else None
         except ValueError:
             raise TransferError("the server's answer to the upload is not JSON") from None
-        self.done = True
-        return True
 
 
 def _writable(sock: socket.socket) -> bool:
@@ -391,48 +417,35 @@ class DownloadTransfer(_Transfer):
         self._left: Optional[int] = None
         self.volume: Optional[VolumeArray] = None
 
-    def step(self, budget_s: float = 0.1) -> bool:
-        if self.done:
-            return True
-        deadline = time.monotonic() + budget_s
-        try:
-            if self.conn is None:
-                self.conn = _connect(self.base_url, self.timeout)
-                self.conn.request("GET", self.path, headers=self.headers)
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
+        conn.request("GET", self.path, headers=self.headers)
+
+    def _advance(self, deadline: float) -> bool:
+        if self._resp is None:
+            self._resp = self._response(self.path)
             if self._resp is None:
-                self._resp = self._response(self.path)
-                if self._resp is None:
-                    return False
-                self._left = self._resp.length  # None: chunked coding, read with (bounded) blocking reads
-                if self._left is not None:
-                    self.sock.setblocking(False)
-            while time.monotonic() < deadline:
-                if self._left is None:
-                    data = self._resp.read(PIECE)  # blocking, bounded by the socket timeout
-                    if not data:
-                        break
-                else:
-                    if self._left == 0:
-                        break
-                    # Non-blocking socket: read1 returns what is buffered or readable now, b"" when nothing is.
-                    data = self._resp.fp.read1(min(PIECE, self._left)) or b""
-                    if not data:
-                        self._check_stall()
-                        return False
-                    self._left -= len(data)
-                self._moved(len(data))
-                self.decoder.feed(data)
-            finished = (self._left == 0) if self._left is not None else self._resp.isclosed() or \
-                self.decoder.complete
-            if not finished:
                 return False
-            self.close()
-            self.volume = self.decoder.finish()
-        except MedDiffusionError:
-            self.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise self._unreachable(exc) from None
-        self.done = True
-        return True
+            self._left = self._resp.length  # None: chunked coding, read with (bounded) blocking reads
+            if self._left is not None:
+                assert self.sock is not None
+                self.sock.setblocking(False)
+        while time.monotonic() < deadline:
+            if self._left is None:
+                data = self._resp.read(PIECE)  # blocking, bounded by the socket timeout
+                if not data:
+                    break
+            else:
+                if self._left == 0:
+                    break
+                # Non-blocking socket: read1 returns what is buffered or readable now, b"" when nothing is.
+                data = self._resp.fp.read1(min(PIECE, self._left)) or b""
+                if not data:
+                    self._check_stall()
+                    return False
+                self._left -= len(data)
+            self._moved(len(data))
+            self.decoder.feed(data)
+        return (self._left == 0) if self._left is not None else self._resp.isclosed() or self.decoder.complete
+
+    def _finish(self) -> None:
+        self.volume = self.decoder.finish()

@@ -12,7 +12,8 @@ from _training_helpers import single_thread, write_latents, write_manifest, writ
 from MedDiffusionLib.data.datasets import LatentDataset, VolumeDataset, load_manifest
 from MedDiffusionLib.errors import InputError
 from Training.config import apply_overrides, load_config
-from Training.trainer import DistEnv, ResumableSampler, StatefulLoader
+from MedDiffusionLib.pipelines.distributed import WorldInfo
+from Training.trainer import ResumableSampler, StatefulLoader
 
 
 @pytest.fixture()
@@ -133,13 +134,13 @@ def test_sampler_shards_resumes_and_repeats() -> None:
 def test_stateful_loader_continues_exactly(tmp_path: Path) -> None:
     latents = write_latents(tmp_path / "lat", n=5)
     ds = LatentDataset(latents)
-    full = StatefulLoader(ds, 2, DistEnv(), seed=1)
+    full = StatefulLoader(ds, 2, WorldInfo(), seed=1)
     it = iter(full)
     ref = [next(it)["index"].tolist() for _ in range(5)]  # crosses an epoch (2 batches per epoch)
-    part = StatefulLoader(ds, 2, DistEnv(), seed=1)
+    part = StatefulLoader(ds, 2, WorldInfo(), seed=1)
     it = iter(part)
     first = [next(it)["index"].tolist() for _ in range(3)]
-    resumed = StatefulLoader(ds, 2, DistEnv(), seed=1)
+    resumed = StatefulLoader(ds, 2, WorldInfo(), seed=1)
     resumed.load_state_dict(part.state_dict())
     it = iter(resumed)
     rest = [next(it)["index"].tolist() for _ in range(2)]

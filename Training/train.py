@@ -10,6 +10,7 @@ Subcommands are the modules of ``Training/stages`` (see its ``__init__``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("meddiffusion.train")
-    from Training.trainer import claim_run_folder, init_distributed, teardown_distributed
+    from MedDiffusionLib.pipelines.distributed import init_world
+    from Training.trainer import claim_run_folder
 
     env = None
     try:
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(int(cfg["threads"]))
-        env = init_distributed(str(cfg.get("device", "auto")))
+        # torch's own 30 min for a collective: a training rank that waits longer than that is stuck
+        env = init_world(str(cfg.get("device", "auto")), timeout=datetime.timedelta(minutes=30))
         result = module.run(cfg, env=env, resume=bool(args.resume))
         if env.is_main:
             print(json.dumps(result, indent=1, default=str))
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if env is not None:
-            teardown_distributed()
+            env.barrier()
+            env.close()
 
 
 if __name__ == "__main__":

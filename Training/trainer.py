@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.io.atomic import atomic_write_text
-from MedDiffusionLib.pipelines.common import resolve_device
+from MedDiffusionLib.pipelines.distributed import WorldInfo
 from Training.checkpointing import (CHECKPOINT_FORMAT, CheckpointManager, load_checkpoint, rng_state,  # noqa: F401
                                   seed_all, set_rng_state)
 
@@ -38,58 +37,14 @@ DUMP_ENV = "MEDDIFFUSION_TRAIN_DUMP"  # tests: every rank writes hashes of its f
 # --------------------------------------------------------------------------- distributed
 
 
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Set up from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPU, gloo on CPU); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    # The library's device rule ('auto' = CUDA when present; an unavailable CUDA request is a one-line error).
-    use_cuda = resolve_device(device).type == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistEnv(rank, world, local, dev)
-
-
-def teardown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-def sync_buffers(module: nn.Module, env: DistEnv) -> None:
+def sync_buffers(module: nn.Module, env: WorldInfo) -> None:
     """Copy rank 0's buffers (codebook, BatchNorm stats) to every rank so saved states agree."""
     if env.distributed:
         for b in module.buffers():
             dist.broadcast(b.data, src=0)
 
 
-def wrap_ddp(module: nn.Module, env: DistEnv, find_unused: bool = False) -> nn.Module:
+def wrap_ddp(module: nn.Module, env: WorldInfo, find_unused: bool = False) -> nn.Module:
     if not env.distributed or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -188,7 +143,7 @@ class ResumableSampler(DistributedSampler):
 class StatefulLoader:
     """An endless stream of batches that remembers (epoch, samples consumed) for exact resumption."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, env: DistEnv, seed: int = 0, num_workers: int = 0,
+    def __init__(self, dataset: Dataset, batch_size: int, env: WorldInfo, seed: int = 0, num_workers: int = 0,
                  shuffle: bool = True, collate_fn: Callable | None = None) -> None:
         self.dataset, self.batch_size, self.env = dataset, int(batch_size), env
         self.sampler = ResumableSampler(dataset, env.world_size, env.rank, seed, shuffle, min_per_rank=batch_size)
@@ -301,7 +256,7 @@ StepFn = Callable[[Any, int], dict[str, Any]]  # scalars: floats or 0-d tensors
 class Trainer:
     """Owns the step counter, precision, gradient scaling/clipping, EMA updates, checkpoints and logs."""
 
-    def __init__(self, cfg: dict[str, Any], stage: str, env: DistEnv, out_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, cfg: dict[str, Any], stage: str, env: WorldInfo, out_dir: str | os.PathLike[str]) -> None:
         t = cfg.get("train", {})
         self.cfg, self.stage, self.env, self.out_dir = cfg, stage, env, Path(out_dir)
         self.seed = int(cfg.get("seed", 0))
@@ -396,7 +351,7 @@ class Trainer:
             sync_buffers(m, self.env)
         state = self.state()  # collective (RNG gather): every rank calls it
         path = self.ckpt.save(state, self.step) if self.env.is_main else None
-        barrier(self.env)
+        self.env.barrier()
         if path is not None:
             log.info("saved checkpoint %s", path)
         for hook in self.checkpoint_hooks:
@@ -502,7 +457,7 @@ class Trainer:
 
             saved = {k: v for k, v in self.cfg.items() if k != "overwrite"}  # never re-arm it from a copy
             atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-        barrier(self.env)
+        self.env.barrier()
         self._claimed = True
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from .local_server import LocalServer, ServerSpec
 from .parameters import MedDiffusionParameters
+
+if TYPE_CHECKING:  # the library is imported lazily: the panel starts before its dependencies are installed
+    from MedDiffusionLib.catalog import Catalog
 
 __all__ = ["Outcome", "AnatomyChoice", "ModelSummary", "LocalBackend", "RemoteBackend", "anatomy_choices",
            "model_args", "user_message"]
@@ -56,14 +59,12 @@ class ModelSummary:
         return next((a for a in self.anatomies if a.name.lower() == (name or "").lower()), None)
 
 
-def anatomy_choices(catalog: Any, downsample: int = 8) -> tuple[AnatomyChoice, ...]:
+def anatomy_choices(catalog: Catalog, downsample: int = 8) -> tuple[AnatomyChoice, ...]:
     """Catalog -> AnatomyChoice list (sizes from `anatomy.volume_sizes_xyz(downsample)`)."""
     choices = []
     for anatomy in catalog:
         sizes = tuple(tuple(int(v) for v in s) for s in anatomy.volume_sizes_xyz(downsample))
-        spacing = getattr(anatomy, "spacing_xyz", None)
-        choices.append(AnatomyChoice(anatomy.name, anatomy.modality, sizes,
-                                     tuple(float(v) for v in spacing) if spacing else None))
+        choices.append(AnatomyChoice(anatomy.name, anatomy.modality, sizes, anatomy.spacing_xyz))
     return tuple(choices)
 
 
@@ -150,6 +151,10 @@ class LocalBackend:
     @property
     def status(self) -> str:
         return self.server.message
+
+    @property
+    def token(self) -> str:
+        return self.server.token
 
     def client(self, timeout: float = 2.0) -> Any:
         return self.server.client(timeout)

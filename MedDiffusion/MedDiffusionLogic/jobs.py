@@ -137,8 +137,7 @@ class PanelJob:
         except ImportError:  # pragma: no cover
             Cancelled = MedDiffusionError = ()  # type: ignore[assignment,misc]
         try:
-            with reworded_errors(getattr(self.backend, "url", ""), self.job_id,
-                                 bool(getattr(self.backend, "token", True))):
+            with reworded_errors(self.backend.url, self.job_id, bool(self.backend.token)):
                 self._advance()
         except Cancelled:
             self._end(CANCELLED)
@@ -155,7 +154,7 @@ class PanelJob:
             if self._cancel_at is not None:
                 return self._end(CANCELLED)
             if not self.backend.prepare(self.params):
-                self._set(stage=getattr(self.backend, "status", "") or "starting the job server")
+                self._set(stage=self.backend.status or "starting the job server")
                 return
             self._client = self.backend.client()
             if self._complete is not None:

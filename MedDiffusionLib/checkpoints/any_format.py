@@ -8,46 +8,57 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from ..errors import CheckpointError
 from .native import is_safetensors_file, load_network, save_network
+from ..models.autoencoder import PatchVolumeAutoencoder
+from ..models.biflownet import BiFlowNet
+from ..models.controlnet import ControlNet
 from .official import load_official, load_official_autoencoder, load_official_biflownet
 
 __all__ = ["load_any_autoencoder", "load_any_denoiser", "load_any_controlnet", "convert_official"]
 
 
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
 def _load_any(path: str | os.PathLike[str], kind: str, map_location: Any,
-              overrides: Mapping[str, Any] | None) -> nn.Module:
+              overrides: Mapping[str, Any] | None, cls: type[_Net]) -> _Net:
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{kind} file not found: '{p}'")
+    model: nn.Module
     if is_safetensors_file(p) or p.suffix.lower() == ".safetensors":  # by name too: clearer error if corrupt
-        return load_network(p, map_location, expected_kind=kind)[0]
-    if kind == "autoencoder":
-        return load_official_autoencoder(p, map_location, overrides=overrides)
-    if kind == "biflownet":
-        return load_official_biflownet(p, map_location, overrides=overrides)
-    raise CheckpointError(f"'{p}': a {kind} must be in the MedDiffusion safetensors format")
+        model = load_network(p, map_location, expected_kind=kind)[0]
+    elif kind == "autoencoder":
+        model = load_official_autoencoder(p, map_location, overrides=overrides)
+    elif kind == "biflownet":
+        model = load_official_biflownet(p, map_location, overrides=overrides)
+    else:
+        raise CheckpointError(f"'{p}': a {kind} must be in the MedDiffusion safetensors format")
+    if not isinstance(model, cls):  # the file's kind was checked; this keeps the type honest for the callers
+        raise CheckpointError(f"'{p}' holds a {type(model).__name__}, not a {cls.__name__}")
+    return model
 
 
 def load_any_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu",
-                         overrides: Mapping[str, Any] | None = None) -> nn.Module:
+                         overrides: Mapping[str, Any] | None = None) -> PatchVolumeAutoencoder:
     """An autoencoder from our safetensors file or the authors' Lightning checkpoint."""
-    return _load_any(path, "autoencoder", map_location, overrides)
+    return _load_any(path, "autoencoder", map_location, overrides, PatchVolumeAutoencoder)
 
 
 def load_any_denoiser(path: str | os.PathLike[str], map_location: Any = "cpu",
-                      overrides: Mapping[str, Any] | None = None) -> nn.Module:
+                      overrides: Mapping[str, Any] | None = None) -> BiFlowNet:
     """A BiFlowNet from our safetensors file or the authors' checkpoint (EMA weights)."""
-    return _load_any(path, "biflownet", map_location, overrides)
+    return _load_any(path, "biflownet", map_location, overrides, BiFlowNet)
 
 
-def load_any_controlnet(path: str | os.PathLike[str], map_location: Any = "cpu") -> nn.Module:
+def load_any_controlnet(path: str | os.PathLike[str], map_location: Any = "cpu") -> ControlNet:
     """A ControlNet (only our safetensors format exists for these)."""
-    return _load_any(path, "controlnet", map_location, None)
+    return _load_any(path, "controlnet", map_location, None, ControlNet)
 
 
 def convert_official(path: str | os.PathLike[str], out_path: str | os.PathLike[str],

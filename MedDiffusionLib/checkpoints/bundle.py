@@ -18,10 +18,7 @@ the authors' files do not record (e.g. ``resnet_groups``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,10 @@ from torch import nn
 from ..bundle_summary import DEMO_ENV, MANIFEST, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
 from ..errors import CheckpointError, InputError
+from ..io.atomic import atomic_folder, atomic_write_text
+from ..models.autoencoder import PatchVolumeAutoencoder
+from ..models.biflownet import BiFlowNet
+from ..models.controlnet import ControlNet
 from ..safe_yaml import dump_yaml, read_yaml_file
 from .any_format import load_any_autoencoder, load_any_controlnet, load_any_denoiser
 from .native import save_network
@@ -53,13 +54,13 @@ def _default_diffusion() -> dict[str, Any]:
 class ModelBundle:
     """Everything a pipeline needs: networks (eval mode), the anatomy catalog, latent scaling."""
 
-    autoencoder: nn.Module
-    denoiser: nn.Module
+    autoencoder: PatchVolumeAutoencoder
+    denoiser: BiFlowNet
     catalog: Catalog
     latent_range: tuple[float, float]
     downsample: int = 8
     encode_patch_size: int = 64
-    controlnets: dict[str, nn.Module] = field(default_factory=dict)
+    controlnets: dict[str, ControlNet] = field(default_factory=dict)
     name: str = "model"
     source: Path | None = None
     diffusion: dict[str, Any] = field(default_factory=_default_diffusion)
@@ -84,7 +85,7 @@ class ModelBundle:
             net.to(device)
         return self
 
-    def controlnet(self, task: str) -> nn.Module:
+    def controlnet(self, task: str) -> ControlNet:
         """The ControlNet for ``task``; InputError naming the available tasks otherwise."""
         if task not in self.controlnets:
             have = ", ".join(sorted(self.controlnets)) or "none"
@@ -198,8 +199,7 @@ def _patch_size(value: Any, downsample: int, manifest: Path) -> int:
 
 def _check_compatible(bundle: ModelBundle, where: str) -> None:
     """Fail at load time, with the file named, rather than with a shape error in the first sampling step."""
-    ae_cfg = getattr(bundle.autoencoder, "config", {})
-    dn_cfg = getattr(bundle.denoiser, "config", {})
+    ae_cfg, dn_cfg = bundle.autoencoder.config, bundle.denoiser.config
     e, c = ae_cfg.get("embedding_dim"), dn_cfg.get("channels")
     if e is not None and c is not None and int(e) != int(c):
         raise CheckpointError(f"{where}: the denoiser works on {c}-channel latents but the autoencoder makes {e}")
@@ -221,14 +221,14 @@ def load_bundle(path: str | os.PathLike[str] | None = None, map_location: Any = 
                               overrides=data.get("autoencoder_options"))
     dn = load_any_denoiser(_resolve_file(folder, data["denoiser"], "denoiser", manifest), map_location,
                            overrides=data.get("denoiser_options"))
-    controlnets: dict[str, nn.Module] = {}
+    controlnets: dict[str, ControlNet] = {}
     cn_files = data.get("controlnets") or {}
     if not isinstance(cn_files, Mapping):
         raise CheckpointError(f"'{manifest}': controlnets must map a task name to a file")
     for task, fname in cn_files.items():
         controlnets[str(task)] = load_any_controlnet(_resolve_file(folder, str(fname), f"{task} ControlNet",
                                                                    manifest), map_location)
-    downsample = int(ae.config["downsample"])  # type: ignore[index]
+    downsample = int(ae.config["downsample"])
     try:
         if data.get("anatomies") is not None:
             catalog = Catalog.from_dict(data["anatomies"])
@@ -253,13 +253,13 @@ def bundle_from_official(autoencoder_path: str | os.PathLike[str], denoiser_path
     """A bundle from the authors' released files (either format also accepts our safetensors files)."""
     ae = load_any_autoencoder(autoencoder_path, map_location, overrides=autoencoder_overrides)
     dn = load_any_denoiser(denoiser_path, map_location, overrides=denoiser_overrides)
-    downsample = int(ae.config["downsample"])  # type: ignore[index]
+    downsample = int(ae.config["downsample"])
     if catalog is None:
         try:
             catalog = official_catalog(downsample)
         except InputError as exc:
             raise CheckpointError(f"no official anatomy table for a {downsample}x autoencoder; pass a catalog") from exc
-    lo, hi = ae.codebook_range()  # type: ignore[operator]
+    lo, hi = ae.codebook_range()
     bundle = ModelBundle(autoencoder=ae, denoiser=dn, catalog=catalog, latent_range=(float(lo), float(hi)),
                          downsample=downsample, encode_patch_size=encode_patch_size, name=name)
     _check_compatible(bundle, f"'{autoencoder_path}' + '{denoiser_path}'")
@@ -306,8 +306,6 @@ def _write_files(bundle: ModelBundle, folder: Path) -> None:
         "encode_patch_size": int(bundle.encode_patch_size), "diffusion": dict(bundle.diffusion),
         "anatomies": bundle.catalog.to_dict(),
     })
-    from ..io.atomic import atomic_write_text
-
     # model.yaml last: a reader that finds it also finds every file it names.
     atomic_write_text(folder / MANIFEST, dump_yaml(manifest))
 
@@ -327,19 +325,12 @@ def save_bundle(bundle_or_parts: ModelBundle | Mapping[str, Any], folder: str | 
     if dest.is_dir():
         _write_files(bundle, dest)
         return dest
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_folder(dest) as tmp:
         _write_files(bundle, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
     return dest
 
 
-def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controlnet: nn.Module) -> Path:
+def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controlnet: ControlNet) -> Path:
     """Save ``controlnet`` as ``controlnet-<task>.safetensors`` in an existing bundle and list it in model.yaml.
 
     Other entries of model.yaml are kept as they are; the network file is written first and model.yaml last
@@ -350,7 +341,7 @@ def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controln
     task = str(task).strip()
     if not task or any(c in task for c in "/\\:") or task.startswith("."):
         raise InputError(f"invalid ControlNet task name {task!r}")
-    cfg = getattr(controlnet, "config", {}) or {}
+    cfg = controlnet.config
     dn_file = _resolve_file(manifest.parent, data["denoiser"], "denoiser", manifest)
     try:  # only our own files record the config; the authors' denoisers are checked when the bundle loads
         from .native import is_safetensors_file, read_network_metadata
@@ -370,7 +361,5 @@ def add_controlnet_to_bundle(folder: str | os.PathLike[str], task: str, controln
     nets = dict(data.get("controlnets") or {})
     nets[task] = fname
     data["controlnets"] = dict(sorted(nets.items()))
-    from ..io.atomic import atomic_write_text
-
     atomic_write_text(manifest, dump_yaml(data))
     return path

@@ -184,6 +184,10 @@ class VolumeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def spacing_of(self, idx: int) -> tuple[float, ...] | None:
+        """(X, Y, Z) spacing every item is resampled to (None: each file keeps its own)."""
+        return self.spacing
+
     def load(self, idx: int) -> np.ndarray:
         """The preprocessed whole volume (Z, X, Y) in [-1, 1], padded to ``pad_multiple`` (no randomness)."""
         if idx in self._cache:

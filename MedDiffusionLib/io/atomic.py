@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import struct
 import time
 import zipfile
@@ -22,8 +23,8 @@ from typing import Optional
 
 from ..errors import InputError
 
-__all__ = ["atomic_write_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "full_suffix",
-           "sweep_stale_temporaries", "WriteVerificationError"]
+__all__ = ["atomic_write_path", "atomic_write_bytes", "atomic_write_text", "atomic_folder", "check_writable",
+           "full_suffix", "sweep_stale_temporaries", "WriteVerificationError"]
 
 # Multi-part suffixes that writers dispatch on as a whole (".gz" alone would lose the ".nii").
 _DOUBLE_SUFFIXES = (".nii.gz", ".tar.gz", ".json.gz", ".nrrd.gz")
@@ -196,3 +197,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically; returns the final path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path`` (which must not exist yet); on success it is renamed to
+    ``path`` (all or nothing: a reader never sees a half-filled folder), on error it is deleted with its content.
+    A killed process leaves only a hidden ``.<name>.<hex>.tmp`` folder, never a half model at ``path``."""
+    dest = Path(path).expanduser().absolute()
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        raise

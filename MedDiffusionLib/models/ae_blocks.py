@@ -38,18 +38,17 @@ class ResBlock(nn.Module):
         self.norm2 = group_norm(out_ch, num_groups)
         self.conv2 = conv3(out_ch, out_ch)
         # Only created when needed: the official checkpoints have `resConv` keys only where channels change.
-        if in_ch != out_ch:
-            self.resConv = nn.Conv3d(in_ch, out_ch, kernel_size=1)
+        self.resConv = nn.Conv3d(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else None
 
     @property
     def skip(self) -> Optional[nn.Module]:
         """The 1x1x1 convolution on the residual path, or None for the identity."""
-        return getattr(self, "resConv", None)
+        return self.resConv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.resConv(x) if hasattr(self, "resConv") else x
+        skip = self.resConv(x) if self.resConv is not None else x
         return skip + h
 
 

@@ -10,6 +10,7 @@ import torch
 from ..diffusion import GaussianDiffusion, make_sampler
 from ..errors import InputError
 from ..options import GenerateOptions, default_steps
+from ..checkpoints.bundle import ModelBundle
 from .progress import CancelFlag, ProgressCallback, ProgressTracker
 
 
@@ -117,7 +118,7 @@ def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class BundlePipeline:
     """What every pipeline holds: the bundle's networks on one device, the diffusion schedule, the decode budget."""
 
-    def __init__(self, bundle, device: str | torch.device | None = "auto",
+    def __init__(self, bundle: ModelBundle, device: str | torch.device | None = "auto",
                  decode_budget_gb: Optional[float] = None) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)

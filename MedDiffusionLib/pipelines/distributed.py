@@ -1,8 +1,7 @@
 """Where this process stands in a torchrun job: rank, world size, its device, and the few collectives batch
-generation needs (a barrier, rank 0's value for everyone). A plain `python` run is a world of one.
+generation and training need (a barrier, rank 0's value for everyone). A plain `python` run is a world of one.
 
-The same rules as Training's DDP setup (one GPU per rank from LOCAL_RANK, NCCL on GPU, gloo on CPU); the library
-keeps its own copy because it must not import Training/.
+One GPU per rank from LOCAL_RANK, NCCL on GPU, gloo on CPU. Training/ uses this too (its DDP setup is this one).
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
+from .common import resolve_device
 
 # Ranks wait for each other only at the start and at the end of a run; the end waits for the slowest shard, which
 # may be a long volume behind. torch's default (30 min) would abort a healthy run.
@@ -22,10 +22,12 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
 @dataclass
 class WorldInfo:
+    """This process's place in the job; a default one is a single CPU process."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: str = "auto"
+    device: torch.device = torch.device("cpu")
     owns_group: bool = False  # we created the process group, so we destroy it
 
     @property
@@ -64,23 +66,24 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def init_world(device: Optional[str] = "auto") -> WorldInfo:
-    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (if any) and pick this rank's device:
-    'auto' and 'cuda' mean cuda:LOCAL_RANK under torchrun; an explicit 'cuda:N' or 'cpu' is kept."""
+def init_world(device: Optional[str] = "auto", timeout: datetime.timedelta = BARRIER_TIMEOUT) -> WorldInfo:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (if any) and pick this rank's device
+    (`resolve_device`'s rule): 'auto' and 'cuda' mean cuda:LOCAL_RANK under torchrun; an explicit 'cuda:N' or
+    'cpu' is kept. ``timeout``: how long a collective may wait for the slowest rank."""
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", 0)
     name = str(device or "auto").lower()
-    use_cuda = torch.cuda.is_available() if name == "auto" else name.startswith("cuda")
-    if use_cuda and name in ("auto", "cuda"):
-        if world > 1 and local >= torch.cuda.device_count():
+    dev = resolve_device(name)  # an unavailable CUDA request is a one-line error here
+    if dev.type == "cuda" and name in ("auto", "cuda") and world > 1:
+        if local >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): start at "
                              "most one process per GPU (torchrun --nproc_per_node)")
-        name = f"cuda:{local}" if world > 1 else name
-    info = WorldInfo(rank, world, local, name)
+        dev = torch.device("cuda", local)
+    info = WorldInfo(rank, world, local, dev)
     if world > 1 and not torch.distributed.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(torch.device(name if ":" in name else "cuda:0"))
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=BARRIER_TIMEOUT)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev if dev.index is not None else torch.device("cuda", 0))
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
         info.owns_group = True
     return info

@@ -29,8 +29,10 @@ import SimpleITK as sitk
 import torch
 
 from ..catalog import Anatomy
+from ..checkpoints.bundle import ModelBundle
 from ..diffusion import make_sampler
 from ..errors import CheckpointError, InputError
+from ..models.controlnet import ControlNet
 from ..physics.operators import MASKS, TASKS
 from ..physics.solvers import cg_regularised, tv_pdhg
 from . import recon_settings as rules
@@ -178,7 +180,7 @@ def _tv(problem: NativeProblem, tv_weight: Optional[float]) -> float:
 class ReconstructionPipeline(BundlePipeline):
     """All methods; ``diffusion`` uses the bundle's ControlNets (``bundle.controlnets``) as the prior."""
 
-    def __init__(self, bundle, device: str | torch.device | None = "auto",
+    def __init__(self, bundle: ModelBundle, device: str | torch.device | None = "auto",
                  decode_budget_gb: Optional[float] = None) -> None:
         super().__init__(bundle, device, decode_budget_gb)
         self.controlnets = {task: net.to(self.device).eval() for task, net in bundle.controlnets.items()}
@@ -190,21 +192,21 @@ class ReconstructionPipeline(BundlePipeline):
     def tasks(self) -> list[str]:
         return sorted(self.controlnets)
 
-    def _check_controlnet(self, task: str, net: torch.nn.Module) -> None:
-        cfg = getattr(net, "config", {})
+    def _check_controlnet(self, task: str, net: ControlNet) -> None:
+        cfg = net.config
         if int(cfg.get("image_downsample", self.bundle.downsample)) != int(self.bundle.downsample):
             raise CheckpointError(f"the '{task}' ControlNet expects a {cfg.get('image_downsample')}x autoencoder, "
                                   f"the model's downsamples {self.bundle.downsample}x")
-        mine, theirs = cfg.get("denoiser_config") or {}, getattr(self.denoiser, "config", {})
+        mine, theirs = cfg.get("denoiser_config") or {}, self.denoiser.config
         diff = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
         if diff:
             raise CheckpointError(f"the '{task}' ControlNet was trained for another denoiser "
                                   f"(differs in {', '.join(diff)})")
 
-    def _controlnet(self, task: str) -> torch.nn.Module:
+    def _controlnet(self, task: str) -> ControlNet:
         if task not in self.controlnets:
             have = ", ".join(self.tasks) or "none"
-            raise InputError(f"model '{getattr(self.bundle, 'name', 'model')}' has no ControlNet for task '{task}' "
+            raise InputError(f"model '{self.bundle.name}' has no ControlNet for task '{task}' "
                              f"(available: {have})")
         return self.controlnets[task]
 

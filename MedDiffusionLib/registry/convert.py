@@ -10,20 +10,21 @@ of the weights) that peaks near 1.25x the file size; see benchmarks/bench_conver
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from ..errors import CheckpointError, InputError
+
+if TYPE_CHECKING:  # torch is imported only when a conversion runs
+    from ..models.autoencoder import PatchVolumeAutoencoder
+    from ..models.biflownet import BiFlowNet
 
 __all__ = ["ExpectedConfig", "convert_to_bundle", "SOURCE_FILE"]
 
@@ -38,14 +39,14 @@ class ExpectedConfig:
     denoiser_patch_size: int | None = None  # BiFlowNet patch size (1 for the 8x model, 2 for the 4x model)
 
 
-def _load(path: Path, role: str) -> Any:
+def _load(path: Path, role: str) -> PatchVolumeAutoencoder | BiFlowNet:
     from ..checkpoints.any_format import load_any_autoencoder, load_any_denoiser
 
     return load_any_autoencoder(path) if role == "autoencoder" else load_any_denoiser(path)
 
 
-def _check(model: Any, role: str, expect: ExpectedConfig, label: str) -> None:
-    cfg = getattr(model, "config", {}) or {}
+def _check(model: PatchVolumeAutoencoder | BiFlowNet, role: str, expect: ExpectedConfig, label: str) -> None:
+    cfg = model.config
     if role == "autoencoder" and expect.downsample and int(cfg.get("downsample", 0)) != expect.downsample:
         raise CheckpointError(f"'{label}' holds a {cfg.get('downsample')}x autoencoder, but this model needs a "
                               f"{expect.downsample}x one; name the right file with --autoencoder-file")
@@ -88,7 +89,7 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
     beside ``dest`` under a temporary name and renamed into place, so a killed conversion leaves no half model.
     """
     from ..checkpoints.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, load_bundle
-    from ..io.atomic import atomic_write_text
+    from ..io.atomic import atomic_folder, atomic_write_text
     from ..safe_yaml import dump_yaml
 
     dest = Path(dest).expanduser().absolute()
@@ -96,9 +97,7 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
         raise InputError(f"'{dest}' already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     ae_label, dn_label = labels or (str(autoencoder), str(denoiser))
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_folder(dest) as tmp:
         extra = {"bundle": name}
         if on_stage:
             on_stage("autoencoder")
@@ -125,9 +124,4 @@ def convert_to_bundle(autoencoder: str | os.PathLike[str], denoiser: str | os.Pa
         if on_stage:
             on_stage("check")
         load_bundle(tmp)  # the whole bundle loads (networks agree, anatomies known) before it is published
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
     return dest

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..checkpoints.bundle import ModelBundle
 from ..errors import InputError, MedDiffusionError
 from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps
 from ..pipelines.generate import GenerationPipeline
@@ -40,7 +41,7 @@ log = logging.getLogger("meddiffusion.server")
 @dataclass
 class ServerConfig:
     store_dir: Path
-    bundle: Any = None                   # a loaded ModelBundle; else loaded from model_dir (None = demo model)
+    bundle: Optional[ModelBundle] = None  # a loaded ModelBundle; else loaded from model_dir (None = demo model)
     model_dir: Optional[str] = None
     device: str = "auto"
     devices: Optional[list[str]] = None  # one worker per entry, e.g. ["cuda:0", "cuda:1"]; None: [device]
@@ -187,15 +188,14 @@ class Services:
         return rec
 
 
-def _declared_hu_range(bundle: Any) -> Optional[tuple[float, float]]:
+def _declared_hu_range(bundle: ModelBundle) -> Optional[tuple[float, float]]:
     """The HU range the bundle's model.yaml declares for generated CT (the Slicer panel's default)."""
     from ..bundle_summary import OFFICIAL_HU_RANGE, summarize_bundle
 
-    source = getattr(bundle, "source", None)
-    if source is None:
-        return OFFICIAL_HU_RANGE if getattr(bundle, "name", "") == "official" else None
+    if bundle.source is None:
+        return OFFICIAL_HU_RANGE if bundle.name == "official" else None
     try:
-        return summarize_bundle(source).hu_range
+        return summarize_bundle(bundle.source).hu_range
     except MedDiffusionError as exc:
         log.warning("no HU range for the model: %s", exc)
         return None

@@ -21,7 +21,8 @@ from MedDiffusionLib.models.discriminator import PatchDiscriminator3D, feature_m
 from MedDiffusionLib.models.perceptual import TriplanePerceptualLoss, missing_vgg_message
 from Training.stages._common import (build_model, build_volume_dataset, device_batch, export_network,
                                      load_network_any, out_dir, set_requires_grad, training_checkpoint_state)
-from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
+from MedDiffusionLib.pipelines.distributed import WorldInfo
+from Training.trainer import EMA, Trainer, seed_all, wrap_ddp
 
 DESCRIPTION = "train the Patch-Volume autoencoder (--stage 1: patches + GAN; --stage 2: decoder on whole volumes)"
 log = logging.getLogger("meddiffusion.train")
@@ -70,7 +71,7 @@ def _build_autoencoder(cfg: dict[str, Any], stage: int) -> nn.Module:
     init = cfg.get("init_from")
     if init:
         ae = load_network_any(init, "autoencoder", prefer_ema=True)
-        cfg["model"] = dict(getattr(ae, "config", cfg.get("model", {})))  # the file's shape wins
+        cfg["model"] = dict(ae.config)  # the file's shape wins
         log.info("autoencoder initialised from %s", init)
         return ae.train()
     if stage == 2:
@@ -79,8 +80,8 @@ def _build_autoencoder(cfg: dict[str, Any], stage: int) -> nn.Module:
     return build_model("autoencoder", cfg.get("model", {})).train()
 
 
-def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
-    env = env or DistEnv()
+def run(cfg: dict[str, Any], env: WorldInfo | None = None, resume: bool = False) -> dict[str, Any]:
+    env = env or WorldInfo()
     t = cfg.setdefault("train", {})
     stage = int(t.get("stage", 1))
     if stage not in (1, 2):

@@ -28,7 +28,8 @@ from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.options import TASKS
 from Training.stages._common import (build_volume_dataset, device_batch, export_network, load_network_any, out_dir,
                                      set_requires_grad)
-from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
+from MedDiffusionLib.pipelines.distributed import WorldInfo
+from Training.trainer import EMA, Trainer, seed_all, wrap_ddp
 
 __all__ = ["run", "add_arguments", "apply_arguments", "ConditionSimulator", "FrozenParts", "LatentCache",
            "DESCRIPTION"]
@@ -180,11 +181,11 @@ class LatentCache:
         return torch.stack(out)
 
 
-def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
+def run(cfg: dict[str, Any], env: WorldInfo | None = None, resume: bool = False) -> dict[str, Any]:
     from MedDiffusionLib.diffusion import GaussianDiffusion
     from MedDiffusionLib.models.controlnet import ControlNet
 
-    env = env or DistEnv()
+    env = env or WorldInfo()
     task = str(cfg.get("task") or "")
     if task not in TASKS:
         raise InputError(f"set the task: `task: sparse-ct|mri` in the config or --task (got {task or 'none'})")

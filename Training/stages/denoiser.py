@@ -17,7 +17,8 @@ import torch
 from MedDiffusionLib.data.datasets import LatentDataset
 from MedDiffusionLib.errors import InputError
 from Training.stages._common import build_model, device_batch, export_network, load_network_any, out_dir
-from Training.trainer import EMA, DistEnv, Trainer, seed_all, wrap_ddp
+from MedDiffusionLib.pipelines.distributed import WorldInfo
+from Training.trainer import EMA, Trainer, seed_all, wrap_ddp
 
 DESCRIPTION = "train the BiFlowNet denoiser on cached latents (class + resolution conditioning, EMA)"
 log = logging.getLogger("meddiffusion.train")
@@ -100,10 +101,10 @@ class PreviewWriter:
         return path
 
 
-def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
+def run(cfg: dict[str, Any], env: WorldInfo | None = None, resume: bool = False) -> dict[str, Any]:
     from MedDiffusionLib.diffusion import GaussianDiffusion
 
-    env = env or DistEnv()
+    env = env or WorldInfo()
     t = cfg.setdefault("train", {})
     data_cfg = cfg.get("data") or {}
     if not data_cfg.get("latents"):

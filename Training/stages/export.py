@@ -14,7 +14,7 @@ from typing import Any
 from MedDiffusionLib.catalog import OFFICIAL_ANATOMIES, Anatomy, Catalog
 from MedDiffusionLib.errors import InputError
 from Training.stages._common import load_network_any, out_dir
-from Training.trainer import DistEnv
+from MedDiffusionLib.pipelines.distributed import WorldInfo
 
 DESCRIPTION = "write the user/demo model bundle (model.yaml + safetensors) from the trained networks"
 log = logging.getLogger("meddiffusion.train")
@@ -39,11 +39,11 @@ def catalog_from_index(index: dict[str, Any]) -> Catalog:
     return Catalog(anatomies)
 
 
-def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
+def run(cfg: dict[str, Any], env: WorldInfo | None = None, resume: bool = False) -> dict[str, Any]:
     from MedDiffusionLib.checkpoints.bundle import load_bundle, save_bundle
     from MedDiffusionLib.data.datasets import read_latent_index
 
-    env = env or DistEnv()
+    env = env or WorldInfo()
     for key in ("autoencoder", "denoiser"):
         if not cfg.get(key):
             raise InputError(f"the export config needs `{key}:` (a trained network file or training checkpoint)")

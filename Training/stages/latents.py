@@ -19,7 +19,7 @@ import torch
 from MedDiffusionLib.errors import InputError
 from MedDiffusionLib.io.atomic import atomic_write_path, atomic_write_text
 from Training.stages._common import build_volume_dataset, load_network_any, out_dir
-from Training.trainer import DistEnv, barrier
+from MedDiffusionLib.pipelines.distributed import WorldInfo
 
 DESCRIPTION = "encode a dataset into normalised patch-wise latents (cache + index.json) for the denoiser"
 INDEX_FORMAT = "meddiffusion-latents"
@@ -69,8 +69,8 @@ def _read_meta(path: Path) -> dict[str, str] | None:
         return None
 
 
-def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -> dict[str, Any]:
-    env = env or DistEnv()
+def run(cfg: dict[str, Any], env: WorldInfo | None = None, resume: bool = False) -> dict[str, Any]:
+    env = env or WorldInfo()
     if not cfg.get("autoencoder"):
         raise InputError("the latents config needs `autoencoder:` (the trained autoencoder.safetensors)")
     fmt = str(cfg.get("format", "safetensors"))
@@ -104,14 +104,14 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
             z = ae.encode(x, patch)[0].float().cpu()
         z = (z - lo) / (hi - lo) * 2.0 - 1.0
         outside = float((z.abs() > 1).float().mean())
-        spacing = dataset.spacing_of(i) if hasattr(dataset, "spacing_of") else getattr(dataset, "spacing", None)
+        spacing = dataset.spacing_of(i)
         meta = {"class_index": str(cls), "class_name": name, "source": source, "shape": json.dumps(list(z.shape)),
                 "spacing_xyz": json.dumps(list(spacing) if spacing else None),
                 "volume_shape": json.dumps(list(arr.shape)), "outside_range_fraction": f"{outside:.6f}"}
         _write_latent(path, z, meta, fmt)
         done += 1
         log.info("encoded %s -> %s %s", source, path.name, tuple(z.shape))
-    barrier(env)
+    env.barrier()
     index_path = root / "index.json"
     if env.is_main:
         index = _build_index(folder, ext, cfg, ae, (lo, hi), patch, data_cfg)
@@ -121,7 +121,7 @@ def run(cfg: dict[str, Any], env: DistEnv | None = None, resume: bool = False) -
         atomic_write_text(index_path, json.dumps(index, indent=1))
         log.info("latent index: %s (%d latents, %d new, %d unreadable)", index_path, len(index["items"]), done,
                  skipped)
-    barrier(env)
+    env.barrier()
     return {"index": str(index_path), "written": done, "skipped": skipped}
 
 
@@ -138,7 +138,7 @@ def _build_index(folder: Path, ext: str, cfg: dict[str, Any], ae: Any, crange: t
         classes[meta["class_name"]] = int(meta["class_index"])
     spacing = data_cfg.get("spacing") or (data_cfg.get("phantoms") or {}).get("spacing")
     return {"format": INDEX_FORMAT, "version": 1, "autoencoder": str(cfg["autoencoder"]),
-            "autoencoder_config": dict(getattr(ae, "config", {})), "codebook_range": [crange[0], crange[1]],
-            "encode_patch_size": patch, "downsample": int(getattr(ae, "downsample", 0) or 0),
+            "autoencoder_config": dict(ae.config), "codebook_range": [crange[0], crange[1]],
+            "encode_patch_size": patch, "downsample": int(ae.downsample),
             "spacing_xyz": list(spacing) if spacing else None,
             "classes": dict(sorted(classes.items(), key=lambda kv: kv[1])), "items": items}

@@ -555,7 +555,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runningButton = None
         self._updateEnabledState(self._parameterNode.read() if self._parameterNode else MedDiffusionParameters())
         if state.state == "failed":
-            slicer.util.errorDisplay(state.message, windowTitle=_("MedDiffusion"))
+            slicer.util.errorDisplay(state.error or "", windowTitle=_("MedDiffusion"))
 
 
 class MedDiffusionTest(ScriptedLoadableModuleTest):

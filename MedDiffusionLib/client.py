@@ -2,8 +2,9 @@
 
     client = RemoteClient("http://127.0.0.1:8000", token="...")   # e.g. through `ssh -N -L 8000:127.0.0.1:8000`
     job = client.generate("ct-chest-abdomen", steps=50, seed=1)
-    client.wait(job, progress=lambda s: print(s["stage"], s["progress"]))
+    client.wait(job, progress=lambda s: print(s.describe()))       # s: a progress.JobStatus
     image = client.result(job)                                     # SimpleITK image with the server's geometry
+    result = client.fetch(job)                                     # results.GenerationResult, image included
 
 SimpleITK is imported only by the methods that take or return images. Every failure is a MedDiffusionError
 subclass with a message naming the server and the problem.
@@ -29,6 +30,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from . import __version__
 from .errors import Cancelled, MedDiffusionError
 from .options import GenerateOptions, ReconstructOptions, parse_size
+from .progress import CANCELLED, DONE, FAILED, JobStatus
+from .results import GenerationResult, ReconstructionResult
 
 # Documented defaults are the library's options (the server fills in the same ones for a missing value).
 _G, _R = GenerateOptions, ReconstructOptions
@@ -39,7 +42,6 @@ __all__ = ["RemoteClient", "JobWatcher", "ServerUnreachable", "AuthenticationErr
 TOKEN_ENV = "MEDDIFFUSION_TOKEN"
 CHUNK = 1 << 20
 UPLOAD_SUFFIXES = (".nrrd", ".nii", ".nii.gz")
-TERMINAL = ("done", "failed", "cancelled")
 
 
 class ServerUnreachable(MedDiffusionError):
@@ -93,7 +95,7 @@ class JobWatcher:
     """Polls one job's status, one short request per ``poll()``: the single polling rule of the client, used by
     ``RemoteClient.wait`` (a loop) and by a GUI timer (3D Slicer), which calls ``poll()`` when ``due()``.
 
-    ``poll()`` returns the status, or None after a tolerated network miss (up to ``max_misses`` in a row, with
+    ``poll()`` returns the JobStatus, or None after a tolerated network miss (up to ``max_misses`` in a row, with
     back-off: a tunnel reconnecting); it raises JobFailed / JobCancelled when the job ended that way.
     """
 
@@ -104,12 +106,12 @@ class JobWatcher:
         self.max_misses = max_misses
         self.misses = 0
         self.next_poll_s = 0.0  # time.monotonic() at which the next poll is due
-        self.last: Optional[dict] = None
+        self.last: Optional[JobStatus] = None
 
     def due(self) -> bool:
         return time.monotonic() >= self.next_poll_s
 
-    def poll(self) -> Optional[dict]:
+    def poll(self) -> Optional[JobStatus]:
         try:
             st = self.client.status(self.job_id)
         except ServerUnreachable:
@@ -121,9 +123,9 @@ class JobWatcher:
         self.misses = 0
         self.last = st
         self.next_poll_s = time.monotonic() + self.poll_s
-        if st["state"] == "failed":
-            raise JobFailed(self.job_id, st.get("error") or "no reason given")
-        if st["state"] == "cancelled":
+        if st.state == FAILED:
+            raise JobFailed(self.job_id, st.error or "no reason given")
+        if st.state == CANCELLED:
             raise JobCancelled(self.job_id)
         return st
 
@@ -292,15 +294,15 @@ class RemoteClient:
             raise RemoteError(413, f"the volume is {length / 2**20:.1f} MB to upload, above the server's limit of "
                               f"{limit_mb:g} MB (server option --max-upload-mb)", self.url + "/v1/reconstruct")
 
-    def status(self, job_id: str) -> dict:
-        return self._request("GET", self._job_path(job_id))
+    def status(self, job_id: str) -> JobStatus:
+        return JobStatus.from_json(self._request("GET", self._job_path(job_id)))
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str) -> JobStatus:
         """Ask the server to stop the job (a running job stops at its next step); returns its status."""
-        return self._request("POST", self._job_path(job_id, "/cancel"))
+        return JobStatus.from_json(self._request("POST", self._job_path(job_id, "/cancel")))
 
     def wait(self, job_id: str, poll_s: float = 0.5, timeout: Optional[float] = None,
-             progress: Optional[Callable[[dict], None]] = None) -> dict:
+             progress: Optional[Callable[[JobStatus], None]] = None) -> JobStatus:
         """Poll until the job ends; returns the final status. Raises JobFailed / JobCancelled / WaitTimeout.
         A few network hiccups in a row (a tunnel reconnecting) are tolerated (see JobWatcher)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -310,10 +312,10 @@ class RemoteClient:
             if st is not None:
                 if progress is not None:
                     progress(st)
-                if st["state"] == "done":
+                if st.state == DONE:
                     return st
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(f"job {job_id[:8]} is still {st['state']} after {timeout:g} s")
+                    raise WaitTimeout(f"job {job_id[:8]} is still {st.state} after {timeout:g} s")
             time.sleep(max(watcher.next_poll_s - time.monotonic(), 0.0))
 
     # ---- transfers in slices (for a GUI event loop: see MedDiffusionLib.transfers) ------------------
@@ -371,6 +373,23 @@ class RemoteClient:
     def degraded(self, job_id: str) -> Any:
         """A reconstruction job's degraded input (e.g. the sparse-view FBP), as a SimpleITK image."""
         return self._fetch_image(job_id, "degraded")
+
+    def fetch(self, job_id: str) -> Union[GenerationResult, ReconstructionResult]:
+        """The finished job's result, the same type the pipeline returned, with its volumes (SimpleITK images).
+        RemoteError 409 while the job has not finished; JobFailed / JobCancelled when it ended that way."""
+        st = self.status(job_id)
+        if st.state == FAILED:
+            raise JobFailed(job_id, st.error or "no reason given")
+        if st.state == CANCELLED:
+            raise JobCancelled(job_id)
+        if st.state != DONE:
+            raise RemoteError(409, f"the job is {st.state}; results exist only for finished jobs",
+                              self.url + self._job_path(job_id))
+        result = st.result()
+        result.image = self.result(job_id)
+        if isinstance(result, ReconstructionResult) and "degraded" in st.outputs:
+            result.degraded = self.degraded(job_id)
+        return result
 
     def _fetch_image(self, job_id: str, which: str) -> Any:
         import SimpleITK as sitk

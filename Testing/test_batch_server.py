@@ -70,13 +70,13 @@ def test_server_with_two_cpu_workers_runs_two_jobs_concurrently(tmp_path: Path):
         slow = dict(anatomy="ct-head-neck", sampler="ddpm", steps=1000)  # ~a minute each: cancelled below
         jobs = [client.generate(**slow), client.generate(**slow)]
         third = client.generate("ct-legs", steps=2)
-        _wait(lambda: all(client.status(j)["state"] == "running" and client.status(j)["step"] for j in jobs), 60)
-        assert client.status(third)["queue_position"] == 1  # both workers busy: the third one waits
+        _wait(lambda: all(client.status(j).state == "running" and client.status(j).step for j in jobs), 60)
+        assert client.status(third).queue_position == 1  # both workers busy: the third one waits
         for j in jobs:
             client.cancel(j)
-        _wait(lambda: client.status(third)["state"] == "done", 60)
-        assert client.status(third)["info"]["device"] == "cpu"
-        assert {client.status(j)["state"] for j in jobs} == {"cancelled"}
+        _wait(lambda: client.status(third).state == "done", 60)
+        assert client.status(third).info["device"] == "cpu"
+        assert {client.status(j).state for j in jobs} == {"cancelled"}
     finally:
         srv.stop()
     assert "Traceback" not in srv.log_tail()

@@ -236,7 +236,7 @@ def test_bad_inputs_are_input_errors(pipe):
     bad_spacing.SetSpacing((1.0, 1.0, 1e-6))
     with pytest.raises(InputError, match="spacing"):
         pipe(bad_spacing, task="sparse-ct", **FAST)
-    with pytest.raises(InputError, match="unknown reconstruction task"):
+    with pytest.raises(InputError, match="unknown task 'dehaze'"):
         pipe(scan(), task="dehaze", **FAST)
     with pytest.raises(InputError, match="needs a CT anatomy"):
         pipe(scan(), task="sparse-ct", anatomy="mr-knee", **FAST)

@@ -22,6 +22,8 @@ import SimpleITK as sitk
 from MedDiffusionLib.client import (AuthenticationError, JobCancelled, JobNotFound, QueueFullError, RemoteClient,
                                     RemoteError, ServerUnreachable, _multipart)
 from MedDiffusionLib.errors import InputError
+from MedDiffusionLib.progress import JobStatus, ProgressInfo
+from MedDiffusionLib.results import GenerationResult, ReconstructionResult
 from server_fixture import REPO, InProcessServer, ServerProcess, free_port
 from server_fixture import volume as _volume
 from server_fixture import server_env as _server_env
@@ -57,11 +59,11 @@ def http(url: str, method: str = "GET", token: Optional[str] = TOKEN, body: Opti
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def wait_state(client: RemoteClient, job: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+def wait_state(client: RemoteClient, job: str, states: tuple[str, ...], timeout: float = 60) -> JobStatus:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = client.status(job)
-        if st["state"] in states:
+        if st.state in states:
             return st
         time.sleep(0.1)
     raise AssertionError(f"job {job} did not reach {states}: {st}")
@@ -171,10 +173,10 @@ def test_generate_end_to_end(server, client):
     seen = []
     job = client.generate("ct-chest-abdomen", "32x32x16", sampler="dpmpp", steps=3, seed=7)
     final = client.wait(job, poll_s=0.1, timeout=60, progress=seen.append)
-    assert final["state"] == "done" and final["progress"] == 1.0 and final["outputs"] == ["result"]
-    assert final["info"]["seed"] == 7 and final["info"]["steps"] == 3
-    assert final["started"] and final["finished"] and final["expires"]
-    assert seen and all(0.0 <= s["progress"] <= 1.0 for s in seen)
+    assert final.state == "done" and final.progress == 1.0 and final.outputs == ("result",)
+    assert final.info["seed"] == 7 and final.info["steps"] == 3
+    assert final.started and final.finished and final.expires and final.elapsed_s > 0
+    assert seen and all(0.0 <= s.progress <= 1.0 for s in seen)
     img = client.result(job)
     assert img.GetSize() == (32, 32, 16)
     assert img.GetSpacing() == pytest.approx((1.25, 1.25, 1.25))
@@ -207,7 +209,7 @@ def test_queue_full_then_cancel(server, client):
     running = client.generate(**SLOW)
     wait_state(client, running, ("running",))
     queued = client.generate(**SLOW)
-    assert client.status(queued)["queue_position"] == 1
+    assert client.status(queued).queue_position == 1
     with pytest.raises(QueueFullError) as err:
         client.generate("ct-head-neck", steps=2)
     assert err.value.status == 429
@@ -215,20 +217,20 @@ def test_queue_full_then_cancel(server, client):
                               headers={"Content-Type": "application/json"})
     assert status == 429 and "retry-after" in headers
     assert http(f"{server.url}/v1/jobs/{running}/result")[0] == 409  # not finished yet
-    assert client.cancel(queued)["state"] == "cancelled"  # a queued job ends at once
+    assert client.cancel(queued).state == "cancelled"  # a queued job ends at once
     client.cancel(running)
     st = wait_state(client, running, ("cancelled", "done", "failed"), timeout=30)
-    assert st["state"] == "cancelled" and "cancel" in st["error"]
+    assert st.state == "cancelled" and "cancel" in st.error
     with pytest.raises(JobCancelled):
         client.wait(running, timeout=5)
-    assert client.cancel(running)["state"] == "cancelled"  # idempotent
+    assert client.cancel(running).state == "cancelled"  # idempotent
 
 
 def test_concurrent_status_polls(server, client):
     job = client.generate(**SLOW)
     wait_state(client, job, ("running",))
     deadline = time.monotonic() + 30
-    while (client.status(job)["step"] or 0) < 1 and time.monotonic() < deadline:
+    while (client.status(job).step or 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)  # a first sampler step, so progress is visibly moving
     codes: list[int] = []
     lock = threading.Lock()
@@ -249,24 +251,66 @@ def test_concurrent_status_polls(server, client):
     assert not any(t.is_alive() for t in threads)
     assert codes == [200] * 150 and elapsed < 30
     st = client.status(job)
-    assert st["state"] == "running" and st["total"] == 1000 and 0 < st["progress"] < 0.9
+    assert st.state == "running" and st.total == 1000 and 0 < st.progress < 0.9
     client.cancel(job)
-    assert wait_state(client, job, ("cancelled",), timeout=30)["state"] == "cancelled"
+    assert wait_state(client, job, ("cancelled",), timeout=30).state == "cancelled"
+
+
+def test_progress_and_result_round_trip_through_the_server(model_dir, tmp_path):
+    """What the pipeline emits (a ProgressInfo) and returns (a GenerationResult) is what the client reads back from
+    the real server over HTTP: the same types, equal field by field (floats included), not a re-encoded copy."""
+    srv = InProcessServer(tmp_path / "store", model_dir, TOKEN)
+    try:
+        worker = srv.svc.manager.workers[0]
+        real = worker.runners["generate"]
+        emitted: list[ProgressInfo] = []
+        returned: list = []
+        reached, release = threading.Event(), threading.Event()
+
+        def runner(rec, input_path, progress, cancel):
+            def tee(info: ProgressInfo) -> None:
+                progress(info)
+                if info.stage == "sampling" and info.step == 2 and not emitted:
+                    emitted.append(info)  # hold the pipeline here until the client has seen this exact report
+                    reached.set()
+                    release.wait(30)
+            out = real(rec, input_path, tee, cancel)
+            returned.append(out)
+            return out
+
+        worker.runners["generate"] = runner
+        client = RemoteClient(srv.url, token=TOKEN, timeout=20)
+        job = client.generate("ct-chest-abdomen", "32x32x16", sampler="ddim", steps=4, seed=11)
+        assert reached.wait(60), "the pipeline never reached its second sampling step"
+        st = client.status(job)
+        assert st.state == "running" and st.current == emitted[0]  # eta_s and elapsed_s bit for bit
+        assert isinstance(st.current, ProgressInfo) and st.describe().startswith("sampling: step 2/4")
+        release.set()
+        final = client.wait(job, poll_s=0.05, timeout=60)
+        fetched = client.fetch(job)
+        out = returned[0]
+        assert isinstance(fetched, GenerationResult) and fetched.info() == out.info == final.info
+        assert (fetched.anatomy, fetched.modality, fetched.seed, fetched.sampler, fetched.steps,
+                fetched.size_xyz) == ("ct-chest-abdomen", "CT", 11, "ddim", 4, (32, 32, 16))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(fetched.image),
+                                      sitk.GetArrayFromImage(out.images["result"]))
+        assert final.result() == GenerationResult.from_info(out.info)
+    finally:
+        release.set()
+        srv.stop()
 
 
 # ---- uploads and reconstruction ----------------------------------------------------------------------------
 def _echo_reconstruction(image, task, views, acceleration, mask, simulate, sampler, steps, seed, data_consistency,
                          anatomy=None, method="diffusion", progress=None, cancel=None):
     """Stands in for the reconstruction pipeline: returns the input, so only the HTTP layer is under test."""
-    from types import SimpleNamespace
-
-    from MedDiffusionLib.pipelines.progress import ProgressTracker
+    from MedDiffusionLib.progress import ProgressTracker
 
     tracker = ProgressTracker(3, progress, cancel)
     tracker.begin()
     for _ in range(3):
         tracker.advance()
-    return SimpleNamespace(image=image, degraded=sitk.Cast(image, sitk.sitkFloat32) * 0.5, task=task, seed=seed)
+    return ReconstructionResult(image, sitk.Cast(image, sitk.sitkFloat32) * 0.5, task=task, method=method, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +386,8 @@ def test_reconstruct_through_the_http_layer(stub_server):
     img = volume(spacing=(0.8, 0.8, 2.5))
     job = client.reconstruct(img, task="sparse-ct", views=8, steps=2, seed=3, simulate=False)
     final = client.wait(job, poll_s=0.05, timeout=30)
-    assert final["params"]["views"] == 8 and final["params"]["simulate"] is False
-    assert final["outputs"] == ["result", "degraded"] and final["info"]["seed"] == 3
+    assert final.params["views"] == 8 and final.params["simulate"] is False
+    assert final.outputs == ("result", "degraded") and final.info["seed"] == 3
     out = client.result(job)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(img))
     assert out.GetSpacing() == pytest.approx(img.GetSpacing()) and out.GetOrigin() == pytest.approx(img.GetOrigin())
@@ -366,8 +410,8 @@ def test_reconstruct_end_to_end(server, client):
     img = volume(size=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
     job = client.reconstruct(img, task=task, views=8, acceleration=4, steps=2, seed=3)
     final = client.wait(job, poll_s=0.1, timeout=90)
-    assert final["kind"] == "reconstruct" and final["outputs"] == ["result", "degraded"]
-    assert final["info"]["task"] == task and final["info"]["seed"] == 3 and final["info"]["steps"] == 2
+    assert final.kind == "reconstruct" and final.outputs == ("result", "degraded")
+    assert final.info["task"] == task and final.info["seed"] == 3 and final.info["steps"] == 2
     out = client.result(job)
     assert out.GetSize() == img.GetSize()
     assert out.GetSpacing() == pytest.approx(img.GetSpacing()) and out.GetOrigin() == pytest.approx(img.GetOrigin())
@@ -375,7 +419,7 @@ def test_reconstruct_end_to_end(server, client):
     assert degraded.GetSize() == img.GetSize() and degraded.GetSpacing() == pytest.approx(img.GetSpacing())
     tv = client.wait(client.reconstruct(img, task=task, method="tv", views=8, acceleration=4, seed=3), poll_s=0.1,
                      timeout=90)
-    assert tv["state"] == "done" and tv["info"]["method"] == "tv" and tv["params"]["method"] == "tv"
+    assert tv.state == "done" and tv.info["method"] == "tv" and tv.params["method"] == "tv"
 
 
 # ---- persistence and expiry --------------------------------------------------------------------------------
@@ -399,7 +443,7 @@ def test_restart_keeps_results_and_fails_interrupted_jobs(model_dir, tmp_path):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(c.result(done)), before)
         for job in (interrupted, queued):
             st = c.status(job)
-            assert st["state"] == "failed" and st["error"] == "server restarted while the job was running"
+            assert st.state == "failed" and st.error == "server restarted while the job was running"
     finally:
         second.stop()
     # Same store, tiny TTL: the old results are purged at startup, and new ones a moment after they finish.

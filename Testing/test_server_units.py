@@ -73,7 +73,7 @@ def _wait(predicate, timeout=10.0):
 
 
 def test_job_manager_queue_cancel_and_store(tmp_path):
-    from MedDiffusionLib.pipelines.progress import ProgressTracker
+    from MedDiffusionLib.progress import ProgressTracker
     from MedDiffusionLib.server.jobs import JobManager, QueueFull, RunOutput
     from MedDiffusionLib.server.store import RESTART_REASON, JobStore
 
@@ -95,7 +95,7 @@ def test_job_manager_queue_cancel_and_store(tmp_path):
     mgr.start()
     try:
         slow = mgr.submit("generate", {"slow": True})
-        _wait(lambda: store.get(slow.id).state == "running" and store.get(slow.id).step)
+        _wait(lambda: store.get(slow.id).state == "running" and store.get(slow.id).current.step)
         waiting = mgr.submit("generate", {})
         with pytest.raises(QueueFull):
             mgr.submit("generate", {})

@@ -59,7 +59,7 @@ def _run(logic: MedDiffusionLogic, start, gil_held: bool, timeout_s: float = 120
     began = time.monotonic()
     start()
     state = logic.poll()
-    while not state.finished and time.monotonic() - began < timeout_s:
+    while not state.ended and time.monotonic() - began < timeout_s:
         if gil_held:
             _hold_gil()
         else:
@@ -102,14 +102,14 @@ def test_cancel_takes_effect_within_two_seconds_with_the_gil_held(logic):
     job_id = logic.job.job_id
     began = time.monotonic()
     logic.cancel()
-    while not logic.poll().finished and time.monotonic() - began < 10:
+    while not logic.poll().ended and time.monotonic() - began < 10:
         _hold_gil()
     took = time.monotonic() - began
     assert logic.poll().state == "cancelled" and took < 2.0, f"cancel took {took:.1f} s"
     logic.finish()
     status = logic.local.client().status(job_id)
-    assert status["state"] in ("cancelled", "running") and (status["state"] == "cancelled" or
-                                                            status["stage"] == "cancelling")
+    assert status.state in ("cancelled", "running") and (status.state == "cancelled" or
+                                                         status.stage == "cancelling")
 
 
 def test_transfers_never_block_the_main_thread_long(logic):
@@ -119,7 +119,7 @@ def test_transfers_never_block_the_main_thread_long(logic):
     _run(logic, lambda: logic.start_reconstruct(_params(task="sparse-ct", views=12, steps=2), input_node=source),
          gil_held=False)
     # The budget per step is 0.1 s of transfer; leave room for a loaded CI machine.
-    assert logic.last_outcome is not None
+    assert logic.last_result is not None
     assert logic.longest_finish_s < 0.5
 
 
@@ -133,7 +133,7 @@ def test_a_dead_server_is_replaced_and_the_server_dies_with_its_parent(logic, tm
     server.proc.wait(10)
     logic.start_generate(_params(steps=2))
     state = logic.wait(120)
-    assert state.state == "done", state.message
+    assert state.state == "done", state.error
     logic.finish()
     assert server.pid != old_pid and server.state == "ready"
 

@@ -29,7 +29,7 @@ for _path in (REPO, REPO / "MedDiffusion"):  # the module folder holds the MedDi
 from MedDiffusionLib.errors import Cancelled, InputError, MedDiffusionError  # noqa: E402
 from MedDiffusionLogic import dependencies, mrml_volumes, selfchecks  # noqa: E402
 from MedDiffusionLogic.backends import LocalBackend  # noqa: E402
-from MedDiffusionLogic.jobs import JobState  # noqa: E402
+from MedDiffusionLib.progress import JobStatus  # noqa: E402
 from MedDiffusionLogic.logic import BusyError, MedDiffusionLogic, suggest_anatomy  # noqa: E402
 from MedDiffusionLogic.parameters import (  # noqa: E402
     MedDiffusionParameterNode, MedDiffusionParameters, parse_size)
@@ -173,14 +173,14 @@ def _remote_params(server, **changes) -> MedDiffusionParameters:
     return base.replace(**changes)
 
 
-def _poll_until_finished(logic: MedDiffusionLogic, timeout_s: float = 120) -> list[JobState]:
+def _poll_until_finished(logic: MedDiffusionLogic, timeout_s: float = 120) -> list[JobStatus]:
     """Poll like the panel's QTimer does; returns every snapshot seen (the last one finished)."""
     states = [logic.poll()]
     deadline = time.monotonic() + timeout_s
-    while not states[-1].finished and time.monotonic() < deadline:
+    while not states[-1].ended and time.monotonic() < deadline:
         time.sleep(0.05)
         states.append(logic.poll())
-    assert states[-1].finished, f"no result within {timeout_s} s: {states[-1]}"
+    assert states[-1].ended, f"no result within {timeout_s} s: {states[-1]}"
     return states
 
 
@@ -240,7 +240,7 @@ def test_local_reconstruct_keeps_geometry_and_honours_anatomy(scene, local_backe
                           input_volume_id=source.GetID())
     logic.start_reconstruct(params)
     states = _poll_until_finished(logic, 300)
-    assert states[-1].state == "done", states[-1].message
+    assert states[-1].state == "done", states[-1].error
     assert any(s.stage.startswith("uploading") for s in states) or states[0].stage
     nodes = logic.finish()
     short = anatomy.name.split("-", 1)[1]
@@ -255,7 +255,7 @@ def test_local_reconstruct_keeps_geometry_and_honours_anatomy(scene, local_backe
     assert recon.GetAttribute("MedDiffusion.anatomy") == anatomy.name
     assert recon.GetAttribute("MedDiffusion.input") == source.GetID()
     job = recon.GetAttribute("MedDiffusion.job")
-    assert logic.local.client().status(job)["params"]["anatomy"] == anatomy.name
+    assert logic.local.client().status(job).params["anatomy"] == anatomy.name
 
 
 def test_anatomy_is_suggested_from_the_input_volume():
@@ -275,7 +275,7 @@ def test_local_errors_busy_and_cancel(scene, local_backend, tiny_bundle):
     logic = MedDiffusionLogic(scene, local_backend)
     logic.start_generate(_local_params(tiny_bundle, anatomy="ct-brain"))
     state = _poll_until_finished(logic)[-1]
-    assert state.state == "failed" and "refused the job" in state.message and "ct-brain" in state.message
+    assert state.state == "failed" and "refused the job" in state.error and "ct-brain" in state.error
     assert logic.finish() == [] and logic.poll().state == "idle"
     with pytest.raises(InputError, match="no input volume"):
         logic.start_reconstruct(_local_params(tiny_bundle))
@@ -296,10 +296,10 @@ def test_local_errors_busy_and_cancel(scene, local_backend, tiny_bundle):
     assert logic.finish() == []
     client = logic.local.client()
     deadline = time.monotonic() + 30
-    while (status := client.status(job_id))["state"] not in ("cancelled", "done", "failed") \
+    while (status := client.status(job_id)).state not in ("cancelled", "done", "failed") \
             and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert status["state"] == "cancelled", status
+    assert status.state == "cancelled", status
 
 
 def test_remote_generate_against_real_server(scene, remote_server):
@@ -311,7 +311,7 @@ def test_remote_generate_against_real_server(scene, remote_server):
     assert logic.model_summary(params, TOKEN).hu_range == TINY_HU  # the server reports the model's range
     assert logic.start_generate(params, TOKEN) == 17
     states = _poll_until_finished(logic)
-    assert states[-1].state == "done", states[-1].message
+    assert states[-1].state == "done", states[-1].error
     node = logic.finish(scene)[0]
     assert node.GetName() == "MedDiffusion CT chest-abdomen seed 17 dpmpp"
     arr = slicer.util.arrayFromVolume(node)  # CT in HU by default: the model's declared range
@@ -332,14 +332,14 @@ def test_remote_reconstruct_against_real_server(scene, remote_server):
                             input_volume_id=source.GetID(), recon_anatomy="ct-legs")
     logic.start_reconstruct(params, TOKEN)
     state = _poll_until_finished(logic)[-1]
-    assert state.state == "done", state.message
+    assert state.state == "done", state.error
     recon, degraded = logic.finish()
     for node in (recon, degraded):
         out = mrml_volumes.volume_node_to_image(node)
         for name in ("Size", "Spacing", "Origin", "Direction"):
             assert np.allclose(getattr(out, f"Get{name}")(), getattr(image, f"Get{name}")(), atol=1e-5), name
     assert recon.GetAttribute("MedDiffusion.anatomy") == "ct-legs"
-    assert remote_server.client().status(recon.GetAttribute("MedDiffusion.job"))["params"]["anatomy"] == "ct-legs"
+    assert remote_server.client().status(recon.GetAttribute("MedDiffusion.job")).params["anatomy"] == "ct-legs"
 
 
 def test_method_reaches_both_backends_and_changes_the_result(scene, remote_server, local_backend, tiny_bundle):
@@ -387,8 +387,8 @@ def test_remote_errors_are_clear_failed_states(scene, remote_server, caplog):
         for case_params, token, message in cases:
             logic.start_generate(case_params.replace(ct_hu_range="off"), token)
             state = logic.wait(30)
-            assert state.state == "failed" and re.search(message, state.message), state.message
-            assert state.describe().startswith("Failed: ") and "Traceback" not in state.message
+            assert state.state == "failed" and re.search(message, state.error), state.error
+            assert state.describe().startswith("Failed: ") and "Traceback" not in state.error
             assert logic.finish() == [] and logic.poll().state == "idle"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a traceback was logged"
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before

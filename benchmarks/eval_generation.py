@@ -23,7 +23,7 @@ from MedDiffusionLib.io.preview import mid_slice_montage, write_png
 from MedDiffusionLib.metrics.distribution import frechet_distance, mmd, simple_volume_features
 from MedDiffusionLib.metrics.features import AutoencoderFeatures
 from MedDiffusionLib.models.biflownet import BiFlowNet
-from MedDiffusionLib.pipelines.common import denormalize_latent, sample_latent
+from MedDiffusionLib.pipelines.common import denormalize_latent, sample_latents
 from MedDiffusionLib.pipelines.decode import decode_latent
 
 HELD_OUT_SEED = 10_000  # training phantoms use seeds below this
@@ -50,8 +50,9 @@ def samples(bundle, denoiser, sampler: str, steps: int, per_class: int, seed: in
     for latent, group in by_size.items():
         y = torch.tensor([a.class_index for a in group for _ in range(per_class)])
         res = torch.tensor([latent] * len(y), dtype=torch.float32) / float(denoiser.config.get("vq_size", 64))
-        shape = (len(y), denoiser.config["channels"]) + latent
-        z = sample_latent(lambda x, t: denoiser(x, t, y, res), shape, sampler, steps, seed, torch.device("cpu"))
+        seeds = [seed + i for i in range(len(y))]  # one noise stream per volume, as the dataset generator does
+        z = sample_latents(lambda x, t: denoiser(x, t, y, res), (denoiser.config["channels"],) + latent, seeds,
+                           sampler, steps, torch.device("cpu"))
         z_q, _ = bundle.autoencoder.quantize(denormalize_latent(z, bundle.latent_range))
         decoded = decode_latent(bundle.autoencoder, z_q).clamp(-1, 1)
         for k, a in enumerate(group):

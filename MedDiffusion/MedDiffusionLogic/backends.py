@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from .local_server import LocalServer, ServerSpec
@@ -18,22 +18,10 @@ from .parameters import MedDiffusionParameters
 if TYPE_CHECKING:  # the library is imported lazily: the panel starts before its dependencies are installed
     from MedDiffusionLib.catalog import Catalog
 
-__all__ = ["Outcome", "AnatomyChoice", "ModelSummary", "LocalBackend", "RemoteBackend", "anatomy_choices",
+__all__ = ["AnatomyChoice", "ModelSummary", "LocalBackend", "RemoteBackend", "anatomy_choices",
            "model_args", "user_message"]
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class Outcome:
-    """What a finished job hands back: volumes (MedDiffusionLib.transfers.VolumeArray) and provenance."""
-
-    volume: Any
-    degraded: Any = None
-    seed: Optional[int] = None
-    modality: str = "CT"
-    anatomy: str = ""
-    info: dict[str, str] = field(default_factory=dict)  # provenance, stored as node attributes
 
 
 @dataclass(frozen=True)

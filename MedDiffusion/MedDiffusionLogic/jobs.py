@@ -15,70 +15,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional, Union
 
-from .backends import Outcome, reworded_errors
+from MedDiffusionLib.progress import CANCELLED, DONE, FAILED, IDLE, QUEUED, RUNNING, JobStatus
+from MedDiffusionLib.results import GenerationResult, ReconstructionResult
+
+from .backends import reworded_errors
 from .parameters import MedDiffusionParameters
 
-__all__ = ["JobState", "PanelJob", "IDLE", "RUNNING", "DONE", "FAILED", "CANCELLED"]
+__all__ = ["PanelJob", "IDLE", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"]
 
 _log = logging.getLogger(__name__)
 
-IDLE, RUNNING, DONE, FAILED, CANCELLED = "idle", "running", "done", "failed", "cancelled"
 POLL_S = 0.3             # status requests while the server works
 CANCEL_GRACE_S = 1.5     # after a cancel request, wait this long at most for the server's confirmation
 TRANSFER_BUDGET_S = 0.1  # bytes moved per step(); one step also parses/inflates what arrived
-
-
-@dataclass(frozen=True)
-class JobState:
-    """A snapshot of the current job for the panel."""
-
-    state: str = IDLE
-    kind: str = ""  # "generate" | "reconstruct"
-    step: int = 0
-    total: int = 0
-    elapsed_s: float = 0.0
-    eta_s: Optional[float] = None
-    stage: str = ""
-    message: str = ""  # user-facing error for FAILED
-
-    @property
-    def running(self) -> bool:
-        return self.state == RUNNING
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (DONE, FAILED, CANCELLED)
-
-    @property
-    def percent(self) -> int:
-        return int(round(100.0 * self.step / self.total)) if self.total > 0 else 0
-
-    def describe(self) -> str:
-        """One status line: 'sampling: step 12/50, 0:21 elapsed, about 0:34 left'."""
-        if self.state == FAILED:
-            return f"Failed: {self.message}"
-        if self.state == CANCELLED:
-            return "Cancelled."
-        if self.state == DONE:
-            return f"Done in {_clock(self.elapsed_s)}."
-        if self.state == IDLE:
-            return "Ready."
-        parts = [self.stage or "running"]
-        if self.total > 0:
-            parts[0] += f": step {self.step}/{self.total}"
-        parts.append(f"{_clock(self.elapsed_s)} elapsed")
-        if self.eta_s is not None and self.total > 0:
-            parts.append(f"about {_clock(self.eta_s)} left")
-        return ", ".join(parts)
-
-
-def _clock(seconds: Optional[float]) -> str:
-    seconds = max(0, int(round(seconds or 0)))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class PanelJob:
@@ -97,39 +49,45 @@ class PanelJob:
         self.volume = volume
         self.max_voxels = max_voxels
         self.job_id = ""
-        self.outcome: Optional[Outcome] = None
+        # Once done: the server's result (volumes as transfers.VolumeArray) and where it came from (node attributes)
+        self.result: Optional[Union[GenerationResult, ReconstructionResult]] = None
+        self.provenance: dict[str, str] = {}
         self.stage = "prepare"
         self._start = time.monotonic()
-        self._state = JobState(state=RUNNING, kind=kind, stage="starting")
+        self._state = JobStatus(state=RUNNING, kind=kind).with_stage("starting")
         self._client: Any = None
         self._transfer: Any = None
         self._watcher: Any = None
-        self._final: dict[str, Any] = {}
+        self._final = JobStatus()
         self._downloads: list[str] = []
         self._volumes: dict[str, Any] = {}
         self._cancel_at: Optional[float] = None
         self.longest_step_s = 0.0  # the longest single step(): what the GUI froze for at most
 
     # ---------------------------------------------------------------- the panel's view
-    def snapshot(self) -> JobState:
+    def snapshot(self) -> JobStatus:
+        """The job as the panel shows it: the server's JobStatus while it runs there, the panel's own stages
+        (starting, uploading, downloading) before and after; elapsed time since the user asked."""
         state = self._state
-        if state.state == RUNNING:
+        if state.running:
             state = replace(state, elapsed_s=time.monotonic() - self._start)
         return state
 
-    def _set(self, **changes: Any) -> None:
-        self._state = replace(self._state, **changes)
+    def _set_stage(self, stage: str) -> None:
+        self._state = self._state.with_stage(stage, state=RUNNING, queue_position=None)
 
     def _end(self, state: str, message: str = "") -> None:
         if self._transfer is not None:
             self._transfer.close()
             self._transfer = None
-        self._state = replace(self._state, state=state, message=message, eta_s=None,
-                              elapsed_s=time.monotonic() - self._start)
+        current = self._state.current
+        self._state = replace(self._state, state=state, error=message or None,
+                              current=replace(current, eta_s=None) if current is not None else None,
+                              elapsed_s=time.monotonic() - self._start, finished=time.time())
 
     # ---------------------------------------------------------------- driving
-    def step(self) -> JobState:
-        if self._state.finished:
+    def step(self) -> JobStatus:
+        if self._state.ended:
             return self._state
         began = time.monotonic()
         try:
@@ -154,7 +112,7 @@ class PanelJob:
             if self._cancel_at is not None:
                 return self._end(CANCELLED)
             if not self.backend.prepare(self.params):
-                self._set(stage=self.backend.status or "starting the job server")
+                self._set_stage(self.backend.status or "starting the job server")
                 return
             self._client = self.backend.client()
             if self._complete is not None:
@@ -171,13 +129,13 @@ class PanelJob:
         if self._cancel_at is not None:
             return self._end(CANCELLED)
         if self.kind == "generate":
-            self._set(stage="submitting")
+            self._set_stage("submitting")
             self.job_id = str(self._client.generate(**self.request))
         else:
             if self._transfer is None:
                 self._transfer = self._client.start_reconstruct_upload(self.volume, **self.request)
             sent = self._transfer.bytes_moved
-            self._set(stage=f"uploading ({sent / 2**20:.0f} MB sent)")
+            self._set_stage(f"uploading ({sent / 2**20:.0f} MB sent)")
             if not self._transfer.step(TRANSFER_BUDGET_S):
                 return
             self.job_id = str(self._transfer.result["id"])
@@ -188,7 +146,7 @@ class PanelJob:
         _log.info("MedDiffusion %s job %s submitted to %s", self.kind, self.job_id[:8], self.backend.url)
         self._watcher = JobWatcher(self._client, self.job_id, POLL_S)
         self.stage = "run"
-        self._set(stage="queued")
+        self._state = replace(self._state, state=QUEUED, id=self.job_id, current=None)
 
     def _poll(self) -> None:
         if self._cancel_at is not None and time.monotonic() - self._cancel_at > CANCEL_GRACE_S:
@@ -200,22 +158,16 @@ class PanelJob:
             return
         if self._cancel_at is not None:
             return  # waiting for 'cancelled' (raised by the watcher as JobCancelled)
-        state = status.get("state")
-        if state == "done":
+        if status.state == DONE:
             self._final = status
             self._downloads = ["result"]
-            if self.kind == "reconstruct" and self.params.simulate and "degraded" in (status.get("outputs") or ()):
+            if self.kind == "reconstruct" and self.params.simulate and "degraded" in status.outputs:
                 self._downloads.append("degraded")
             self.stage = "download"
-            self._set(stage="downloading", step=0, total=0, eta_s=None)
+            self._set_stage("downloading")
             return
-        if state == "queued":
-            position = status.get("queue_position")
-            self._set(stage=f"queued on the server (position {position})" if position else "queued", step=0,
-                      total=0, eta_s=None)
-            return
-        self._set(step=int(status.get("step") or 0), total=int(status.get("total") or 0), eta_s=status.get("eta_s"),
-                  stage=str(status.get("stage") or "running"))
+        # The server's view as it is (queue position, the pipeline's ProgressInfo); the panel keeps its clock.
+        self._state = replace(status, elapsed_s=self._state.elapsed_s)
 
     def _download(self) -> None:
         if self._cancel_at is not None:
@@ -224,42 +176,39 @@ class PanelJob:
         if self._transfer is None:
             self._transfer = self._client.start_download(self.job_id, which, self.max_voxels)
         got = self._transfer.bytes_moved
-        self._set(stage=f"downloading the {which} volume ({got / 2**20:.0f} MB)")
+        self._set_stage(f"downloading the {which} volume ({got / 2**20:.0f} MB)")
         if not self._transfer.step(TRANSFER_BUDGET_S):
             return
         self._volumes[which] = self._transfer.volume
         self._transfer = None
         self._downloads.pop(0)
         if not self._downloads:
-            self.outcome = self._outcome()
+            self.result = self._final.result()  # the pipeline's result type, as the server reported it
+            self.result.image = self._volumes["result"]
+            if isinstance(self.result, ReconstructionResult):
+                self.result.degraded = self._volumes.get("degraded")
+            self.provenance = self._provenance(self.result)
             self._end(DONE)
 
-    def _outcome(self) -> Outcome:
-        info = self._final.get("info") or {}
-        anatomy = str(info.get("anatomy") or self.request.get("anatomy") or "")
-        seed = info.get("seed", self.request.get("seed"))
-        provenance = {"backend": self.backend.name, "job": self.job_id,
-                      "sampler": str(info.get("sampler") or self.params.sampler),
-                      "steps": str(info.get("steps") or self.request.get("steps") or "")}
-        if self.kind == "reconstruct":
-            provenance["method"] = str(info.get("method") or self.request.get("method") or "")
+    def _provenance(self, result: Union[GenerationResult, ReconstructionResult]) -> dict[str, str]:
+        """Where the volumes came from, for the nodes' attributes."""
+        provenance = {"backend": self.backend.name, "job": self.job_id, "sampler": result.sampler or "",
+                      "steps": str(result.steps or "")}
+        if isinstance(result, ReconstructionResult):
+            provenance["method"] = result.method
         if self.backend.name == "remote":
             provenance["server"] = self.backend.url
         if self.request.get("hu_range"):
             provenance["hu_range"] = "{:g},{:g}".format(*self.request["hu_range"])
-        modality = "CT" if (self.kind == "reconstruct" and self.params.task == "sparse-ct") else \
-            "MR" if self.kind == "reconstruct" else (self.modality or "CT")
-        return Outcome(volume=self._volumes["result"], degraded=self._volumes.get("degraded"),
-                       seed=int(seed) if seed is not None else None, modality=modality, anatomy=anatomy,
-                       info=provenance)
+        return provenance
 
     # ---------------------------------------------------------------- cancel
     def cancel(self) -> None:
         """Stop at once when nothing runs on the server yet; else ask the server (one short request)."""
-        if self._state.finished or self._cancel_at is not None:
+        if self._state.ended or self._cancel_at is not None:
             return
         self._cancel_at = time.monotonic()
-        self._set(stage="cancelling")
+        self._set_stage("cancelling")
         if self.job_id and self.stage == "run":
             try:
                 self._client.cancel(self.job_id)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
+from MedDiffusionLib.progress import CANCELLED, DONE, FAILED, IDLE, RUNNING, JobStatus
+from MedDiffusionLib.results import GenerationResult, ReconstructionResult
 
 from . import mrml_volumes
-from .backends import AnatomyChoice, LocalBackend, ModelSummary, Outcome, RemoteBackend
-from .jobs import CANCELLED, DONE, FAILED, IDLE, RUNNING, JobState, PanelJob
+from .backends import AnatomyChoice, LocalBackend, ModelSummary, RemoteBackend
+from .jobs import PanelJob
 from .parameters import (HU_OFF, TASK_MODALITY, MedDiffusionParameterNode, MedDiffusionParameters,
                          parse_hu_setting)
 
-__all__ = ["JobState", "MedDiffusionLogic", "BusyError", "generation_node_name", "reconstruction_node_names",
+__all__ = ["MedDiffusionLogic", "BusyError", "generation_node_name", "reconstruction_node_names",
            "suggest_anatomy", "apply_display_preset", "IDLE", "RUNNING", "DONE", "FAILED", "CANCELLED"]
 
 _log = logging.getLogger(__name__)
@@ -38,14 +40,14 @@ def _short_anatomy(anatomy: str, modality: str) -> str:
     return anatomy[len(prefix):] if anatomy.lower().startswith(prefix) else anatomy
 
 
-def generation_node_name(outcome: Outcome) -> str:
+def generation_node_name(result: GenerationResult) -> str:
     """'MedDiffusion CT chest-abdomen seed 17 ddim' (the modality prefix of the anatomy name is not repeated)."""
-    sampler = outcome.info.get("sampler", "")
-    return f"MedDiffusion {outcome.modality} {_short_anatomy(outcome.anatomy, outcome.modality)} " \
-           f"seed {outcome.seed}{f' {sampler}' if sampler else ''}"
+    return f"MedDiffusion {result.modality} {_short_anatomy(result.anatomy, result.modality)} " \
+           f"seed {result.seed}{f' {result.sampler}' if result.sampler else ''}"
 
 
-def reconstruction_node_names(params: MedDiffusionParameters, outcome: Optional[Outcome] = None) -> tuple[str, str]:
+def reconstruction_node_names(params: MedDiffusionParameters,
+                              result: Optional[ReconstructionResult] = None) -> tuple[str, str]:
     """(reconstruction, degraded input) names, e.g. 'MedDiffusion sparse-CT 30 views head-neck seed 3 ddim recon'
     / 'MedDiffusion sparse-CT 30 views FBP'; a model-free method names itself ('... 30 views sart recon')."""
     if params.task == "sparse-ct":
@@ -54,12 +56,12 @@ def reconstruction_node_names(params: MedDiffusionParameters, outcome: Optional[
     else:
         base = f"MedDiffusion MRI {params.acceleration}x {params.mask}"
         degraded = f"{base} zero-filled"
-    if outcome is not None and params.method != "diffusion":
-        base += f" {params.method}"  # model-free: no anatomy, seed or sampler took part
-    elif outcome is not None:
-        modality = TASK_MODALITY[params.task]
-        sampler = outcome.info.get("sampler", "")
-        base += f" {_short_anatomy(outcome.anatomy, modality)} seed {outcome.seed}{f' {sampler}' if sampler else ''}"
+    if result is not None and result.method != "diffusion":
+        base += f" {result.method}"  # model-free: no anatomy, seed or sampler took part
+    elif result is not None:
+        sampler = result.sampler or ""
+        base += f" {_short_anatomy(result.anatomy or '', result.modality)} seed {result.seed}" \
+                f"{f' {sampler}' if sampler else ''}"
     return f"{base} recon", degraded
 
 
@@ -93,7 +95,7 @@ class MedDiffusionLogic:
         self.local = local or LocalBackend()
         self._job: Optional[PanelJob] = None
         self._input_id = ""
-        self.last_outcome: Optional[Outcome] = None
+        self.last_result: Optional[Union[GenerationResult, ReconstructionResult]] = None
         self.longest_finish_s = 0.0  # the node creation of the last finish(): measured for the docs
 
     # ---------------------------------------------------------------- parameters and catalog
@@ -115,7 +117,7 @@ class MedDiffusionLogic:
 
     def stop_server(self) -> None:
         """Stop the local job server (the user's Stop; Slicer's exit). A running local job is cancelled."""
-        if self._job is not None and self._job.backend is self.local and not self._job.snapshot().finished:
+        if self._job is not None and self._job.backend is self.local and not self._job.snapshot().ended:
             self._job.cancel()
         self.local.stop()
 
@@ -188,9 +190,9 @@ class MedDiffusionLogic:
                              max_voxels=int(volume.array.size))  # outputs are on the input's grid
         return seed
 
-    def poll(self) -> JobState:
-        """Advance the job by one short step and return its state (call it from a timer)."""
-        return self._job.step() if self._job is not None else JobState()
+    def poll(self) -> JobStatus:
+        """Advance the job by one short step and return its status (call it from a timer); idle without a job."""
+        return self._job.step() if self._job is not None else JobStatus()
 
     @property
     def job(self) -> Optional[PanelJob]:
@@ -198,7 +200,7 @@ class MedDiffusionLogic:
 
     @property
     def is_running(self) -> bool:
-        return self._job is not None and not self._job.snapshot().finished
+        return self._job is not None and not self._job.snapshot().ended
 
     def cancel(self) -> None:
         """Stop the running job (a transfer at once; a server job at its next sampler step)."""
@@ -206,7 +208,7 @@ class MedDiffusionLogic:
             self._job.cancel()
 
     def wait(self, timeout_s: Optional[float] = None, poll_s: float = 0.05,
-             sleep: Callable[[float], None] = time.sleep) -> JobState:
+             sleep: Callable[[float], None] = time.sleep) -> JobStatus:
         """Poll until the job ends (scripts, self-test). The GUI's timer calls poll() instead."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         state = self.poll()
@@ -221,21 +223,21 @@ class MedDiffusionLogic:
         Returns [] for a failed or cancelled job; the job is cleared either way, so the logic is idle again.
         """
         job = self._job
-        if job is None or not job.snapshot().finished:
+        if job is None or not job.snapshot().ended:
             return []
         self._job = None
-        if job.snapshot().state != DONE or job.outcome is None:
+        if job.snapshot().state != DONE or job.result is None:
             return []
         began = time.monotonic()
         scene = scene or self.scene
-        outcome = self.last_outcome = job.outcome
-        if job.kind == "generate":
-            nodes = [self._add_volume(scene, outcome.volume, generation_node_name(outcome), outcome)]
+        result = self.last_result = job.result
+        if isinstance(result, GenerationResult):
+            nodes = [self._add_volume(scene, result.image, generation_node_name(result), result, job.provenance)]
         else:
-            recon_name, degraded_name = reconstruction_node_names(job.params, outcome)
-            nodes = [self._add_volume(scene, outcome.volume, recon_name, outcome)]
-            if outcome.degraded is not None and job.params.simulate:
-                nodes.append(self._add_volume(scene, outcome.degraded, degraded_name, outcome))
+            recon_name, degraded_name = reconstruction_node_names(job.params, result)
+            nodes = [self._add_volume(scene, result.image, recon_name, result, job.provenance)]
+            if result.degraded is not None and job.params.simulate:
+                nodes.append(self._add_volume(scene, result.degraded, degraded_name, result, job.provenance))
                 # Same window as the reconstruction: the fade between the two compares like with like.
                 display, source = nodes[1].GetDisplayNode(), nodes[0].GetDisplayNode()
                 if display is not None and source is not None:
@@ -250,11 +252,12 @@ class MedDiffusionLogic:
 
     # ---------------------------------------------------------------- results in the scene
     @staticmethod
-    def _add_volume(scene: Any, volume: Any, name: str, outcome: Outcome) -> Any:
-        window_level = display_window_level(volume.array, outcome.modality, outcome.anatomy)
+    def _add_volume(scene: Any, volume: Any, name: str, result: Union[GenerationResult, ReconstructionResult],
+                    provenance: dict[str, str]) -> Any:
+        window_level = display_window_level(volume.array, result.modality, result.anatomy or "")
         node = mrml_volumes.array_to_volume_node(volume, scene, name, window_level)
-        for key, value in {"seed": str(outcome.seed), "anatomy": outcome.anatomy, "modality": outcome.modality,
-                           **outcome.info}.items():
+        for key, value in {"seed": str(result.seed), "anatomy": result.anatomy, "modality": result.modality,
+                           **provenance}.items():
             if value not in (None, "", "None"):
                 node.SetAttribute(f"MedDiffusion.{key}", str(value))
         return node

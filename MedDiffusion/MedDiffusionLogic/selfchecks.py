@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from MedDiffusionLib.results import GenerationResult
 
 from . import mrml_volumes
 from .logic import DONE, MedDiffusionLogic, generation_node_name
@@ -173,13 +174,13 @@ def check_generate(logic: MedDiffusionLogic, params: MedDiffusionParameters, tok
     requested size and the expected name. Returns the node."""
     seed = logic.start_generate(params, token)
     state = logic.wait(timeout_s)
-    assert state.state == DONE, f"generation ended as {state.state}: {state.message}"
+    assert state.state == DONE, f"generation ended as {state.state}: {state.error}"
     nodes = logic.finish()
     assert len(nodes) == 1, f"expected one volume node, got {len(nodes)}"
-    node, outcome = nodes[0], logic.last_outcome
-    assert outcome is not None and outcome.seed == seed, "seed not reported back"
-    assert node.GetName().startswith(generation_node_name(outcome)), f"node name {node.GetName()!r}"
-    assert_same_image(mrml_volumes.volume_node_to_image(node), outcome.volume.to_sitk(), tol=1e-5,
+    node, result = nodes[0], logic.last_result
+    assert isinstance(result, GenerationResult) and result.seed == seed, "seed not reported back"
+    assert node.GetName().startswith(generation_node_name(result)), f"node name {node.GetName()!r}"
+    assert_same_image(mrml_volumes.volume_node_to_image(node), result.image.to_sitk(), tol=1e-5,
                       what="generated node")
     if params.size_xyz is not None:
         assert tuple(node.GetImageData().GetDimensions()) == params.size_xyz, "generated size"
@@ -215,7 +216,7 @@ def check_demo_generate_and_reconstruct(logic: MedDiffusionLogic, scene: Any, ti
     logic.start_reconstruct(params.replace(task="sparse-ct", views=12, steps=10, input_volume_id=source.GetID()),
                             input_node=source)
     state = logic.wait(timeout_s)
-    assert state.state == DONE, f"reconstruction ended as {state.state}: {state.message}"
+    assert state.state == DONE, f"reconstruction ended as {state.state}: {state.error}"
     recon, degraded = logic.finish(scene)
     truth = sitk.GetArrayViewFromImage(phantom).astype(np.float64)
     errors = {}

@@ -5,7 +5,7 @@ import argparse
 from typing import Any, Optional
 
 from ..options import TaskOptions
-from ..pipelines.progress import ProgressInfo
+from ..progress import ProgressInfo
 
 
 def _choice(text: str) -> str:

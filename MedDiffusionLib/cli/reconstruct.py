@@ -114,10 +114,6 @@ def _metrics_line(r) -> str:
     return "; ".join(parts)
 
 
-def _summary(r) -> dict[str, Any]:
-    return {k: v for k, v in vars(r).items() if k not in ("image", "degraded")}
-
-
 def run_reconstruct(args: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text, check_writable
     from ..io.volumes import read_volume, write_volume
@@ -134,7 +130,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     if args.degraded_out and result.degraded is not None:
         write_volume(result.degraded, args.degraded_out)
     if args.json:
-        atomic_write_text(args.json, json.dumps(_summary(result), indent=1, default=str))
+        atomic_write_text(args.json, json.dumps(result.info(), indent=1))
     if result.anatomy:
         print(f"anatomy {result.anatomy}: {result.anatomy_reason}")
     what = f"{result.views} views" if result.task == "sparse-ct" else f"R={result.acceleration:g} {result.mask}"

@@ -35,9 +35,9 @@ import torch
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.volumes import WRITABLE_SUFFIXES, write_volume
-from .common import resolve_seed, resolve_steps
+from .common import resolve_seed
 from .distributed import WorldInfo
-from .generate import GenerationPipeline, check_hu_range, latent_multiple, resolve_latent_size
+from .generate import GenerationPipeline, latent_multiple, resolve_latent_size
 
 SETTINGS_FILE = "run.json"
 MANIFEST_FILE = "manifest.csv"
@@ -144,10 +144,9 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
         raise InputError(f"unknown volume format '{suffix}': use one of {', '.join(WRITABLE_SUFFIXES)}")
     mix = parse_anatomy_mix(anatomies)
     entries = [pipe.bundle.catalog.get(name) for name, _ in mix]
-    if hu_range is not None:
-        for entry in entries:
-            check_hu_range(entry, hu_range)
-        hu_range = (float(hu_range[0]), float(hu_range[1]))
+    # The pipeline's own checks (sampler, steps, HU range against each anatomy's modality); sizes below.
+    checked = [pipe.check_inputs(e.name, None, sampler, steps, None, hu_range) for e in entries]
+    sampler, hu_range = checked[0].sampler, checked[0].hu_range
     sizes = tuple(tuple(int(v) for v in s) for s in sizes_xyz)
     multiple = latent_multiple(pipe.denoiser)
     with warnings.catch_warnings(record=True) as caught:  # validates every (anatomy, size) pair once
@@ -159,7 +158,7 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
         warnings.warn(str(w.message), stacklevel=2)
     return DatasetSpec(anatomies=tuple((e.name, str(w)) for e, (_, w) in zip(entries, mix)), sizes_xyz=sizes,
                        count=int(count), base_seed=resolve_seed(base_seed), sampler=sampler,
-                       steps=resolve_steps(sampler, steps, pipe.diffusion.timesteps), batch_size=int(batch_size),
+                       steps=checked[0].steps_or_default(pipe.diffusion.timesteps), batch_size=int(batch_size),
                        hu_range=hu_range, suffix=suffix, model_id=model or model_id(pipe))
 
 

@@ -9,9 +9,9 @@ import torch
 
 from ..diffusion import GaussianDiffusion, make_sampler
 from ..errors import InputError
-from ..options import GenerateOptions, default_steps
+from ..options import GenerateOptions
 from ..checkpoints.bundle import ModelBundle
-from .progress import CancelFlag, ProgressCallback, ProgressTracker
+from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -33,13 +33,6 @@ def resolve_seed(seed: Optional[int]) -> int:
     return secrets.randbelow(2**31 - 1) if seed is None else int(seed)
 
 
-def resolve_steps(sampler: str, steps: Optional[int], timesteps: int) -> int:
-    """The steps to run: checked against the schedule's length, else the sampler's default (options.DEFAULT_STEPS)."""
-    sampler = GenerateOptions.check_field("sampler", sampler)
-    steps = GenerateOptions.check_field("steps", steps, timesteps)
-    return default_steps(sampler, timesteps) if steps is None else int(steps)
-
-
 def normalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torch.Tensor:
     """Continuous encoder output -> [-1, 1] using the codebook's global min and max (the authors' scaling)."""
     lo, hi = latent_range
@@ -58,42 +51,18 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def sample_latent(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
-                  sampler_name: str, steps: int, seed: int, device: torch.device,
-                  diffusion: Optional[GaussianDiffusion] = None,
-                  guide: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
-                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None) -> torch.Tensor:
-    """Run a sampler from pure noise. `denoise(x, t_batch) -> eps`; `guide(prev, pred_x0, t)` may project the
-    sample after each step (data consistency). The same seed on the same device gives the same latent."""
-    diffusion = diffusion or GaussianDiffusion()
-    sampler = make_sampler(sampler_name, diffusion)
-    sampler.set_timesteps(steps)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    tracker = ProgressTracker(len(sampler.timesteps), progress, cancel, "sampling")
-    tracker.begin()
-    for t in sampler.timesteps:
-        t_int = int(t)
-        t_batch = torch.full((shape[0],), t_int, device=device, dtype=torch.long)
-        with autocast_for(device):
-            eps = denoise(x, t_batch)
-        out = sampler.step(eps.float(), t_int, x, generator=generator)
-        x = out.prev_sample
-        if guide is not None:
-            x = guide(x, out.pred_x0, t_int)
-        tracker.advance()
-    return x
-
-
 def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], item_shape: tuple[int, ...],
                    seeds: Sequence[int], sampler_name: str, steps: int, device: torch.device,
                    diffusion: Optional[GaussianDiffusion] = None, progress: Optional[ProgressCallback] = None,
-                   cancel: Optional[CancelFlag] = None) -> torch.Tensor:
-    """Sample len(seeds) latents of `item_shape` (C, D, H, W) with one denoiser call per step for all of them.
+                   cancel: Optional[CancelFlag] = None,
+                   guide: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+    """Sample len(seeds) latents of `item_shape` (C, D, H, W) from pure noise, with one denoiser call per step for
+    all of them: `denoise(x, t_batch) -> eps`. The one sampling loop of the library (generation, reconstruction,
+    datasets). `guide(prev, pred_x0, t)` may project the batch after each step (data consistency).
 
     Each item owns its generator (initial noise and any sampler noise) and its sampler state, and every sampler
-    step runs on that item's slice alone, so an item's random numbers never depend on its batch mates. With one
-    seed this is exactly `sample_latent` with batch 1."""
+    step runs on that item's slice alone, so an item's random numbers never depend on its batch mates; the same
+    seed on the same device gives the same latent."""
     diffusion = diffusion or GaussianDiffusion()
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     samplers = [make_sampler(sampler_name, diffusion) for _ in seeds]
@@ -109,8 +78,10 @@ def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         t_batch = torch.full((len(seeds),), t_int, device=device, dtype=torch.long)
         with autocast_for(device):
             eps = denoise(x, t_batch).float()
-        x = torch.cat([s.step(eps[i:i + 1], t_int, x[i:i + 1], generator=g).prev_sample
-                       for i, (s, g) in enumerate(zip(samplers, generators))])
+        outs = [s.step(eps[i:i + 1], t_int, x[i:i + 1], generator=g) for i, (s, g) in enumerate(zip(samplers, generators))]
+        x = torch.cat([o.prev_sample for o in outs])
+        if guide is not None:
+            x = guide(x, torch.cat([o.pred_x0 for o in outs]), t_int)
         tracker.advance()
     return x
 

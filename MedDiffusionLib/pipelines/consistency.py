@@ -1,4 +1,4 @@
-"""Data-consistency guidance during latent sampling (the ``guide`` hook of ``sample_latent``).
+"""Data-consistency guidance during latent sampling (the ``guide`` hook of ``sample_latents``).
 
 Every ``every`` steps the sampler's clean-latent estimate z0 is decoded to an image, corrected by ``correct`` (an
 image -> image map that moves the estimate towards the measurements; the reconstruction pipeline passes a few CG
@@ -25,7 +25,7 @@ __all__ = ["LatentDataConsistency"]
 
 
 class LatentDataConsistency:
-    """``guide(x_next, z0, t) -> x_next`` for ``sample_latent``: decode, correct, encode the change, re-noise."""
+    """``guide(x_next, z0, t) -> x_next`` for ``sample_latents``: decode, correct, encode the change, re-noise."""
 
     def __init__(self, autoencoder: torch.nn.Module, latent_range: tuple[float, float], encode_patch: int,
                  correct: Callable[[torch.Tensor], torch.Tensor], diffusion: GaussianDiffusion,

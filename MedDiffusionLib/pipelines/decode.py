@@ -35,7 +35,7 @@ from torch import nn
 
 from ..models.ae_blocks import AttentionBlock, TailLayer
 from .decode_halo import HaloPlan, plan_halo, run_halo
-from .progress import CancelFlag, ProgressCallback, ProgressTracker
+from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
 PRECISIONS = ("fp32", "bf16")
 BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)

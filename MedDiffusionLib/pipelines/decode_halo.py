@@ -21,7 +21,7 @@ from ..models.ae_blocks import TailLayer
 
 if TYPE_CHECKING:
     from .decode import TensorPlan
-    from .progress import ProgressTracker
+    from ..progress import ProgressTracker
 
 Window = tuple[slice, slice, slice]
 _TILE_COPIES = 4  # a layer's input, its activated copy, its output and the residual

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -13,25 +12,15 @@ import torch
 from ..catalog import Anatomy, parse_size
 from ..data.transforms import network_to_image
 from ..errors import InputError
-from .common import (BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps,
-                     sample_latents)
+from ..results import GenerationResult
+from ..options import DEFAULT_SAMPLER, GenerateOptions
+from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, sample_latents
 from .decode import decode_latent
-from .progress import CancelFlag, ProgressCallback
+from ..progress import CancelFlag, ProgressCallback
 
 # The authors save generated volumes with the NIfTI affine diag(spacing); this is that geometry in SimpleITK's LPS.
 GENERATED_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 SizeLike = Union[str, Sequence[int], None]
-
-
-@dataclass
-class GenerationResult:
-    image: sitk.Image
-    anatomy: str
-    seed: int
-    sampler: str
-    steps: int
-    size_xyz: tuple[int, int, int]
-    elapsed_s: float
 
 
 def latent_multiple(denoiser: torch.nn.Module) -> int:
@@ -58,24 +47,22 @@ def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multi
     return latent
 
 
-def check_hu_range(entry: Anatomy, hu_range: Optional[tuple[float, float]]) -> None:
-    if hu_range is None:
-        return
-    if entry.modality != "CT":
-        raise InputError(f"an HU range only applies to CT; {entry.name} is {entry.modality}")
-    if len(hu_range) != 2 or not hu_range[0] < hu_range[1]:
-        raise InputError(f"HU range must be two increasing numbers, got {hu_range}")
-
-
 class GenerationPipeline(BundlePipeline):
     """Composes a model bundle (autoencoder, denoiser, catalog) with a sampler into volumes with geometry."""
 
-    def __call__(self, anatomy: str, size_xyz: SizeLike = None, sampler: str = "dpmpp", steps: Optional[int] = None,
-                 seed: Optional[int] = None, hu_range: Optional[tuple[float, float]] = None,
-                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None
-                 ) -> GenerationResult:
-        return next(self.generate_batch([anatomy], size_xyz, sampler, steps, [resolve_seed(seed)], hu_range,
-                                        progress, cancel))
+    def __call__(self, anatomy: str, size_xyz: SizeLike = None, sampler: str = DEFAULT_SAMPLER,
+                 steps: Optional[int] = None, seed: Optional[int] = None,
+                 hu_range: Optional[tuple[float, float]] = None, progress: Optional[ProgressCallback] = None,
+                 cancel: Optional[CancelFlag] = None) -> GenerationResult:
+        """One volume; the arguments are those of `GenerateOptions` (defaults, bounds and their meaning)."""
+        return next(self.generate_batch([anatomy], size_xyz, sampler, steps, [seed], hu_range, progress, cancel))
+
+    def check_inputs(self, anatomy: str, size_xyz: SizeLike, sampler: str, steps: Optional[int],
+                     seed: Optional[int], hu_range: Optional[Sequence[float]]) -> GenerateOptions:
+        """The request checked against this model (diffusers style: the pipeline owns the checks of its inputs),
+        by `GenerateOptions.validate`, the rules the CLI, the server and the panel apply before queuing."""
+        return GenerateOptions(anatomy=anatomy, size_xyz=size_xyz, sampler=sampler, steps=steps, seed=seed,
+                               hu_range=hu_range).validate(self.bundle)
 
     def generate_batch(self, anatomies: Sequence[str], size_xyz: SizeLike, sampler: str, steps: Optional[int],
                        seeds: Sequence[int], hu_range: Optional[tuple[float, float]] = None,
@@ -88,24 +75,24 @@ class GenerationPipeline(BundlePipeline):
         start = time.perf_counter()
         if len(anatomies) != len(seeds) or not anatomies:
             raise InputError("give one seed per anatomy")
-        entries = [self.bundle.catalog.get(a) for a in anatomies]
-        for entry in entries:
-            check_hu_range(entry, hu_range)
+        checked = [self.check_inputs(a, size_xyz, sampler, steps, s, hu_range) for a, s in zip(anatomies, seeds)]
+        entries = [self.bundle.catalog.get(o.anatomy) for o in checked]
+        size_xyz, sampler, hu_range = checked[0].size_xyz, checked[0].sampler, checked[0].hu_range
         latents = {resolve_latent_size(e, size_xyz, self.bundle.downsample, latent_multiple(self.denoiser))
                    for e in entries}
         if len(latents) != 1:
             raise InputError("a batch must have one latent size")
         latent = latents.pop()
-        steps = resolve_steps(sampler, steps, self.diffusion.timesteps)
-        seeds = [resolve_seed(s) for s in seeds]
+        steps = checked[0].steps_or_default(self.diffusion.timesteps)
+        seeds = [resolve_seed(o.seed) for o in checked]
         keep = [True] * len(entries) if only is None else [bool(k) for k in only]
         volumes = self.sample_volumes(entries, latent, sampler, steps, seeds, progress, cancel, keep)
         kept = [(e, s) for e, s, k in zip(entries, seeds, keep) if k]
         for (entry, seed), volume in zip(kept, volumes):
             image = self.to_image(volume, entry, hu_range)
-            size = image.GetSize()
-            yield GenerationResult(image, entry.name, seed, sampler, steps, (size[0], size[1], size[2]),
-                                   time.perf_counter() - start)
+            size, spacing = image.GetSize(), image.GetSpacing()
+            yield GenerationResult(image, entry.name, entry.modality, seed, sampler, steps, (size[0], size[1], size[2]),
+                                   time.perf_counter() - start, (spacing[0], spacing[1], spacing[2]), str(self.device))
 
     def sample_volume(self, entry: Anatomy, latent: tuple[int, int, int], sampler: str, steps: int, seed: int,
                       progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> np.ndarray:

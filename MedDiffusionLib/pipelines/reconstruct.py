@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -33,55 +32,26 @@ from ..checkpoints.bundle import ModelBundle
 from ..diffusion import make_sampler
 from ..errors import CheckpointError, InputError
 from ..models.controlnet import ControlNet
-from ..physics.operators import MASKS, TASKS
+from ..results import ReconstructionResult
+from ..options import MASKS, METHODS, TASKS, ReconstructOptions
 from ..physics.solvers import cg_regularised, tv_pdhg
 from . import recon_settings as rules
-from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, resolve_steps, sample_latent
+from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, sample_latents
 from .consistency import LatentDataConsistency
 from .decode import decode_latent
 from .evaluation import native_scores
 from .generate import latent_multiple
 from .measurements import NativeProblem, prepare_problem, solve_model_free, to_image
 from .native import GridMap
-from .progress import CancelFlag, ProgressCallback, ProgressTracker
+from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
-__all__ = ["ReconstructionPipeline", "ReconstructionResult", "reconstruct_model_free", "validate_image",
+__all__ = ["ReconstructionPipeline", "reconstruct_model_free", "validate_image",
            "TASKS", "MASKS", "METHODS", "MAX_MODEL_VOXELS"]
 
-METHODS = rules.METHODS
 # The model-grid volume is held several times (condition, decoded, float32): 512^3 voxels is ~0.5 GB each.
 MAX_MODEL_VOXELS = 512**3
 MAX_NATIVE_VOXELS = 1024 * 1024 * 1024  # the native volume is held ~10 times in float32 by the solvers
 _SPACING_RANGE = (1e-3, 1e3)  # mm; anything outside is a broken header, not a scan
-
-
-@dataclass
-class ReconstructionResult:
-    image: sitk.Image                     # the reconstruction, on the input's grid, in its pixel type
-    degraded: Optional[sitk.Image]        # FBP / zero-filled (the input itself when simulate=False)
-    task: str
-    method: str
-    simulated: bool
-    data_consistency: bool                # whether the output was solved against measurements
-    anatomy: Optional[str] = None         # the prior's anatomy (diffusion only)
-    anatomy_reason: str = ""              # how it was chosen
-    seed: Optional[int] = None
-    sampler: Optional[str] = None
-    steps: Optional[int] = None
-    views: Optional[int] = None
-    acceleration: Optional[float] = None
-    mask: Optional[str] = None
-    tv_weight: Optional[float] = None
-    psnr: Optional[float] = None          # vs the input on its grid (CT: window [-1000, 1000] HU), simulate only
-    ssim: Optional[float] = None
-    degraded_psnr: Optional[float] = None
-    degraded_ssim: Optional[float] = None
-    metric_range: Optional[tuple[float, float]] = None  # intensity window of the metrics
-    residual: Optional[float] = None      # relative measurement residual ||A u - y|| / ||y|| of the output
-    degraded_residual: Optional[float] = None
-    dc_applications: int = 0              # guidance corrections during sampling
-    model_size_xyz: tuple[int, int, int] = (0, 0, 0)  # the prior's grid (diffusion only)
-    elapsed_s: float = 0.0
 
 
 def validate_image(image: object) -> None:
@@ -113,14 +83,6 @@ def validate_image(image: object) -> None:
         raise InputError("the input contains NaN or infinite voxels")
 
 
-def _check_common(task: str, method: str, views: object, mask: str) -> tuple[str, str, int]:
-    task = str(task).strip().lower()
-    if task not in TASKS:
-        raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")
-    method = rules.check_method(method, task)
-    if mask not in MASKS:
-        raise InputError(f"unknown mask '{mask}'; choose one of {', '.join(MASKS)}")
-    return task, method, _whole_number(views, "views") if task == "sparse-ct" else int(30)
 
 
 def _finish(result: ReconstructionResult, problem: NativeProblem, u_out: torch.Tensor, image: sitk.Image,
@@ -136,6 +98,8 @@ def _finish(result: ReconstructionResult, problem: NativeProblem, u_out: torch.T
         result.views = problem.views
     else:
         result.acceleration = problem.acceleration
+    result.size_xyz = tuple(result.image.GetSize())
+    result.spacing_xyz = tuple(result.image.GetSpacing())
     result.elapsed_s = time.perf_counter() - start
     return result
 
@@ -146,23 +110,37 @@ def reconstruct_model_free(image: sitk.Image, task: str = "sparse-ct", method: s
                            tv_weight: Optional[float] = None, device: str | torch.device = "cpu",
                            progress: Optional[ProgressCallback] = None,
                            cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
-    """fbp / zero-filled / sart / tv on the scan's grid: no model needed."""
-    start = time.perf_counter()
-    task, method, views = _check_common(task, method, views, mask)
-    if method == "diffusion":
+    """fbp / zero-filled / sart / tv on the scan's grid: no model needed. The options are checked by
+    `ReconstructOptions.validate` (the rules every front end applies) before any work."""
+    opts = ReconstructOptions(task=task, method=method, views=views, acceleration=acceleration, mask=mask,
+                              simulate=simulate, noise_photons=noise_photons, seed=seed,
+                              tv_weight=tv_weight).validate()
+    if opts.method == "diffusion":
         raise InputError("method 'diffusion' needs a model: use ReconstructionPipeline")
+    return _model_free(image, opts, device, progress, cancel)
+
+
+def _model_free(image: sitk.Image, opts: ReconstructOptions, device: str | torch.device,
+                progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> ReconstructionResult:
+    start = time.perf_counter()
+    task, method = opts.task, opts.method
     validate_image(image)
-    seed = resolve_seed(seed)
-    problem = prepare_problem(image, task, views=views, acceleration=acceleration, mask=mask, simulate=simulate,
-                              noise_photons=noise_photons, seed=seed, device=device)
+    seed = resolve_seed(opts.seed)
+    problem = prepare_problem(image, task, views=_views(opts), acceleration=opts.acceleration, mask=opts.mask,
+                              simulate=opts.simulate, noise_photons=opts.noise_photons, seed=seed, device=device)
     tracker = ProgressTracker(_iterations(method), progress, cancel, method)
     tracker.begin()
-    u = solve_model_free(problem, method, tv_weight, step=lambda i: tracker.advance())
+    u = solve_model_free(problem, method, opts.tv_weight, step=lambda i: tracker.advance())
     result = ReconstructionResult(image, None, task, method, problem.simulated,
                                   data_consistency=method in ("sart", "tv") and problem.measurements is not None,
-                                  seed=seed, mask=mask if task == "mri" else None,
-                                  tv_weight=_tv(problem, tv_weight) if method == "tv" else None)
+                                  seed=seed, mask=opts.mask if task == "mri" else None,
+                                  tv_weight=_tv(problem, opts.tv_weight) if method == "tv" else None,
+                                  device=str(device))
     return _finish(result, problem, u, image, start)
+
+
+def _views(opts: ReconstructOptions) -> int:
+    return opts.views if opts.task == "sparse-ct" else 30  # MRI has no views; a fixed value keeps rules simple
 
 
 def _iterations(method: str) -> int:
@@ -170,9 +148,7 @@ def _iterations(method: str) -> int:
 
 
 def _tv(problem: NativeProblem, tv_weight: Optional[float]) -> float:
-    if tv_weight is not None:
-        if not (float(tv_weight) >= 0 and math.isfinite(float(tv_weight))):
-            raise InputError(f"tv_weight must be a number >= 0, got {tv_weight}")
+    if tv_weight is not None:  # checked by ReconstructOptions (a finite number >= 0)
         return float(tv_weight)
     return rules.tv_weight(problem.task, problem.views, problem.acceleration, problem.photons)
 
@@ -230,27 +206,32 @@ class ReconstructionPipeline(BundlePipeline):
                  cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
         """Reconstruct ``image`` with ``method`` (see the module docstring). ``tv_weight``: TV weight of the
         final solve (default: the rule in ``recon_settings``; 0: CG on the prior-regularised least squares);
-        ``dc_every``: guidance every k sampler steps (default: ~4 per run; 0: only the final solve)."""
-        task, method, views = _check_common(task, method, views, mask)
-        if method != "diffusion":
-            return reconstruct_model_free(image, task, method, views, acceleration, mask, simulate, noise_photons,
-                                          seed, tv_weight, self.device, progress, cancel)
+        ``dc_every``: guidance every k sampler steps (default: ~4 per run; 0: only the final solve).
+
+        The pipeline checks its inputs itself (diffusers style): `ReconstructOptions.validate` against this
+        model, the same rules the CLI, the server and the panel apply before queuing, so every caller gets them."""
+        opts = ReconstructOptions(task=task, method=method, anatomy=anatomy, views=views, acceleration=acceleration,
+                                  mask=mask, simulate=simulate, noise_photons=noise_photons, sampler=sampler,
+                                  steps=steps, seed=seed, data_consistency=data_consistency, tv_weight=tv_weight,
+                                  dc_every=dc_every).validate(self.bundle)
+        if opts.method != "diffusion":
+            return _model_free(image, opts, self.device, progress, cancel)
         start = time.perf_counter()
+        task, sampler, mask, dc_every = opts.task, opts.sampler, opts.mask, opts.dc_every
         controlnet = self._controlnet(task)
         validate_image(image)
-        entry, reason = self.anatomy_for(task, anatomy, image)
-        steps = resolve_steps(sampler, steps, self.diffusion.timesteps)
-        seed = resolve_seed(seed)
-        if dc_every is not None and int(dc_every) < 0:
-            raise InputError(f"dc_every must be >= 0, got {dc_every}")
+        entry, reason = self.anatomy_for(task, opts.anatomy, image)
+        steps = opts.steps_or_default(self.diffusion.timesteps)
+        seed = resolve_seed(opts.seed)
 
         tracker = ProgressTracker(1, progress, cancel, "measuring")
         tracker.begin()
-        problem = prepare_problem(image, task, views=views, acceleration=acceleration, mask=mask,
-                                  simulate=simulate, noise_photons=noise_photons, seed=seed, device=self.device)
+        problem = prepare_problem(image, task, views=_views(opts), acceleration=opts.acceleration, mask=mask,
+                                  simulate=opts.simulate, noise_photons=opts.noise_photons, seed=seed,
+                                  device=self.device)
         tracker.advance()
-        use_dc = bool(data_consistency) and problem.measurements is not None
-        beta = _tv(problem, tv_weight)
+        use_dc = opts.data_consistency and problem.measurements is not None
+        beta = _tv(problem, opts.tv_weight)
         sx, sy, sz = entry.spacing_xyz
         grids = GridMap(tuple(problem.given.shape), problem.spacing_zxy, (sz, sx, sy), self.device)
         prior_model = _PriorGrid(grids, problem.degraded, self.step, int(self.bundle.encode_patch_size))
@@ -282,9 +263,9 @@ class ReconstructionPipeline(BundlePipeline):
                                     z_weight=problem.z_weight, prior=prior, lam=rules.PRIOR_WEIGHT,
                                     x0=u_out.clamp_min(0.0), step=lambda i: final.advance())
         result = ReconstructionResult(
-            image, None, task, method, problem.simulated, use_dc, anatomy=entry.name, anatomy_reason=reason,
+            image, None, task, opts.method, problem.simulated, use_dc, anatomy=entry.name, anatomy_reason=reason,
             seed=seed, sampler=sampler, steps=steps, mask=mask if task == "mri" else None,
-            tv_weight=beta if use_dc else None, dc_applications=dc_count,
+            tv_weight=beta if use_dc else None, dc_applications=dc_count, device=str(self.device),
             model_size_xyz=tuple(int(prior_model.padded_shape[i]) for i in (1, 2, 0)))  # type: ignore[arg-type]
         return _finish(result, problem, u_out, image, start)
 
@@ -306,13 +287,13 @@ class ReconstructionPipeline(BundlePipeline):
         every = max(1, steps // rules.GUIDE_TIMES) if dc_every is None else int(dc_every)
         if correct is not None and every > 0:
             grid = make_sampler(sampler, self.diffusion)
-            grid.set_timesteps(steps)  # the same grid sample_latent will walk
+            grid.set_timesteps(steps)  # the same grid sample_latents will walk
             guide = LatentDataConsistency(self.autoencoder, self.bundle.latent_range,
                                           int(self.bundle.encode_patch_size), correct, self.diffusion,
                                           grid.timesteps.tolist(), every, self.decode_budget_gb, dev)
         channels = int(self.denoiser.config["channels"])
-        z = sample_latent(denoise, (1, channels) + latent, sampler, steps, seed, dev, self.diffusion, guide=guide,
-                          progress=progress, cancel=cancel)
+        z = sample_latents(denoise, (channels,) + latent, [seed], sampler, steps, dev, self.diffusion,
+                           progress=progress, cancel=cancel, guide=guide)
         return z, (guide.applied if guide is not None else 0)
 
 
@@ -366,13 +347,3 @@ class _PriorGrid:
     def to_model(self, u: torch.Tensor) -> torch.Tensor:
         """Native physics units -> padded model-grid network image."""
         return self._pad(self._to_network(self.grids.to_model(u)))
-
-
-def _whole_number(value: object, name: str) -> int:
-    try:
-        f = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a whole number, got {value!r}") from None
-    if not f.is_integer() or f < 1:
-        raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
-    return int(f)

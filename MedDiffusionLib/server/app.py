@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import threading
+import time
 import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_ste
 from ..pipelines.generate import GenerationPipeline
 from .guard import BODY_IDLE_S, RequestGuard
 from .jobs import JobManager, QueueFull, RunOutput, Worker
-from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, JobStatus, Limits,
-                      ModelsResponse, ReconstructParams, RegistryModelInfo, iso)
+from ..progress import QUEUED, JobStatus
+from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, Limits, ModelsResponse,
+                      ReconstructParams, RegistryModelInfo)
 from .security import TokenVerifier, check_startup_security
 from .store import JobRecord, JobStore
 from .uploads import MAX_CONCURRENT_UPLOADS, UploadError, read_stored_volume, receive_multipart, store_upload
@@ -125,34 +127,24 @@ class Services:
 
     # ---- runners (worker thread) ---------------------------------------------------------------------
     def run_generate(self, rec: JobRecord, _input: Optional[Path], progress, cancel, worker: int = 0) -> RunOutput:
-        p = rec.params
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = self.generators[worker](p["anatomy"], p.get("size_xyz"), p["sampler"], p.get("steps"), p.get("seed"),
-                               tuple(p["hu_range"]) if p.get("hu_range") else None, progress=progress, cancel=cancel)
-        info = {"anatomy": r.anatomy, "seed": r.seed, "sampler": r.sampler, "steps": r.steps,
-                "size_xyz": list(r.size_xyz), "spacing_xyz": list(r.image.GetSpacing()),
-                "elapsed_s": round(r.elapsed_s, 3), "warnings": [str(w.message) for w in caught],
-                "device": str(self.generators[worker].device)}
-        return RunOutput({"result": r.image}, info)
+            # rec.params: the GenerateOptions validated at the request; the pipeline checks them again itself
+            r = self.generators[worker](**rec.params, progress=progress, cancel=cancel)
+        r.warnings = tuple(str(w.message) for w in caught)
+        return RunOutput({"result": r.image}, r.info())
 
     def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress, cancel,
                         worker: int = 0) -> RunOutput:
         if input_path is None or not input_path.is_file():
             raise InputError("the uploaded volume of this job is missing from the server's store")
-        p = dict(rec.params)
-        acc = p["acceleration"]
-        p["acceleration"] = int(acc) if float(acc).is_integer() else acc
-        r = self.reconstructors[worker](read_stored_volume(input_path), progress=progress, cancel=cancel, **p)
+        # rec.params: the ReconstructOptions validated at the request; the pipeline checks them again itself
+        r = self.reconstructors[worker](read_stored_volume(input_path), **rec.params, progress=progress,
+                                        cancel=cancel)
         images = {"result": r.image}
         if r.degraded is not None:
             images["degraded"] = r.degraded
-        info = {k: _jsonable(v) for k, v in vars(r).items() if k not in ("image", "degraded")}
-        info = {k: v for k, v in info.items() if v is not None}
-        info["size_xyz"] = list(r.image.GetSize())
-        info["spacing_xyz"] = list(r.image.GetSpacing())
-        info["device"] = str(self.generators[worker].device)
-        return RunOutput(images, info)
+        return RunOutput(images, r.info())
 
     # ---- background purge ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,14 +163,16 @@ class Services:
                 log.exception("purging expired results failed")
 
     # ---- responses -----------------------------------------------------------------------------------
-    def status(self, rec: JobRecord) -> JobStatus:
-        return JobStatus(id=rec.id, kind=rec.kind, state=rec.state, progress=min(max(rec.progress, 0.0), 1.0),
-                         stage=rec.stage, step=rec.step, total=rec.total,
-                         eta_s=None if rec.eta_s is None else round(rec.eta_s, 2),
-                         queue_position=self.manager.queue_position(rec.id) if rec.state == "queued" else None,
-                         error=rec.error, created=iso(rec.created), started=iso(rec.started),
-                         finished=iso(rec.finished), expires=iso(self.store.expires_at(rec)), params=rec.params,
-                         outputs=rec.outputs, info=rec.info)
+    def status(self, rec: JobRecord) -> dict[str, Any]:
+        """The job's `JobStatus` as the JSON the endpoints answer with."""
+        started = rec.started
+        elapsed = 0.0 if started is None else (rec.finished or time.time()) - started
+        return JobStatus(state=rec.state, kind=rec.kind, id=rec.id, current=rec.current, progress=rec.progress,
+                         elapsed_s=elapsed,
+                         queue_position=self.manager.queue_position(rec.id) if rec.state == QUEUED else None,
+                         error=rec.error, created=rec.created, started=started, finished=rec.finished,
+                         expires=self.store.expires_at(rec), params=rec.params, outputs=tuple(rec.outputs),
+                         info=rec.info).to_json()
 
     def record_or_404(self, job_id: str) -> JobRecord:
         rec = self.store.snapshot(job_id)
@@ -199,21 +193,6 @@ def _declared_hu_range(bundle: ModelBundle) -> Optional[tuple[float, float]]:
     except MedDiffusionError as exc:
         log.warning("no HU range for the model: %s", exc)
         return None
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    try:
-        return _jsonable(v.item())  # numpy / torch scalars
-    except (AttributeError, ValueError, TypeError, RuntimeError):
-        return None  # images, arrays: not part of a status response
 
 
 def _validation_message(errors: list[dict]) -> str:
@@ -300,8 +279,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                               loaded=here is not None and e.path is not None and e.path.resolve() == here,
                               disk_bytes=e.disk_bytes) for e in entries])
 
-    @api.post("/generate", status_code=202, response_model=JobStatus)
-    async def generate(req: GenerateRequest) -> JobStatus:
+    @api.post("/generate", status_code=202)
+    async def generate(req: GenerateRequest) -> dict[str, Any]:
         # The library's checks against this model (anatomy, grid, HU range, steps): InputError -> 400.
         opts = GenerateOptions.from_mapping(req.model_dump()).validate(svc.bundle)
         if opts.size_xyz is not None and math.prod(opts.size_xyz) > config.max_voxels:
@@ -311,8 +290,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         # In a worker thread: submitting writes (and fsyncs) the job record.
         return svc.status(await run_in_threadpool(svc.manager.submit, "generate", params))
 
-    @api.post("/reconstruct", status_code=202, response_model=JobStatus)
-    async def reconstruct(request: Request) -> JobStatus:
+    @api.post("/reconstruct", status_code=202)
+    async def reconstruct(request: Request) -> dict[str, Any]:
         if svc.reconstructor is None:
             raise HTTPException(501, svc.recon_reason)
         if svc.uploads_in_flight >= MAX_CONCURRENT_UPLOADS:
@@ -334,15 +313,15 @@ def create_app(config: ServerConfig) -> FastAPI:
             # The library's checks against this model (task, anatomy, bounds) before the upload is stored.
             opts = ReconstructOptions.from_mapping(params.model_dump()).validate(svc.bundle)
             path, suffix = await run_in_threadpool(store_upload, up, config.max_voxels)
-            rec = await run_in_threadpool(svc.manager.submit, "reconstruct",
-                                     {k: getattr(opts, k) for k in params.model_dump()}, path, suffix)
+            fields = {k: v for k, v in opts.as_dict().items() if k in ReconstructParams.model_fields}
+            rec = await run_in_threadpool(svc.manager.submit, "reconstruct", fields, path, suffix)
         except BaseException:
             up.discard()
             raise
         return svc.status(rec)
 
-    @api.get("/jobs/{job_id}", response_model=JobStatus)
-    async def job_status(job_id: str) -> JobStatus:
+    @api.get("/jobs/{job_id}")
+    async def job_status(job_id: str) -> dict[str, Any]:
         return svc.status(svc.record_or_404(job_id))
 
     def _download(job_id: str, output: str) -> FileResponse:
@@ -367,8 +346,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def job_degraded(job_id: str) -> FileResponse:
         return _download(job_id, "degraded")
 
-    @api.post("/jobs/{job_id}/cancel", response_model=JobStatus)
-    async def job_cancel(job_id: str) -> JobStatus:
+    @api.post("/jobs/{job_id}/cancel")
+    async def job_cancel(job_id: str) -> dict[str, Any]:
         svc.record_or_404(job_id)
         svc.manager.cancel(job_id)
         return svc.status(svc.record_or_404(job_id))

@@ -11,14 +11,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import SimpleITK as sitk
 
 from ..errors import Cancelled, MedDiffusionError
-from ..pipelines.progress import ProgressInfo
+from ..progress import ProgressCallback, ProgressInfo
 from .security import new_job_id
 from .store import JobRecord, JobStore
 
@@ -26,6 +26,7 @@ log = logging.getLogger("meddiffusion.server")
 
 # Overall progress: sampling dominates the run time; decoding and writing share the rest. Other stages (those a
 # reconstruction adds after decoding, for example) report their own step/total but leave the overall value.
+CANCELLING = "cancelling"  # the stage shown between a cancel request and the pipeline stopping
 STAGE_SPANS = {"preparing": (0.0, 0.02), "sampling": (0.02, 0.9), "decoding": (0.9, 0.98), "writing": (0.98, 1.0)}
 
 
@@ -40,7 +41,7 @@ class RunOutput:
 
 
 # runner(record, input_path_or_None, progress_callback, cancel_event) -> RunOutput
-Runner = Callable[[JobRecord, Optional[Path], Callable[[ProgressInfo], None], threading.Event], RunOutput]
+Runner = Callable[[JobRecord, Optional[Path], ProgressCallback, threading.Event], RunOutput]
 
 
 @dataclass
@@ -144,10 +145,10 @@ class JobManager:
             if job_id in self._queue:
                 self._queue.remove(job_id)
                 self._cancels.pop(job_id, None)
-                self.store.finish(job_id, "cancelled", "cancelled by the user", stage=None)
+                self.store.finish(job_id, "cancelled", "cancelled by the user")
             elif rec.state in ("queued", "running") and job_id in self._cancels:  # picked up, maybe not started
                 self._cancels[job_id].set()
-                self.store.update(job_id, stage="cancelling")
+                self.store.update(job_id, current=ProgressInfo(0, 0, stage=CANCELLING))
         return rec
 
     # ---- worker --------------------------------------------------------------------------------------
@@ -181,16 +182,16 @@ class JobManager:
                     except Exception:
                         log.exception("after-job hook failed")
 
-    def _progress_callback(self, job_id: str) -> Callable[[ProgressInfo], None]:
+    def _progress_callback(self, job_id: str) -> ProgressCallback:
         def report(info: ProgressInfo) -> None:
             rec = self.store.get(job_id)
             overall = rec.progress if rec is not None else 0.0
             span = STAGE_SPANS.get(info.stage)
             if span is not None:
                 overall = max(overall, span[0] + (span[1] - span[0]) * info.fraction)
-            stage = "cancelling" if rec is not None and rec.stage == "cancelling" else info.stage
-            self.store.update(job_id, progress=min(overall, 1.0), stage=stage, step=int(info.step),
-                              total=int(info.total), eta_s=None if info.eta_s is None else float(info.eta_s))
+            if rec is not None and rec.current is not None and rec.current.stage == CANCELLING:
+                info = replace(info, stage=CANCELLING)  # until the pipeline stops, the user sees the cancel
+            self.store.update(job_id, progress=min(overall, 1.0), current=info)
         return report
 
     def _run(self, job_id: str, runners: Mapping[str, Runner]) -> None:
@@ -200,9 +201,10 @@ class JobManager:
             return
         runner = runners[rec.kind]
         if cancel.is_set():
-            self.store.finish(job_id, "cancelled", "cancelled by the user", stage=None)
+            self.store.finish(job_id, "cancelled", "cancelled by the user")
             return
-        self.store.update(job_id, persist=True, state="running", started=time.time(), stage="starting")
+        self.store.update(job_id, persist=True, state="running", started=time.time(),
+                          current=ProgressInfo(0, 0, stage="starting"))
         log.info("job %s running", job_id[:8])
         try:
             out = runner(rec, self.store.input_path(rec), self._progress_callback(job_id), cancel)
@@ -210,22 +212,20 @@ class JobManager:
             for i, (name, image) in enumerate(out.images.items()):
                 report(ProgressInfo(i, len(out.images), 0.0, None, "writing"))
                 self.store.write_output(job_id, name, image)
-            self.store.finish(job_id, "done", None, progress=1.0, stage=None, step=None, total=None,
-                              outputs=list(out.images),
-                              info=out.info)
+            self.store.finish(job_id, "done", None, progress=1.0, outputs=list(out.images), info=out.info)
             log.info("job %s done", job_id[:8])
         except Cancelled:
             if self._stopping:
                 log.info("job %s interrupted by the server shutdown", job_id[:8])
                 return  # stays 'running' on disk: reported failed by the restart
-            self.store.finish(job_id, "cancelled", "cancelled by the user", stage=None)
+            self.store.finish(job_id, "cancelled", "cancelled by the user")
             log.info("job %s cancelled", job_id[:8])
         except MedDiffusionError as exc:
-            self.store.finish(job_id, "failed", str(exc), stage=None)
+            self.store.finish(job_id, "failed", str(exc))
             log.info("job %s failed: %s", job_id[:8], exc)
         except Exception as exc:
             log.exception("job %s crashed", job_id[:8])
-            self.store.finish(job_id, "failed", describe_crash(exc), stage=None)
+            self.store.finish(job_id, "failed", describe_crash(exc))
 
 
 def describe_crash(exc: BaseException) -> str:

@@ -1,14 +1,11 @@
 """Request and response models of the HTTP API (pydantic); field names are the wire format."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..options import SCHEDULE_LENGTH, GenerateOptions, OptionSpec, ReconstructOptions
-
-JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 _GENERATE = GenerateOptions.specs()
 _RECONSTRUCT = ReconstructOptions.specs()
@@ -108,27 +105,3 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     auth_required: bool
-
-
-def iso(ts: Optional[float]) -> Optional[datetime]:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-class JobStatus(BaseModel):
-    id: str
-    kind: str
-    state: JobState
-    progress: float = Field(ge=0.0, le=1.0)
-    stage: Optional[str] = None
-    step: Optional[int] = None
-    total: Optional[int] = None
-    eta_s: Optional[float] = None
-    queue_position: Optional[int] = None
-    error: Optional[str] = None
-    created: datetime
-    started: Optional[datetime] = None
-    finished: Optional[datetime] = None
-    expires: Optional[datetime] = None
-    params: dict[str, Any] = {}
-    outputs: list[str] = []
-    info: dict[str, Any] = {}

@@ -30,12 +30,12 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.volumes import write_volume
+from ..progress import FINISHED_STATES, QUEUED, RUNNING, ProgressInfo
 from .security import is_valid_job_id
 
 log = logging.getLogger("meddiffusion.server")
 
-TERMINAL_STATES = ("done", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "running")
+ACTIVE_STATES = (QUEUED, RUNNING)
 RESTART_REASON = "server restarted while the job was running"
 OUTPUT_NAMES = ("result", "degraded")
 STORE_MARKER = ".meddiffusion-store"
@@ -89,11 +89,8 @@ class JobRecord:
     started: Optional[float] = None
     finished: Optional[float] = None
     error: Optional[str] = None
-    progress: float = 0.0
-    stage: Optional[str] = None
-    step: Optional[int] = None
-    total: Optional[int] = None
-    eta_s: Optional[float] = None
+    progress: float = 0.0                    # the whole job, 0..1
+    current: Optional[ProgressInfo] = None   # the stage it is in, as the pipeline reported it
     outputs: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     input_name: Optional[str] = None
@@ -104,7 +101,10 @@ class JobRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobRecord":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if values.get("current") is not None:
+            values["current"] = ProgressInfo(**values["current"])
+        return cls(**values)
 
 
 def _is_legacy_store(root: Path, entries: set[str]) -> bool:
@@ -153,7 +153,7 @@ class JobStore:
                 continue
             if rec.state in ACTIVE_STATES:
                 rec.state, rec.error, rec.finished = "failed", RESTART_REASON, now
-                rec.stage = rec.eta_s = None
+                rec.current = None
                 counts["failed_on_restart"] += 1
             elif rec.state == "done" and any(not (job_dir / f"{o}.nrrd").is_file() for o in rec.outputs):
                 rec.state, rec.error = "failed", "the result file is missing from the server's store"
@@ -243,7 +243,7 @@ class JobStore:
         return p if p.is_file() else None
 
     def finish(self, job_id: str, state: str, error: Optional[str] = None, **changes: Any) -> None:
-        rec = self.update(job_id, state=state, error=error, finished=time.time(), eta_s=None, **changes)
+        rec = self.update(job_id, state=state, error=error, finished=time.time(), current=None, **changes)
         if rec is not None:
             self._drop_input(rec)
             self.save(rec)
@@ -255,7 +255,7 @@ class JobStore:
 
     # ---- expiry --------------------------------------------------------------------------------------
     def expires_at(self, rec: JobRecord) -> Optional[float]:
-        return rec.finished + self.ttl_s if rec.state in TERMINAL_STATES and rec.finished else None
+        return rec.finished + self.ttl_s if rec.state in FINISHED_STATES and rec.finished else None
 
     def _expired(self, rec: JobRecord, now: float) -> bool:
         exp = self.expires_at(rec)

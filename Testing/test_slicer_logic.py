@@ -357,11 +357,11 @@ def test_method_reaches_both_backends_and_changes_the_result(scene, remote_serve
         for method in methods:
             logic.start_reconstruct(params.replace(method=method), token)
             state = _poll_until_finished(logic, 300)[-1]
-            assert state.state == "done", (method, state.message)
+            assert state.state == "done", (method, state.error)
             recon = logic.finish()[0]
             job = recon.GetAttribute("MedDiffusion.job")
             status = (client or logic.local.client()).status(job)
-            assert status["params"]["method"] == method and status["info"]["method"] == method
+            assert status.params["method"] == method and status.info["method"] == method
             assert recon.GetAttribute("MedDiffusion.method") == method
             if method != "diffusion":
                 assert recon.GetName().startswith(f"MedDiffusion sparse-CT 8 views {method} recon")

@@ -145,10 +145,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parse_size(size: Union[str, Sequence[int], None]) -> Optional[list[int]]:
-    return None if size is None else list(parse_size(size))
-
-
 class RemoteClient:
     """Talks to one server. ``token`` defaults to $MEDDIFFUSION_TOKEN; ``timeout`` is per network operation."""
 
@@ -250,7 +246,7 @@ class RemoteClient:
                  steps: Optional[int] = None, seed: Optional[int] = None,
                  hu_range: Optional[Sequence[float]] = None) -> str:
         """Queue a generation; returns the job id."""
-        body = {"anatomy": anatomy, "size_xyz": _parse_size(size_xyz), "sampler": sampler, "steps": steps,
+        body = {"anatomy": anatomy, "size_xyz": None if size_xyz is None else list(parse_size(size_xyz)), "sampler": sampler, "steps": steps,
                 "seed": seed, "hu_range": list(hu_range) if hu_range is not None else None}
         return self._request("POST", "/v1/generate", json_body=body)["id"]
 

@@ -210,9 +210,13 @@ class TaskOptions:
         return value
 
     def _checked(self, bundle: Any) -> dict[str, Any]:
-        """Every field checked by `check_field`; steps up to the bundle's schedule length."""
+        """Every field checked by `check_field`; steps up to the bundle's schedule length. With a bundle, steps
+        left out become the sampler's default for it, so validated options name the steps that will run."""
         timesteps = int(bundle.timesteps) if bundle is not None else SCHEDULE_LENGTH
-        return {name: self.check_field(name, getattr(self, name), timesteps) for name in self.specs()}
+        values = {name: self.check_field(name, getattr(self, name), timesteps) for name in self.specs()}
+        if bundle is not None and values["steps"] is None:
+            values["steps"] = default_steps(values["sampler"], timesteps)
+        return values
 
     def steps_or_default(self, timesteps: int = SCHEDULE_LENGTH) -> int:
         """The steps to run: the given ones, else the sampler's default (at most ``timesteps``)."""
@@ -264,7 +268,8 @@ class GenerateOptions(TaskOptions):
     def validate(self, bundle: Any = None) -> "GenerateOptions":
         """A normalised copy (size as (X, Y, Z), sampler lower-case, anatomy as the catalog spells it), or an
         InputError naming the first bad field. With a model bundle also checks the anatomy, the HU range against
-        its modality, the size against the model's grid and the steps against its schedule."""
+        its modality, the size against the model's grid and the steps against its schedule (none given: the
+        sampler's default for it)."""
         values = self._checked(bundle)
         if values["anatomy"] is None or not values["anatomy"].strip():
             raise InputError("anatomy is required")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from MedDiffusionLib.client import (AuthenticationError, JobFailed, JobNotFound, QueueFullError, RemoteClient,
-                                    RemoteError, ServerUnreachable, _multipart, _parse_size)
-from MedDiffusionLib.errors import MedDiffusionError
+                                    RemoteError, ServerUnreachable, _multipart)
+from MedDiffusionLib.errors import InputError, MedDiffusionError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,11 @@ def test_client_imports_only_the_standard_library():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_parse_size():
-    assert _parse_size("32x32x16") == [32, 32, 16]
-    assert _parse_size((8, 8, 8)) == [8, 8, 8]
-    assert _parse_size(None) is None
+def test_bad_sizes_are_refused_before_any_request():
+    c = RemoteClient("http://127.0.0.1:9")  # nothing listens: a request would be ServerUnreachable
     for bad in ("32x32", "axbxc", (1, 2)):
-        with pytest.raises(ValueError):
-            _parse_size(bad)
+        with pytest.raises(InputError, match="size"):
+            c.generate("ct-legs", bad)
 
 
 def test_multipart_round_trip(tmp_path):

@@ -2,7 +2,6 @@
 the standard-library RemoteClient / urllib as clients. Servers are module-scoped to keep the file fast."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -29,8 +28,6 @@ from server_fixture import volume as _volume
 from server_fixture import server_env as _server_env
 
 TOKEN = secrets.token_urlsafe(24)
-HAS_RECON = importlib.util.find_spec("MedDiffusionLib.pipelines.reconstruct") is not None
-HAS_CONTROLNET = importlib.util.find_spec("MedDiffusionLib.models.controlnet") is not None
 SLOW = dict(anatomy="ct-head-neck", sampler="ddpm", steps=1000)  # ~a minute on a CPU: always cancelled
 
 
@@ -73,7 +70,7 @@ def wait_state(client: RemoteClient, job: str, states: tuple[str, ...], timeout:
 def model_dir(tmp_path_factory) -> Path:
     from helpers import make_tiny_bundle
 
-    return make_tiny_bundle(tmp_path_factory.mktemp("model"), controlnets=HAS_RECON and HAS_CONTROLNET)
+    return make_tiny_bundle(tmp_path_factory.mktemp("model"), controlnets=True)
 
 
 @pytest.fixture(scope="module")
@@ -397,15 +394,13 @@ def test_reconstruct_through_the_http_layer(stub_server):
 
 def _require_reconstruct(server) -> None:
     status, _, raw = http(server.url + "/v1/models")
-    if not json.loads(raw)["reconstruct_available"]:
-        pytest.skip("MedDiffusionLib.pipelines.reconstruct is not available yet (reconstruction endpoint off)")
+    assert status == 200 and json.loads(raw)["reconstruct_available"], raw  # the tiny bundle has ControlNets
 
 
 def test_reconstruct_end_to_end(server, client):
     _require_reconstruct(server)
     tasks = client.models()["tasks"]
-    if not tasks:
-        pytest.skip("the tiny bundle has no ControlNets (MedDiffusionLib.models.controlnet missing)")
+    assert tasks, "the tiny bundle has ControlNets: the server must offer their tasks"
     task = "sparse-ct" if "sparse-ct" in tasks else tasks[0]
     img = volume(size=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
     job = client.reconstruct(img, task=task, views=8, acceleration=4, steps=2, seed=3)

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
+from MedDiffusionLib.errors import Cancelled, MedDiffusionError
 from MedDiffusionLib.progress import CANCELLED, DONE, FAILED, IDLE, QUEUED, RUNNING, JobStatus
 from MedDiffusionLib.results import GenerationResult, ReconstructionResult
 
@@ -90,10 +91,6 @@ class PanelJob:
         if self._state.ended:
             return self._state
         began = time.monotonic()
-        try:
-            from MedDiffusionLib.errors import Cancelled, MedDiffusionError
-        except ImportError:  # pragma: no cover
-            Cancelled = MedDiffusionError = ()  # type: ignore[assignment,misc]
         try:
             with reworded_errors(self.backend.url, self.job_id, bool(self.backend.token)):
                 self._advance()

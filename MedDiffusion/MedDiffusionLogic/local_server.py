@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from MedDiffusionLib.errors import MedDiffusionError
+
 __all__ = ["LocalServer", "ServerSpec", "find_python", "PYTHON_ENV", "ServerStartError"]
 
 _log = logging.getLogger(__name__)
@@ -35,13 +37,7 @@ START_TIMEOUT_S = 600.0
 LOCAL_MAX_UPLOAD_MB = 4096            # importing torch and loading a full-size model can take minutes
 CHILD = Path(__file__).with_name("server_child.py")
 
-try:
-    from MedDiffusionLib.errors import MedDiffusionError as _Base
-except ImportError:  # pragma: no cover - the library is always next to the module
-    _Base = RuntimeError  # type: ignore[misc,assignment]
-
-
-class ServerStartError(_Base):  # type: ignore[valid-type,misc]
+class ServerStartError(MedDiffusionError):
     """The local server could not be started or died; the message points to its log."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from MedDiffusionLib.errors import InputError
 
 __all__ = [
     "LPS_TO_RAS",
@@ -32,19 +33,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _ORTHO_TOL = 1e-3
 
 
-def _input_error(message: str) -> Exception:
-    """The library's InputError when available (user-facing message), else a plain ValueError."""
-    try:
-        from MedDiffusionLib.errors import InputError
-    except ImportError:  # the glue must stay usable without the library
-        return ValueError(message)
-    return InputError(message)
-
-
 def _orthonormalize(direction: np.ndarray) -> np.ndarray:
     """Nearest orthonormal matrix (polar decomposition) if `direction` is nearly orthonormal, else an error."""
     if np.abs(direction @ direction.T - np.eye(3)).max() > _ORTHO_TOL:
-        raise _input_error(f"the volume's direction matrix is not orthonormal (sheared): {direction.tolist()}")
+        raise InputError(f"the volume's direction matrix is not orthonormal (sheared): {direction.tolist()}")
     u, _, vt = np.linalg.svd(direction)
     return u @ vt
 
@@ -66,7 +58,7 @@ def _slicer_compatible_array(arr: np.ndarray) -> np.ndarray:
 def ras_geometry_from_image(image: sitk.Image) -> tuple[tuple[float, ...], np.ndarray, np.ndarray]:
     """(spacing_xyz, origin_RAS (3,), direction_RAS (3,3) with unit columns) of a 3D SimpleITK image."""
     if image.GetDimension() != 3:
-        raise _input_error(f"expected a 3D image, got {image.GetDimension()}D")
+        raise InputError(f"expected a 3D image, got {image.GetDimension()}D")
     direction_lps = _orthonormalize(np.asarray(image.GetDirection(), dtype=float).reshape(3, 3))
     origin_ras = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=float)
     direction_ras = LPS_TO_RAS @ direction_lps
@@ -79,7 +71,7 @@ def update_volume_node_from_image(node: Any, image: sitk.Image) -> Any:
     import vtk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise _input_error(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
+        raise InputError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
     spacing, origin_ras, direction_ras = ras_geometry_from_image(image)
     arr = _slicer_compatible_array(sitk.GetArrayFromImage(image))  # (Z, Y, X) == Slicer's (K, J, I)
     matrix = vtk.vtkMatrix4x4()
@@ -118,7 +110,7 @@ def _ijk_to_world_matrix(node: Any) -> np.ndarray:
     parent = node.GetParentTransformNode()
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
-            raise _input_error(f"volume '{node.GetName()}' is under a non-linear transform: harden the transform "
+            raise InputError(f"volume '{node.GetName()}' is under a non-linear transform: harden the transform "
                                "(Transforms module) before using it")
         to_world = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(to_world)
@@ -128,14 +120,14 @@ def _ijk_to_world_matrix(node: Any) -> np.ndarray:
 
 def _checked_scalar_volume(node: Any) -> None:
     if node is None:
-        raise _input_error("no input volume selected")
+        raise InputError("no input volume selected")
     if not node.IsA("vtkMRMLScalarVolumeNode"):
-        raise _input_error(f"'{node.GetName()}' is a {node.GetClassName()}, not a scalar volume")
+        raise InputError(f"'{node.GetName()}' is a {node.GetClassName()}, not a scalar volume")
     image_data = node.GetImageData()
     if image_data is None or image_data.GetNumberOfPoints() == 0:
-        raise _input_error(f"volume '{node.GetName()}' has no voxels")
+        raise InputError(f"volume '{node.GetName()}' has no voxels")
     if image_data.GetNumberOfScalarComponents() != 1:
-        raise _input_error(f"volume '{node.GetName()}' has {image_data.GetNumberOfScalarComponents()} components; "
+        raise InputError(f"volume '{node.GetName()}' has {image_data.GetNumberOfScalarComponents()} components; "
                            "a scalar (grey-level) volume is needed")
 
 
@@ -145,7 +137,7 @@ def _lps_geometry(node: Any) -> tuple[tuple[float, float, float], tuple[float, f
     columns = matrix[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if np.any(spacing <= 0):
-        raise _input_error(f"volume '{node.GetName()}' has a degenerate geometry (zero spacing)")
+        raise InputError(f"volume '{node.GetName()}' has a degenerate geometry (zero spacing)")
     direction_ras = _orthonormalize(columns / spacing)
     return (tuple(float(s) for s in spacing), tuple(float(v) for v in LPS_TO_RAS @ matrix[:3, 3]),
             LPS_TO_RAS @ direction_ras)

@@ -14,19 +14,13 @@ import base64
 import urllib.parse
 from typing import Any
 
+from MedDiffusionLib.errors import InputError
+
 __all__ = ["origin_of", "is_loopback_url", "check_transport", "TokenStore", "ServerTrust", "DictSettings"]
 
 TOKENS_GROUP = "MedDiffusion/ServerTokens/"
 TRUSTED_KEY = "MedDiffusion/TrustedServers"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _input_error(message: str) -> Exception:
-    try:
-        from MedDiffusionLib.errors import InputError
-    except ImportError:  # pragma: no cover
-        return ValueError(message)
-    return InputError(message)
 
 
 def origin_of(url: str) -> str:
@@ -35,11 +29,11 @@ def origin_of(url: str) -> str:
     parts = urllib.parse.urlsplit((url or "").strip())
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise _input_error(f"server URL must look like http://host:port or https://host, got {url!r}")
+        raise InputError(f"server URL must look like http://host:port or https://host, got {url!r}")
     try:
         port = parts.port or _DEFAULT_PORTS[scheme]
     except ValueError:
-        raise _input_error(f"server URL has an invalid port: {url!r}") from None
+        raise InputError(f"server URL has an invalid port: {url!r}") from None
     host = parts.hostname.lower()
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
@@ -53,7 +47,7 @@ def is_loopback_url(url: str) -> bool:
 def check_transport(url: str, token: str) -> None:
     """Refuse to send a token over plain http to a machine other than this one."""
     if token and urllib.parse.urlsplit(url.strip()).scheme.lower() == "http" and not is_loopback_url(url):
-        raise _input_error(f"refusing to send the access token over plain http to {origin_of(url)}: use an SSH "
+        raise InputError(f"refusing to send the access token over plain http to {origin_of(url)}: use an SSH "
                            "tunnel (http://127.0.0.1:PORT) or an https:// address")
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
+from ..options import SAMPLERS
 from .base import SPACINGS, Sampler, SamplerStepOutput, spaced_timesteps
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
 from .schedule import GaussianDiffusion
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp": DPMSolverSampler}
-SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+# The class behind each name of options.SAMPLERS (the one list of sampler choices, in its order).
+SAMPLER_CLASSES: dict[str, type[Sampler]] = dict(zip(SAMPLERS, (DDPMSampler, DDIMSampler, DPMSolverSampler)))
 _ALIASES = {"dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm-solver++": "dpmpp", "dpmpp2m": "dpmpp"}
 
 
@@ -20,11 +21,11 @@ def make_sampler(name: str, diffusion: GaussianDiffusion, steps: int | None = No
     (options.DEFAULT_STEPS, at most T). Extra kwargs go to the class (e.g. eta)."""
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
-    cls = SAMPLERS.get(key)
+    cls = SAMPLER_CLASSES.get(key)
     if cls is None:
-        raise InputError(f"unknown sampler '{name}' (valid: {', '.join(SAMPLER_NAMES)})")
+        raise InputError(f"unknown sampler '{name}' (valid: {', '.join(SAMPLERS)})")
     return cls(diffusion, steps=steps, **kwargs)
 
 
 __all__ = ["Sampler", "SamplerStepOutput", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "make_sampler",
-           "spaced_timesteps", "SAMPLERS", "SAMPLER_NAMES", "SPACINGS"]
+           "spaced_timesteps", "SAMPLER_CLASSES", "SPACINGS"]

@@ -37,7 +37,7 @@ from ..io.atomic import atomic_write_text
 from ..io.volumes import WRITABLE_SUFFIXES, write_volume
 from .common import resolve_seed
 from .distributed import WorldInfo
-from .generate import GenerationPipeline, latent_multiple, resolve_latent_size
+from .generate import GenerationPipeline, resolve_latent_size
 
 SETTINGS_FILE = "run.json"
 MANIFEST_FILE = "manifest.csv"
@@ -148,7 +148,7 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
     checked = [pipe.check_inputs(e.name, None, sampler, steps, None, hu_range) for e in entries]
     sampler, hu_range = checked[0].sampler, checked[0].hu_range
     sizes = tuple(tuple(int(v) for v in s) for s in sizes_xyz)
-    multiple = latent_multiple(pipe.denoiser)
+    multiple = pipe.denoiser.latent_multiple
     with warnings.catch_warnings(record=True) as caught:  # validates every (anatomy, size) pair once
         warnings.simplefilter("always")
         for entry in entries:
@@ -158,7 +158,7 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
         warnings.warn(str(w.message), stacklevel=2)
     return DatasetSpec(anatomies=tuple((e.name, str(w)) for e, (_, w) in zip(entries, mix)), sizes_xyz=sizes,
                        count=int(count), base_seed=resolve_seed(base_seed), sampler=sampler,
-                       steps=checked[0].steps_or_default(pipe.diffusion.timesteps), batch_size=int(batch_size),
+                       steps=checked[0].steps, batch_size=int(batch_size),
                        hu_range=hu_range, suffix=suffix, model_id=model or model_id(pipe))
 
 
@@ -176,7 +176,7 @@ def plan_dataset(spec: DatasetSpec, pipe: GenerationPipeline) -> list[PlannedVol
     names = [name for name, _ in spec.anatomies]
     order = weighted_order([Fraction(w) for _, w in spec.anatomies], spec.count)
     entries = [pipe.bundle.catalog.get(n) for n in names]
-    ds, multiple = pipe.bundle.downsample, latent_multiple(pipe.denoiser)
+    ds, multiple = pipe.bundle.downsample, pipe.denoiser.latent_multiple
     latents: dict[tuple[int, Any], tuple[int, int, int]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # make_spec already reported untrained sizes

@@ -23,11 +23,6 @@ GENERATED_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 SizeLike = Union[str, Sequence[int], None]
 
 
-def latent_multiple(denoiser: torch.nn.Module) -> int:
-    """Latent sides must be multiples of this (a fact of the denoiser: BiFlowNet.latent_multiple)."""
-    return int(denoiser.latent_multiple)
-
-
 def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multiple: int) -> tuple[int, int, int]:
     """(X, Y, Z) voxels -> latent (D, H, W) = (Z, X, Y) / downsample, checked against the model's grid."""
     if size is None:
@@ -78,12 +73,12 @@ class GenerationPipeline(BundlePipeline):
         checked = [self.check_inputs(a, size_xyz, sampler, steps, s, hu_range) for a, s in zip(anatomies, seeds)]
         entries = [self.bundle.catalog.get(o.anatomy) for o in checked]
         size_xyz, sampler, hu_range = checked[0].size_xyz, checked[0].sampler, checked[0].hu_range
-        latents = {resolve_latent_size(e, size_xyz, self.bundle.downsample, latent_multiple(self.denoiser))
+        latents = {resolve_latent_size(e, size_xyz, self.bundle.downsample, self.denoiser.latent_multiple)
                    for e in entries}
         if len(latents) != 1:
             raise InputError("a batch must have one latent size")
         latent = latents.pop()
-        steps = checked[0].steps_or_default(self.diffusion.timesteps)
+        steps = checked[0].steps  # validate(bundle) gave the sampler's default when none was asked for
         seeds = [resolve_seed(o.seed) for o in checked]
         keep = [True] * len(entries) if only is None else [bool(k) for k in only]
         volumes = self.sample_volumes(entries, latent, sampler, steps, seeds, progress, cancel, keep)
@@ -93,11 +88,6 @@ class GenerationPipeline(BundlePipeline):
             size, spacing = image.GetSize(), image.GetSpacing()
             yield GenerationResult(image, entry.name, entry.modality, seed, sampler, steps, (size[0], size[1], size[2]),
                                    time.perf_counter() - start, (spacing[0], spacing[1], spacing[2]), str(self.device))
-
-    def sample_volume(self, entry: Anatomy, latent: tuple[int, int, int], sampler: str, steps: int, seed: int,
-                      progress: Optional[ProgressCallback], cancel: Optional[CancelFlag]) -> np.ndarray:
-        """Returns the decoded volume in network order (Z, X, Y), intensities in [0, 1]."""
-        return next(self.sample_volumes([entry], latent, sampler, steps, [seed], progress, cancel))
 
     def sample_volumes(self, entries: Sequence[Anatomy], latent: tuple[int, int, int], sampler: str, steps: int,
                        seeds: Sequence[int], progress: Optional[ProgressCallback] = None,

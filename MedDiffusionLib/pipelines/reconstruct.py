@@ -40,7 +40,6 @@ from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_
 from .consistency import LatentDataConsistency
 from .decode import decode_latent
 from .evaluation import native_scores
-from .generate import latent_multiple
 from .measurements import NativeProblem, prepare_problem, solve_model_free, to_image
 from .native import GridMap
 from ..progress import CancelFlag, ProgressCallback, ProgressTracker
@@ -162,7 +161,7 @@ class ReconstructionPipeline(BundlePipeline):
         self.controlnets = {task: net.to(self.device).eval() for task, net in bundle.controlnets.items()}
         for task, net in self.controlnets.items():
             self._check_controlnet(task, net)
-        self.step = int(bundle.downsample) * latent_multiple(self.denoiser)
+        self.step = int(bundle.downsample) * self.denoiser.latent_multiple
 
     @property
     def tasks(self) -> list[str]:
@@ -221,7 +220,7 @@ class ReconstructionPipeline(BundlePipeline):
         controlnet = self._controlnet(task)
         validate_image(image)
         entry, reason = self.anatomy_for(task, opts.anatomy, image)
-        steps = opts.steps_or_default(self.diffusion.timesteps)
+        steps = opts.steps  # validate(bundle) gave the sampler's default when none was asked for
         seed = resolve_seed(opts.seed)
 
         tracker = ProgressTracker(1, progress, cancel, "measuring")

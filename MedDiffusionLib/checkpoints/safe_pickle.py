@@ -113,7 +113,7 @@ def _fixed_globals() -> dict[str, Any]:
         from torch._weights_only_unpickler import _get_allowed_globals
 
         allowed.update(_get_allowed_globals())
-    except Exception:  # pragma: no cover - private API moved: fall back to the essentials below
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved: the essentials below suffice
         pass
     allowed.update({
         "collections.OrderedDict": collections.OrderedDict,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -81,7 +81,10 @@ class GenerationPipeline(BundlePipeline):
         steps = checked[0].steps  # validate(bundle) gave the sampler's default when none was asked for
         seeds = [resolve_seed(o.seed) for o in checked]
         keep = [True] * len(entries) if only is None else [bool(k) for k in only]
-        volumes = self.sample_volumes(entries, latent, sampler, steps, seeds, progress, cancel, keep)
+        with inference_mode():
+            z = sample_latents(self.class_denoiser(entries, latent), (int(self.denoiser.config["channels"]),) + latent,
+                               seeds, sampler, steps, self.device, self.diffusion, progress=progress, cancel=cancel)
+        volumes = self.decode_volumes(z, keep, progress, cancel)
         kept = [(e, s) for e, s, k in zip(entries, seeds, keep) if k]
         for (entry, seed), volume in zip(kept, volumes):
             image = self.to_image(volume, entry, hu_range)
@@ -89,27 +92,27 @@ class GenerationPipeline(BundlePipeline):
             yield GenerationResult(image, entry.name, entry.modality, seed, sampler, steps, (size[0], size[1], size[2]),
                                    time.perf_counter() - start, (spacing[0], spacing[1], spacing[2]), str(self.device))
 
-    def sample_volumes(self, entries: Sequence[Anatomy], latent: tuple[int, int, int], sampler: str, steps: int,
-                       seeds: Sequence[int], progress: Optional[ProgressCallback] = None,
-                       cancel: Optional[CancelFlag] = None, keep: Optional[Sequence[bool]] = None
-                       ) -> Iterator[np.ndarray]:
-        """Samples all latents together, then decodes and yields them one by one (decoding is the memory peak);
-        `keep` skips decoding some (a resumed batch needs only its missing volumes)."""
-        dev = self.device
-        channels = self.denoiser.config["channels"]
-        y = torch.tensor([e.class_index for e in entries], device=dev)
-        res = torch.tensor([latent] * len(entries), dtype=torch.float32, device=dev) \
+    def class_denoiser(self, entries: Sequence[Anatomy], latent: tuple[int, int, int]
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`denoise(x, t) -> eps` for a batch of these anatomies' latents (class and resolution conditioning)."""
+        y = torch.tensor([e.class_index for e in entries], device=self.device)
+        res = torch.tensor([latent] * len(entries), dtype=torch.float32, device=self.device) \
             / float(self.denoiser.config.get("vq_size", 64))
+        return lambda x, t: self.denoiser(x, t, y, res)
+
+    def decode_volumes(self, z: torch.Tensor, keep: Optional[Sequence[bool]] = None,
+                       progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None
+                       ) -> Iterator[np.ndarray]:
+        """Sampled (normalised) latents -> decoded volumes in network order (Z, X, Y), intensities in [0, 1], one
+        at a time (decoding is the memory peak); `keep` skips some (a resumed batch needs only its missing ones)."""
         with inference_mode():
-            z = sample_latents(lambda x, t: self.denoiser(x, t, y, res), (channels,) + latent, seeds, sampler,
-                               steps, dev, self.diffusion, progress=progress, cancel=cancel)
             z = denormalize_latent(z, self.bundle.latent_range)
-        for i in range(len(entries)):
+        for i in range(z.shape[0]):
             if keep is not None and not keep[i]:
                 continue
             with inference_mode():
                 z_q, _ = self.autoencoder.quantize(z[i:i + 1])
-                vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, dev, progress, cancel)
+                vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, self.device, progress, cancel)
             yield ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
 
     @staticmethod

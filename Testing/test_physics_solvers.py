@@ -59,7 +59,7 @@ def test_sart_and_tv_beat_fbp_on_sparse_views():
     err = {"fbp": (op.degrade(y) - u).norm(), "sart": (os_sart(op, y, 5) - u).norm(),
            "tv": (tv_pdhg(op, y, 3e-3, 80, x0=op.degrade(y).clamp_min(0)) - u).norm()}
     assert err["sart"] < 0.7 * err["fbp"] and err["tv"] < 0.5 * err["fbp"], err
-    assert operator_norm_sq(op) == getattr(op, "_whitened_norm_sq")  # computed once, then cached
+    assert operator_norm_sq(op) == op.whitened_norm_sq  # computed once, then cached
 
 
 def test_tv_beats_zero_filling_on_undersampled_k_space():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -78,6 +78,8 @@ class SparseViewCT:
     photons: Optional[float] = None
     pixel_mm: float = 1.0
     iters: int = 8
+    # ||R^(1/2) A||^2, computed once by solvers.operator_norm_sq (power iteration) and kept here
+    whitened_norm_sq: Optional[float] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.views, int) or isinstance(self.views, bool) or self.views < 1:

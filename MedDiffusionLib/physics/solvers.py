@@ -55,21 +55,19 @@ class Whitened:
 
 def operator_norm_sq(op: Operator, device: torch.device | str = "cpu", iters: int = 20) -> float:
     """||R^(1/2) A||^2 (largest eigenvalue of the whitened normal operator) of one slice by power iteration;
-    cached on the operator."""
-    cached = getattr(op, "_whitened_norm_sq", None)
-    if cached is not None:
-        return cached
+    cached on a CT operator (MRI's is known: its normal operator is a projection)."""
     if isinstance(op, AcceleratedMRI):
-        value = 1.0 if float(op.mask.max()) > 0 else 0.0  # orthonormal FFT times a 0/1 mask
-    else:
-        white = Whitened(op)
-        v = torch.rand((1, *op.slice_shape), generator=torch.Generator().manual_seed(0)).to(device)
-        value = 0.0
-        for _ in range(iters):
-            w = white.adjoint(white.forward(v))
-            value = float(w.norm() / v.norm().clamp_min(_TINY))
-            v = w / w.norm().clamp_min(_TINY)
-    op._whitened_norm_sq = value  # type: ignore[union-attr]
+        return 1.0 if float(op.mask.max()) > 0 else 0.0  # orthonormal FFT times a 0/1 mask
+    if op.whitened_norm_sq is not None:
+        return op.whitened_norm_sq
+    white = Whitened(op)
+    v = torch.rand((1, *op.slice_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    value = 0.0
+    for _ in range(iters):
+        w = white.adjoint(white.forward(v))
+        value = float(w.norm() / v.norm().clamp_min(_TINY))
+        v = w / w.norm().clamp_min(_TINY)
+    op.whitened_norm_sq = value
     return value
 
 

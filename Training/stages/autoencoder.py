@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_arguments(cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    if getattr(args, "stage", None) is not None:
+    if args.stage is not None:
         cfg.setdefault("train", {})["stage"] = int(args.stage)
 
 

@@ -44,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_arguments(cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    if getattr(args, "task", None):
+    if args.task:
         cfg["task"] = args.task
-    if getattr(args, "export_bundle", None):
+    if args.export_bundle:
         cfg["export_bundle"] = args.export_bundle
 
 

@@ -92,7 +92,7 @@ class Anatomy:
 
     def scaled(self, factor: int) -> "Anatomy":
         """The same anatomy with latent sizes multiplied by ``factor`` (4x models: factor 2)."""
-        sizes = tuple(tuple(v * factor for v in s) for s in self.latent_sizes)
+        sizes = tuple((x * factor, y * factor, z * factor) for x, y, z in self.latent_sizes)
         return Anatomy(self.name, self.class_index, self.modality, sizes, self.spacing_xyz, self.description,
                        self.spacings_xyz)
 

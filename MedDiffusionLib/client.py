@@ -132,7 +132,8 @@ class JobWatcher:
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # urllib would resend the Authorization header to wherever a redirect points; the API never redirects.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
         return None
 
 

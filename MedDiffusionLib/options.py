@@ -69,7 +69,7 @@ def parse_size(size: Union[str, Sequence[int]]) -> SizeXYZ:
             raise InputError(f"size must have three values (X, Y, Z), got {size!r}")
     if any(v <= 0 for v in vals):
         raise InputError(f"size {size!r} must be positive in every direction")
-    return vals  # type: ignore[return-value]
+    return vals[0], vals[1], vals[2]
 
 
 def format_size(size_xyz: Sequence[int]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, TypeVar, Union
+from typing import Any, ClassVar, Mapping, Optional, TypeVar, Union
 
 __all__ = ["GenerationResult", "ReconstructionResult", "result_from_info"]
 
@@ -21,9 +21,12 @@ _VOLUMES = ("image", "degraded")
 class _Result:
     """`info()` / `from_info()` for the result dataclasses: every field but the volumes, as JSON values."""
 
+    # Every subclass is a dataclass; declared so that the type checker accepts dataclasses.fields(self).
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def info(self) -> dict[str, Any]:
         """The result without its volumes, JSON-serialisable (tuples as lists, non-finite numbers as None)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in _VOLUMES}
 
     @classmethod

@@ -94,7 +94,7 @@ def _little_endian_bytes(arr: np.ndarray) -> memoryview:
     """The voxels as bytes without copying when they are already contiguous little-endian."""
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    return memoryview(arr).cast("B")
+    return arr.data.cast("B")
 
 
 class NrrdStreamDecoder:
@@ -170,8 +170,9 @@ class NrrdStreamDecoder:
         if np.any(spacing <= 0):
             raise TransferError("the server's volume has a zero spacing")
         array = np.empty((sizes[2], sizes[1], sizes[0]), dtype=dtype)
-        self.volume = VolumeArray(array, tuple(float(s) for s in spacing), tuple(origin), matrix / spacing)
-        self._flat = memoryview(array).cast("B")
+        self.volume = VolumeArray(array, (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+                                  (origin[0], origin[1], origin[2]), matrix / spacing)
+        self._flat = array.data.cast("B")
         self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding != "raw" else None
 
     def _take(self, data: bytes) -> None:
@@ -223,6 +224,8 @@ def upload_pieces(head: bytes, nrrd_head: bytes, array: np.ndarray, tail: bytes,
 # ----------------------------------------------------------------------------------------------- connections
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise TransferError(f"the server URL {url!r} names no host")
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             parts.hostname, parts.port or 443, timeout=timeout, context=ssl.create_default_context())

@@ -7,4 +7,5 @@ export PYTHONUTF8=1 LC_ALL=C.UTF-8 LANG=C.UTF-8
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m ruff check MedDiffusionLib  # the library lints clean (rules in pyproject.toml)
+python -m mypy  # the library type-checks (files and strictness in pyproject.toml)
 python -m pytest -q -p no:cacheprovider "$@"

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..bundle_summary import DEMO_ENV, MANIFEST, demo_bundle_dir
 from ..catalog import Catalog, official_catalog
@@ -155,9 +154,9 @@ def _resolve_file(folder: Path, name: str, what: str, manifest: Path) -> Path:
     return f
 
 
-def _latent_range(value: Any, autoencoder: nn.Module, manifest: Path) -> tuple[float, float]:
+def _latent_range(value: Any, autoencoder: PatchVolumeAutoencoder, manifest: Path) -> tuple[float, float]:
     if value is None:
-        lo, hi = autoencoder.codebook_range()  # type: ignore[operator]
+        lo, hi = autoencoder.codebook_range()
         return float(lo), float(hi)
     try:
         lo, hi = (float(v) for v in value)

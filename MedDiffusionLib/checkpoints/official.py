@@ -175,6 +175,10 @@ def _build_and_load(kind: str, conf: dict[str, Any], sd: Mapping[str, Any], path
     """
     numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
     model = build_network(kind, conf, f"'{path}'", file_numel=numel)
+    from ..models.autoencoder import PatchVolumeAutoencoder  # lazy, as in network_build
+    from ..models.biflownet import BiFlowNet
+    if not isinstance(model, (PatchVolumeAutoencoder, BiFlowNet)):
+        raise CheckpointError(f"'{path}': the authors' key names are known only for the autoencoder and BiFlowNet")
     try:
         model.load_official_state_dict(sd)
     except CheckpointError as exc:  # name the file: the network's message does not know it

@@ -23,7 +23,7 @@ import io
 import math
 import pickle
 import types
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -425,14 +425,17 @@ def _calls() -> dict[int, Callable[["RestrictedUnpickler", Any, tuple], Any]]:
 _NEW_OK = (dict, list, set, collections.OrderedDict, AttributeDictStandIn)
 
 
-class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves globals only from the allow-list and checks every call and BUILD.
 
     The pure-Python unpickler is used so that each opcode that calls something can be intercepted.
     Pickles of checkpoints are small (tensor data lives outside them), so speed does not matter here.
     """
 
-    dispatch: dict[int, Callable[..., None]] = {}
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = {}
+    # Set by the pure-Python unpickler's load(); typeshed leaves these internals out.
+    stack: list[Any]
+    append: Callable[[Any], None]
 
     def __init__(self, file: Any, *, budget: int = 1 << 20, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
@@ -508,7 +511,7 @@ def _costed(handler: Callable[..., None], cost: int) -> Callable[..., None]:
 
 
 def _dispatch_table() -> dict[int, Callable[..., None]]:
-    table = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    table: dict[int, Callable[..., None]] = dict(pickle._Unpickler.dispatch)
     table[pickle.REDUCE[0]] = RestrictedUnpickler._load_reduce
     table[pickle.NEWOBJ[0]] = RestrictedUnpickler._load_newobj
     table[pickle.NEWOBJ_EX[0]] = RestrictedUnpickler._load_newobj_ex
@@ -554,7 +557,8 @@ def _restricted_loads(data: bytes, **kwargs: Any) -> Any:
 
 
 def _make_module() -> types.ModuleType:
-    # Module-like object (Unpickler, load, loads) for callers that take a pickle module.
+    # Module-like object (Unpickler, load, loads) for callers that take a pickle module. typeshed's ModuleType
+    # has no attributes to assign, hence the ignores.
     mod = types.ModuleType("meddiffusion_safe_pickle")
     mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
     mod.load = _restricted_load  # type: ignore[attr-defined]

@@ -82,7 +82,7 @@ def _view_storage(buf: bytearray, offset: int, nbytes: int, dtype: torch.dtype) 
 
 def _unpickler(data: bytes, persistent_load: Any) -> RestrictedUnpickler:
     u = RestrictedUnpickler(io.BytesIO(data), budget=pickle_budget(len(data)))
-    u.persistent_load = persistent_load  # type: ignore[method-assign]
+    u.persistent_load = persistent_load  # type: ignore[method-assign]  # pickle's documented hook; typeshed has it as a method
     return u
 
 
@@ -151,7 +151,7 @@ def _load_legacy(buf: bytearray) -> Any:
         nonlocal pos
         data = io.BytesIO(bytes(buf[pos:pos + MAX_PICKLE_BYTES]))
         u = RestrictedUnpickler(data, budget=pickle_budget(len(data.getbuffer())))
-        u.persistent_load = persistent_load  # type: ignore[method-assign]
+        u.persistent_load = persistent_load  # type: ignore[method-assign]  # pickle's documented hook; typeshed has it as a method
         try:
             value = u.load()
         except EOFError:

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..options import TaskOptions
 from ..progress import ProgressInfo
+
+if TYPE_CHECKING:  # for annotations only: the functions below import these lazily
+    from tqdm import tqdm
+
+    from ..checkpoints.bundle import ModelBundle
 
 
 def _choice(text: str) -> str:
@@ -39,7 +45,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
 
 
-def load_bundle_from_args(args: argparse.Namespace):
+def load_bundle_from_args(args: argparse.Namespace) -> ModelBundle:
     from ..checkpoints.bundle import bundle_from_official, load_bundle
     from ..errors import InputError
 
@@ -52,7 +58,7 @@ def load_bundle_from_args(args: argparse.Namespace):
     return load_bundle(resolve_model_arg(args.model))
 
 
-def resolve_model_arg(spec: Optional[str]):
+def resolve_model_arg(spec: Optional[str]) -> Optional[Path]:
     """``--model``: a registered name or a folder (None: the demo model) -> the bundle folder."""
     from ..registry.store import resolve_model
 
@@ -64,7 +70,7 @@ class TqdmProgress:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = None
+        self.bar: Optional[tqdm[Any]] = None
         self.stage: Optional[str] = None
 
     def __call__(self, info: ProgressInfo) -> None:
@@ -72,12 +78,13 @@ class TqdmProgress:
             return
         from tqdm import tqdm
 
-        if info.stage != self.stage:
+        bar = self.bar
+        if info.stage != self.stage or bar is None:
             self.close()
             self.stage = info.stage
-            self.bar = tqdm(total=info.total, desc=info.stage, unit="step", dynamic_ncols=True)
-        self.bar.n = info.step
-        self.bar.refresh()
+            bar = self.bar = tqdm(total=info.total, desc=info.stage, unit="step", dynamic_ncols=True)
+        bar.n = info.step
+        bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

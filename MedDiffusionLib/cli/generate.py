@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..options import GenerateOptions
 from .common import TqdmProgress, add_model_args, add_option, load_bundle_from_args
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +104,7 @@ class VolumeBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = None
+        self.bar: Optional[tqdm[Any]] = None
 
     def __call__(self, done: float, total: int) -> None:
         if not self.enabled:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Optional
 
 from .common import add_model_args, load_bundle_from_args
+
+if TYPE_CHECKING:  # for annotations only: the commands import the registry lazily
+    from ..registry.pull import PullEvent, PullPlan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +121,7 @@ class _ProgressSink:
         self.last = 0.0
         self.stage = ""
 
-    def write(self, state: str, **fields) -> None:
+    def write(self, state: str, **fields: Any) -> None:
         if not self.path:
             return
         import json
@@ -131,14 +136,14 @@ class _ProgressSink:
         self.last, self.stage = now, fields.get("stage", self.stage)
         atomic_write_text(self.path, json.dumps({"state": state, "pid": os.getpid(), **fields}))
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: PullEvent) -> None:
         self.write("running", stage=event.stage, file=event.file, done_bytes=event.done_bytes,
                    total_bytes=event.total_bytes, message=event.message)
         if event.stage != "download" and event.message:
             print(f"meddiffusion: {event.message}", flush=True)
 
 
-def _consent(plan, assume_yes: bool) -> bool:
+def _consent(plan: PullPlan, assume_yes: bool) -> bool:
     import sys
 
     from ..errors import InputError
@@ -167,7 +172,7 @@ def run_models_pull(args: argparse.Namespace) -> int:
         sink.write("done", stage="done", message=f"{args.name} is already downloaded", path=str(entry.path))
         return 0
 
-    def on_term(signum, frame):  # a GUI's Cancel: unwind so that partial files and folders are removed
+    def on_term(signum: int, frame: Optional[FrameType]) -> None:  # a GUI's Cancel: unwind so that partial files and folders are removed
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)

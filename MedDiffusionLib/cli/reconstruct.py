@@ -6,10 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..options import METHODS, TASKS, ReconstructOptions
 from .common import TqdmProgress, add_model_args, add_option, load_bundle_from_args
+
+if TYPE_CHECKING:  # for annotations only: the commands import the pipeline lazily
+    import SimpleITK as sitk
+
+    from ..pipelines.reconstruct import ReconstructionPipeline
+    from ..results import ReconstructionResult
 
 # Evaluation phantoms use seeds from here on; training phantom seeds stay below it (see Training/configs).
 EVAL_SEED_BASE = 10_000
@@ -65,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace) -> ReconstructionPipeline:
     from ..checkpoints.any_format import load_any_controlnet
     from ..pipelines.reconstruct import ReconstructionPipeline
 
@@ -90,7 +96,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
                 tv_weight=args.tv_weight, dc_every=args.dc_every)
 
 
-def _run(pipe, image, bar: TqdmProgress, **kw: Any):
+def _run(pipe: ReconstructionPipeline, image: sitk.Image, bar: TqdmProgress, **kw: Any) -> ReconstructionResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -102,9 +108,9 @@ def _run(pipe, image, bar: TqdmProgress, **kw: Any):
     return result
 
 
-def _metrics_line(r) -> str:
+def _metrics_line(r: ReconstructionResult) -> str:
     parts = []
-    if r.psnr is not None:
+    if r.psnr is not None and r.metric_range is not None:  # set together by the pipeline
         lo, hi = r.metric_range
         window = "CT window [-1000, 1000] HU" if r.task == "sparse-ct" else f"range [{lo:g}, {hi:g}]"
         parts.append(f"on the input grid, {window}: PSNR {r.psnr:.2f} dB / SSIM {r.ssim:.3f} "
@@ -182,7 +188,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     task = opts.pop("task")
     seeds = iter(range(args.seed, args.seed + 10**6))
 
-    def run(image, **kw: Any):
+    def run(image: sitk.Image, **kw: Any) -> ReconstructionResult:
         return _run(pipe, image, TqdmProgress(not args.quiet), task=task, seed=next(seeds), **opts, **kw)
 
     scores = compare_methods(run, images, task, args.methods, log=None if args.quiet else print)

@@ -6,22 +6,24 @@ helpers (``c.j``: relative, ``c.n``: absolute, ``c.u``: uniform), so each seed i
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from ._phantom_canvas import Canvas, rotation
+from ._phantom_canvas import Canvas, Vec, rotation
 
 BONE = ("cortical", "cancellous", "marrow")
 
 
-def _bone(c: Canvas, center, radii, rot=(0, 0, 0), shell: float = 2.0, cartilage: float = 0.0,
-          inside=None) -> None:
+def _bone(c: Canvas, center: Vec, radii: Vec, rot: Vec = (0, 0, 0), shell: float = 2.0, cartilage: float = 0.0,
+          inside: Optional[Sequence[str]] = None) -> None:
     """Ellipsoidal bone: optional cartilage cap, cortical shell, cancellous (trabecular) core."""
     _bones(c, [(center, radii, rot, shell, cartilage)], inside=inside)
 
 
-def _bones(c: Canvas, parts, inside=None, extra_cortical=()) -> None:
+def _bones(c: Canvas, parts: Sequence[tuple[Any, ...]], inside: Optional[Sequence[str]] = None,
+           extra_cortical: Sequence[Callable[[], None]] = ()) -> None:
     """Union of ellipsoidal bone parts (center, radii, rot, shell, cartilage): cartilage caps, then every
     cortical shell, then every cancellous core, so overlapping parts show no internal cortical walls.
     ``extra_cortical`` are callables painting more cortical parts (shafts) before the cores."""
@@ -255,8 +257,8 @@ def torso(c: Canvas, ct: bool) -> None:
                      ((0, 26, 24), (0.5, 0.35, 0.32)), ((-30, 5, 14), (0.36, 0.42, 0.4))):
         c.ellipsoid("blood", hc + R @ np.asarray(off, float), hr * rad, rot, inside=("myocardium",))
     vessel_ok = ("fat", "lung", "muscle", "myocardium", "soft", "liver", "bowel")
-    asc = [hc + (-15, 10, 35), (8, -5, 150), (2, 8, 190), (14, 35, 178)]
-    desc = [(18, ap_of(z) - 26, z) for z in (150, 60, -30, -120, -210, -300)]
+    asc: list[Vec] = [hc + (-15, 10, 35), (8, -5, 150), (2, 8, 190), (14, 35, 178)]
+    desc: list[Vec] = [(18, ap_of(z) - 26, z) for z in (150, 60, -30, -120, -210, -300)]
     c.tube("blood", asc + desc, [15, 15, 13, 12, 12, 11, 11, 10, 10, 10], inside=vessel_ok)
     c.tube("blood", [hc + (-25, -30, 25), (0, -18, 115), (-42, 8, 120)], [13, 12, 9], inside=vessel_ok)
     c.tube("blood", [(0, -18, 115), (42, 8, 120)], [12, 9], inside=vessel_ok)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union, overload
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,7 +51,7 @@ TISSUES: tuple[tuple[str, tuple[float, ...]], ...] = (
 )
 T = {name: i for i, (name, _row) in enumerate(TISSUES)}  # tissue name -> label value
 
-Vec = Sequence[float]
+Vec = Union[Sequence[float], np.ndarray]  # a point or vector in mm (X, Y, Z)
 MaskFn = Callable[[float], np.ndarray]
 
 
@@ -128,14 +128,24 @@ class Canvas:
         self._fields: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ random helpers
-    def j(self, value, frac: float = 0.05):
+    @overload
+    def j(self, value: float, frac: float = 0.05) -> float: ...
+    @overload
+    def j(self, value: Vec, frac: float = 0.05) -> np.ndarray: ...
+
+    def j(self, value: float | Vec, frac: float = 0.05) -> float | np.ndarray:
         """``value`` scaled by a random factor 1 + frac * N(0, 1) (clipped to +-2.5 sd), elementwise."""
         v = np.asarray(value, dtype=float)
         f = 1.0 + frac * np.clip(self.rng.standard_normal(v.shape), -2.5, 2.5)
         out = v * f
         return float(out) if out.ndim == 0 else out
 
-    def n(self, sd: float, k: int | None = None):
+    @overload
+    def n(self, sd: float, k: None = None) -> float: ...
+    @overload
+    def n(self, sd: float, k: int) -> np.ndarray: ...
+
+    def n(self, sd: float, k: int | None = None) -> float | np.ndarray:
         """Gaussian offset(s) with standard deviation ``sd`` (a vector of ``k`` when given)."""
         if k is None:
             return float(sd * np.clip(self.rng.standard_normal(), -2.5, 2.5))
@@ -316,7 +326,7 @@ class Canvas:
             remap[tmp0 + i] = T[tissue]
         self.labels[...] = remap[self.labels]
 
-    def tube(self, tissue: str, pts: Sequence[Vec], radii: Sequence[float] | float,
+    def tube(self, tissue: str, pts: Sequence[Vec], radii: Vec | float,
              inside: Sequence[str] | None = None) -> None:
         """Round tube (chain of capsules) through ``pts`` with radius per point (vessels, airways, ribs)."""
         pts_arr = np.asarray(pts, float)

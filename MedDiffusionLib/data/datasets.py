@@ -148,7 +148,7 @@ def _as3(v: int | Sequence[int] | None) -> tuple[int, int, int] | None:
     t = tuple(int(x) for x in v)
     if len(t) != 3:
         raise InputError(f"expected one or three sizes, got {v}")
-    return t  # type: ignore[return-value]
+    return t
 
 
 class VolumeDataset(Dataset):
@@ -289,10 +289,11 @@ class PhantomDataset(Dataset):
 
         anatomy = self.describe(idx)[0]
         if isinstance(self.spacing_xyz, dict):
-            return self.spacing_xyz.get(anatomy, DEFAULT_SPACING[anatomy])  # type: ignore[return-value]
+            return self.spacing_xyz.get(anatomy, DEFAULT_SPACING[anatomy])
         if self.spacing_xyz is not None:
-            return self.spacing_xyz  # type: ignore[return-value]
-        return tuple(float(s) for s in DEFAULT_SPACING[anatomy])  # type: ignore[return-value]
+            return self.spacing_xyz
+        sx, sy, sz = DEFAULT_SPACING[anatomy]
+        return float(sx), float(sy), float(sz)
 
     def describe(self, idx: int) -> tuple[str, int]:
         """(anatomy, phantom seed) of item ``idx``."""

@@ -68,7 +68,7 @@ def _check(anatomy: str, size_xyz: Sequence[int], spacing_xyz: Sequence[float] |
     spacing = DEFAULT_SPACING[anatomy] if spacing_xyz is None else tuple(float(s) for s in spacing_xyz)
     if len(spacing) != 3 or any(not (s > 0 and np.isfinite(s)) for s in spacing):
         raise InputError(f"phantom spacing must be three positive numbers (X, Y, Z) mm, got {spacing_xyz}")
-    return (int(size_xyz[0]), int(size_xyz[1]), int(size_xyz[2])), spacing  # type: ignore[return-value]
+    return (int(size_xyz[0]), int(size_xyz[1]), int(size_xyz[2])), spacing
 
 
 def _gauss(arr: np.ndarray, sigma_zyx: Sequence[float]) -> np.ndarray:

@@ -6,11 +6,15 @@ user-facing sizes and spacings are (X, Y, Z).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+
+# The np.pad modes that need no extra arguments besides the constant value.
+PadMode = Literal["constant", "edge", "reflect", "symmetric", "wrap"]
 
 __all__ = [
     "image_to_network",
@@ -173,7 +177,14 @@ def _pad_crop_plan(shape: Sequence[int], target: Sequence[int]) -> tuple[list[tu
     return pads, tuple(crops)
 
 
-def center_pad_or_crop(arr: np.ndarray, shape: Sequence[int], mode: str = "constant",
+def _pad(arr: np.ndarray, pads: list[tuple[int, int]], mode: PadMode, value: float) -> np.ndarray:
+    # np.pad refuses constant_values with any other mode.
+    if mode == "constant":
+        return np.pad(arr, pads, mode="constant", constant_values=value)
+    return np.pad(arr, pads, mode=mode)
+
+
+def center_pad_or_crop(arr: np.ndarray, shape: Sequence[int], mode: PadMode = "constant",
                        value: float = -1.0) -> np.ndarray:
     """Centre-pad (with ``value`` or another ``np.pad`` mode) and/or centre-crop ``arr`` to ``shape``."""
     arr = np.asarray(arr)
@@ -182,13 +193,12 @@ def center_pad_or_crop(arr: np.ndarray, shape: Sequence[int], mode: str = "const
     pads, crops = _pad_crop_plan(arr.shape, shape)
     out = arr[crops]
     if any(p != (0, 0) for p in pads):
-        kwargs = {"constant_values": value} if mode == "constant" else {}
-        out = np.pad(out, pads, mode=mode, **kwargs)
+        out = _pad(out, pads, mode, value)
     return out
 
 
 def pad_or_crop_to_multiple(
-    arr: np.ndarray, multiple: int | Sequence[int], mode: str = "constant", value: float = -1.0
+    arr: np.ndarray, multiple: int | Sequence[int], mode: PadMode = "constant", value: float = -1.0
 ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Pad every axis up to the next multiple of ``multiple`` (centred); return the array and undo slices.
 
@@ -196,7 +206,7 @@ def pad_or_crop_to_multiple(
     Padding (never cropping) keeps all data, so the undo is exact. ``value`` -1 is "background" in [-1, 1].
     """
     arr = np.asarray(arr)
-    mults = [int(multiple)] * arr.ndim if np.isscalar(multiple) else [int(m) for m in multiple]  # type: ignore[arg-type]
+    mults = [int(m) for m in multiple] if isinstance(multiple, Sequence) else [int(multiple)] * arr.ndim
     if len(mults) != arr.ndim or any(m < 1 for m in mults):
         raise InputError(f"multiple must be a positive integer or one per axis, got {multiple}")
     target = [-(-n // m) * m for n, m in zip(arr.shape, mults)]
@@ -204,8 +214,7 @@ def pad_or_crop_to_multiple(
     undo = tuple(slice(b, b + n) for (b, _a), n in zip(pads, arr.shape))
     if all(p == (0, 0) for p in pads):
         return arr, undo
-    kwargs = {"constant_values": value} if mode == "constant" else {}
-    return np.pad(arr, pads, mode=mode, **kwargs), undo
+    return _pad(arr, pads, mode, value), undo
 
 
 # --------------------------------------------------------------------------- random (training) transforms

@@ -47,7 +47,7 @@ def _np(x: ArrayLike) -> np.ndarray:
 
 def extract_features(fn: VolumeFeatureExtractor, volumes: Iterable[ArrayLike]) -> np.ndarray:
     """Apply ``fn`` to each volume (gradients off) and stack the flattened results into (N, F) float64."""
-    feats = []
+    feats: list[np.ndarray] = []
     with torch.no_grad():
         for vol in volumes:
             f = _np(fn(vol)).reshape(-1)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
+
+from ..models.autoencoder import PatchVolumeAutoencoder
 
 
 class AutoencoderFeatures:
     """Callable volume (Z, X, Y) in [-1, 1] -> feature vector (mean and std of each encoder level, concatenated)."""
 
-    def __init__(self, autoencoder: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, autoencoder: PatchVolumeAutoencoder, device: str | torch.device = "cpu") -> None:
         self.encoder = autoencoder.encoder.to(device).eval()
         self.device = torch.device(device)
 

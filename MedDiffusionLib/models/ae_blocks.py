@@ -6,7 +6,7 @@ Attribute names equal the authors' state-dict key names (``conv_blocks.N.res1``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +189,7 @@ class TailLayer:
     with GroupNorm statistics of its choosing (`normalize`), because nothing else in a layer mixes voxels.
     """
 
-    conv: nn.Module                    # nn.Conv3d (stride 1) or nn.ConvTranspose3d
+    conv: Union[nn.Conv3d, nn.ConvTranspose3d]  # stride 1, or the transposed up-sampling conv
     norm: Optional[nn.GroupNorm] = None
     residual: Optional[int] = None     # index of the tail tensor added to the conv's output
     skip: Optional[nn.Module] = None   # 1x1x1 conv applied to that residual; None: identity
@@ -201,6 +201,14 @@ class TailLayer:
     @property
     def out_channels(self) -> int:
         return int(self.conv.out_channels)
+
+    @property
+    def padding(self) -> tuple[int, int, int]:
+        """The convolution's zero padding per axis (decoder convolutions never use string padding like 'same')."""
+        pad = self.conv.padding
+        if isinstance(pad, str):
+            raise ValueError(f"a decoder layer needs explicit padding, not {pad!r}")
+        return int(pad[0]), int(pad[1]), int(pad[2])
 
     @property
     def upsampling(self) -> int:
@@ -252,14 +260,15 @@ class Decoder(nn.Module):
         """The rest of the decoder as layers with at most one GroupNorm each (see TailLayer); running them in
         order on `head(z)` is `forward(z)`."""
         layers: list[TailLayer] = []
-        for level in self.conv_blocks:
+        for level in cast("list[DecoderLevel]", self.conv_blocks):
             for res in (level.res1, level.res2):
                 start = len(layers)  # index of the block's input tensor
                 layers.append(TailLayer(res.conv1, res.norm1))
                 layers.append(TailLayer(res.conv2, res.norm2, residual=start, skip=res.skip))
             if isinstance(level.up, Upsample):
                 layers.append(TailLayer(level.up.conv_trans))
-        layers.append(TailLayer(self.final_block[2], self.final_block[0]))
+        norm, _, conv = self.final_block  # GroupNorm, SiLU, Conv3d (built in __init__)
+        layers.append(TailLayer(cast(nn.Conv3d, conv), cast(nn.GroupNorm, norm)))
         return layers
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

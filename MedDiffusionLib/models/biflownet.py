@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,11 @@ def _triple(v: Union[int, Sequence[int]], name: str) -> Triple:
     return vals[0], vals[1], vals[2]
 
 
+def _per_axis(size: Sequence[int], unit: Triple) -> Triple:
+    """How many ``unit`` blocks fit along each of the three axes of ``size``."""
+    return size[0] // unit[0], size[1] // unit[1], size[2] // unit[2]
+
+
 # On CPU the whole U-Net runs in channels-last-3d memory: oneDNN convolutions are ~1.5x faster in NDHWC and
 # channel norms/linears need no permuting copies. Other devices keep PyTorch's default layout.
 CPU_CHANNELS_LAST = True
@@ -84,7 +89,7 @@ class BiFlowEncoder(nn.Module):
                  sub_volume: Triple, patch: int, mlp_ratio: float) -> None:
         super().__init__()
         self.sub_volume, self.patch, self.fusion = sub_volume, patch, fusion
-        self.per_sub: Triple = tuple(s // patch for s in sub_volume)  # type: ignore[assignment]
+        self.per_sub = _per_axis(sub_volume, (patch, patch, patch))
         self.init_conv = nn.Conv3d(channels, dims[0], 3, padding=1)
         self.patch_embed = nn.Conv3d(channels, dim, patch, stride=patch)
         # A frozen Parameter (as the authors have it) so that it is counted and saved like theirs.
@@ -116,14 +121,14 @@ class BiFlowEncoder(nn.Module):
         cl = _channels_last(x)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        grid: Triple = tuple(s // v for s, v in zip(x.shape[2:], self.sub_volume))  # type: ignore[assignment]
+        grid = _per_axis(tuple(x.shape[2:]), self.sub_volume)
         n_tok = self.pos_embed.shape[1]
         # Patch-embedding the whole latent equals embedding each sub-volume (kernel = stride divides it).
         tokens = volume_to_tokens(conv3d(x, self.patch_embed), grid)
         b, length, c = tokens.shape
         tokens = (tokens.view(b, -1, n_tok, c) + self.pos_embed.to(tokens.dtype)).view(b, length, c)
         token_skips, fused = [], []
-        for stage in self.intra_in:
+        for stage in cast("list[DiTStage]", self.intra_in):
             tokens = stage.block(tokens, cond, n_tok)
             token_skips.append(tokens)
             fused.append(tokens_to_volume(stage.head(tokens, cond), grid, self.per_sub, self.patch, cl))
@@ -132,7 +137,7 @@ class BiFlowEncoder(nn.Module):
         if hint is not None:
             init = init + hint
         h, skips = init, []
-        for i, level in enumerate(self.downs):
+        for i, level in enumerate(cast("list[UNetLevel]", self.downs)):
             if i < len(fused):
                 h = h + fused[i]
             h = level.first(h, cond)
@@ -152,7 +157,7 @@ class BiFlowDecoder(nn.Module):
                  sub_volume: Triple, patch: int, mlp_ratio: float, num_mid_dit: int) -> None:
         super().__init__()
         self.patch = patch
-        self.per_sub: Triple = tuple(s // patch for s in sub_volume)  # type: ignore[assignment]
+        self.per_sub = _per_axis(sub_volume, (patch, patch, patch))
         self.intra_mid = nn.ModuleList([DiTBlock(dim, dit_heads, cond_dim, mlp_ratio) for _ in range(num_mid_dit)])
         self.intra_out = nn.ModuleList(
             [DiTStage(dim, dit_heads, cond_dim, mlp_ratio, patch, skip=True) for _ in range(fusion)])
@@ -175,17 +180,17 @@ class BiFlowDecoder(nn.Module):
     def forward(self, feats: EncoderFeatures, cond: Tensor) -> Tensor:
         n_tok = self.per_sub[0] * self.per_sub[1] * self.per_sub[2]
         tokens = feats.tokens
-        for block in self.intra_mid:
+        for block in cast("list[DiTBlock]", self.intra_mid):
             tokens = block(tokens, cond, n_tok)
         token_skips, fused = list(feats.token_skips), []
-        for stage in self.intra_out:
+        for stage in cast("list[DiTStage]", self.intra_out):
             tokens = stage.block(tokens, cond, n_tok, skip=token_skips.pop())
             fused.append(tokens_to_volume(stage.head(tokens, cond), feats.grid, self.per_sub, self.patch,
                                           _channels_last(feats.h)))
 
         h, skips = feats.h, list(feats.skips)
         first_fused = len(self.ups) - len(fused)
-        for i, level in enumerate(self.ups):
+        for i, level in enumerate(cast("list[UNetLevel]", self.ups)):
             if i >= first_fused:
                 h = h + fused[i - first_fused]
             h = level.first(torch.cat((h, skips.pop().to(h.dtype)), dim=1), cond)
@@ -209,11 +214,12 @@ class BiFlowNet(nn.Module):
             raise ValueError(f"patch_size {patch_size} must divide sub_volume_size {sub}")
         if len(use_attn) != len(dim_mults):
             raise ValueError("use_attn needs one entry per dim_mults level")
-        self.config = dict(dim=dim, channels=channels, num_classes=num_classes, patch_size=patch_size,
-                           dim_mults=[int(m) for m in dim_mults], use_attn=[int(bool(a)) for a in use_attn],
-                           resnet_groups=resnet_groups, dit_num_heads=dit_num_heads, attn_heads=attn_heads,
-                           attn_dim_head=attn_dim_head, sub_volume_size=list(sub), num_mid_dit=num_mid_dit,
-                           vq_size=vq_size, mlp_ratio=float(mlp_ratio))
+        self.config: Dict[str, Any] = dict(
+            dim=dim, channels=channels, num_classes=num_classes, patch_size=patch_size,
+            dim_mults=[int(m) for m in dim_mults], use_attn=[int(bool(a)) for a in use_attn],
+            resnet_groups=resnet_groups, dit_num_heads=dit_num_heads, attn_heads=attn_heads,
+            attn_dim_head=attn_dim_head, sub_volume_size=list(sub), num_mid_dit=num_mid_dit,
+            vq_size=vq_size, mlp_ratio=float(mlp_ratio))
         self.channels, self.sub_volume, self.num_classes = channels, sub, num_classes
         dims = [dim] + [dim * m for m in dim_mults]
         # One fusion point per level whose width does not change (the authors' count; 2 for (1,1,2,4,8)).

@@ -17,7 +17,7 @@ self-contained module: ``ControlNet(**net.config)`` rebuilds it from the JSON co
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
 
@@ -35,8 +35,8 @@ def default_hidden(stages: int) -> List[int]:
 
 def _zero_conv(channels_in: int, channels_out: int) -> nn.Conv3d:
     conv = nn.Conv3d(channels_in, channels_out, 1)
-    nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    for param in conv.parameters():  # weight and bias
+        nn.init.zeros_(param)
     return conv
 
 
@@ -90,8 +90,9 @@ class ControlNet(nn.Module):
         # Building the full BiFlowNet and keeping its encoder side reuses its exact layout (no duplicated
         # architecture code); the decoder half is dropped right away.
         base = BiFlowNet.from_config(denoiser_config)
-        self.config = dict(denoiser_config=dict(base.config), condition_channels=int(condition_channels),
-                           image_downsample=f, hidden=hidden_list, conditioning_scale=float(conditioning_scale))
+        self.config: dict[str, Any] = dict(
+            denoiser_config=dict(base.config), condition_channels=int(condition_channels), image_downsample=f,
+            hidden=hidden_list, conditioning_scale=float(conditioning_scale))
         self.condition = base.condition
         self.encoder = base.encoder
         # Attributes BiFlowNet.check_latent / embed_condition read (they are called on self, duck-typed).
@@ -168,7 +169,7 @@ class ControlNet(nn.Module):
         cond = BiFlowNet.embed_condition(self, t, y, res, batch=x.shape[0])  # type: ignore[arg-type]
         feats = self.encoder(x, cond, hint)
         scale = self.conditioning_scale
-        down = [conv3d(s, conv) for s, conv in zip(feats.skips, self.down_convs)]
+        down = [conv3d(s, conv) for s, conv in zip(feats.skips, cast("list[nn.Conv3d]", self.down_convs))]
         mid = conv3d(feats.h, self.mid_conv)
         if scale != 1.0:
             down, mid = [d * scale for d in down], mid * scale

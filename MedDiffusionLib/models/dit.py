@@ -86,7 +86,9 @@ class DiTAttention(nn.Module):
         # Pad the head size to a multiple of 8 with zero weight rows/columns (72/8 = 9 -> 16): identical result,
         # but the SDPA kernels (CPU flash, CUDA flash/cuDNN) run ~1.5x faster or become usable at all.
         hp = -(-hd // self.pad_heads_to) * self.pad_heads_to
-        w_qkv, b_qkv, w_proj = self.qkv.weight, self.qkv.bias, self.proj.weight
+        w_qkv: Tensor = self.qkv.weight
+        b_qkv: Tensor = self.qkv.bias
+        w_proj: Tensor = self.proj.weight
         if hp != hd:
             w_qkv = F.pad(w_qkv.view(3, heads, hd, c), (0, 0, 0, hp - hd)).view(3 * heads * hp, c)
             b_qkv = F.pad(b_qkv.view(3, heads, hd), (0, hp - hd)).view(3 * heads * hp)

@@ -118,6 +118,9 @@ class LPIPSDistance(nn.Module):
     tensors of size C) replace them. Frozen: parameters never require gradients.
     """
 
+    shift: torch.Tensor  # input normalisation buffers (registered in __init__)
+    scale: torch.Tensor
+
     def __init__(self, vgg_path: str | os.PathLike[str] | None = None,
                  lin_weights: Sequence[torch.Tensor] | None = None, use_file_lin: bool = True) -> None:
         super().__init__()

@@ -37,6 +37,12 @@ def _to_flat(z: torch.Tensor) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     """Codebook of ``n_codes`` vectors of size ``embedding_dim`` with EMA updates in training mode."""
 
+    # Buffers registered in __init__, declared here so that the type checker sees tensors, not Tensor | Module.
+    embeddings: torch.Tensor
+    N: torch.Tensor
+    z_avg: torch.Tensor
+    _need_init: torch.Tensor
+
     def __init__(self, n_codes: int, embedding_dim: int, decay: float = 0.99, eps: float = 1e-5,
                  restart_threshold: float = 1.0, commitment_weight: float = 0.25) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -43,14 +43,12 @@ class _SparseLinear(torch.autograd.Function):
     """y = M @ x with dL/dx = M^T @ dL/dy; the backward reuses this Function so higher-order grads work."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:
         ctx.mats = (mat, mat_t)
         return torch.sparse.mm(mat, x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         mat, mat_t = ctx.mats
         return _SparseLinear.apply(grad.contiguous(), mat_t, mat), None, None
 
@@ -225,7 +223,8 @@ class ParallelBeamProjector(torch.nn.Module):
         """(A, A^T) as CSR matrices on `device` in `dtype`; built on CPU once, then copied and cached."""
         dev = torch.device(device) if device is not None else (self.default_device or torch.device("cpu"))
         if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" must share one cache entry
-            dev = torch.device("cuda", torch.cuda.current_device())
+            # torch's stub types device.index as int, but it is None for a bare "cuda".
+            dev = torch.device("cuda", torch.cuda.current_device())  # type: ignore[unreachable]
         key = (str(dev), dtype)
         if key not in self._cache:
             with warnings.catch_warnings():

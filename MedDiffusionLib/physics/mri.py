@@ -139,7 +139,7 @@ def poisson_disc_mask(
     return torch.from_numpy(np.ascontiguousarray(mask != 0).astype(np.float32)).to(device)
 
 
-def _bounded_poisson(ny: int, nx: int, accel: float, calib: tuple[int, int], seed: int,
+def _bounded_poisson(ny: int, nx: int, accel: float, calib: tuple[int, int], seed: Optional[int],
                      iterations: int = 40) -> np.ndarray:
     """Variable-density Poisson-disc mask closest to `accel`, from sigpy's compiled Bridson sampler.
 
@@ -157,7 +157,8 @@ def _bounded_poisson(ny: int, nx: int, accel: float, calib: tuple[int, int], see
     state = np.random.get_state()  # the sampler seeds numpy's global RNG; leave the caller's stream alone
     try:
         lo, hi = 0.0, float(max(ny, nx))
-        best, best_err = None, np.inf
+        best: Optional[np.ndarray] = None
+        best_err = np.inf
         for _ in range(iterations):
             slope = (lo + hi) / 2
             scale = 1 + r * slope
@@ -171,7 +172,7 @@ def _bounded_poisson(ny: int, nx: int, accel: float, calib: tuple[int, int], see
             lo, hi = (slope, hi) if achieved < accel else (lo, slope)
     finally:
         np.random.set_state(state)
-    if best_err > 0.1 * accel:
+    if best is None or best_err > 0.1 * accel:
         raise InputError(f"cannot make a {ny}x{nx} Poisson-disc mask at acceleration {accel} "
                          f"(closest {accel + best_err:.2f} or {accel - best_err:.2f})")
     return best

@@ -72,7 +72,8 @@ def operator_norm_sq(op: Operator, device: torch.device | str = "cpu", iters: in
 
 
 def slice_shape(op: Operator) -> tuple[int, int]:
-    return tuple(op.slice_shape) if isinstance(op, SparseViewCT) else tuple(op.mask.shape)  # type: ignore[return-value]
+    ny, nx = op.slice_shape if isinstance(op, SparseViewCT) else op.mask.shape
+    return int(ny), int(nx)
 
 
 def cg_regularised(op: Operator, y: torch.Tensor, prior: torch.Tensor, lam: float, iters: int,
@@ -179,7 +180,7 @@ def tv_pdhg(op: Operator, y: torch.Tensor, beta: float, iters: int, z_weight: fl
     x = (torch.zeros((depth, *shape), dtype=torch.float32, device=y.device) if x0 is None else x0.clone())
     if x.dim() == 2:
         x = x[None]
-    use_prior = prior is not None and lam > 0
+    pull = prior if lam > 0 else None  # the prior term, when it has weight
     norm_k = math.sqrt(1.0 + 4.0 * (2.0 + z_weight ** 2))  # ||A'|| = 1, ||grad||^2 <= 4 (1 + 1 + wz^2)
     # tau * sigma * ||K||^2 < 1 guarantees convergence; the split between the two matters for speed: a larger
     # primal step suits this problem (whitened data term, small beta); 10x gave the fastest descent on CT phantoms.
@@ -192,8 +193,8 @@ def tv_pdhg(op: Operator, y: torch.Tensor, beta: float, iters: int, z_weight: fl
         g = g + sigma * gradient3(x_bar, z_weight)
         g = g / (g.norm(dim=0, keepdim=True) / max(beta, _TINY)).clamp_min(1.0)  # project onto |g| <= beta
         x_new = x - tau * (white.adjoint(q) * scale - divergence3(g, z_weight))
-        if use_prior:
-            x_new = (x_new + tau * lam * prior) / (1.0 + tau * lam)
+        if pull is not None:
+            x_new = (x_new + tau * lam * pull) / (1.0 + tau * lam)
         if nonneg:
             x_new = x_new.clamp_min(0.0)
         x_bar = 2.0 * x_new - x

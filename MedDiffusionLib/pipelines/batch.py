@@ -146,8 +146,12 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
     entries = [pipe.bundle.catalog.get(name) for name, _ in mix]
     # The pipeline's own checks (sampler, steps, HU range against each anatomy's modality); sizes below.
     checked = [pipe.check_inputs(e.name, None, sampler, steps, None, hu_range) for e in entries]
-    sampler, hu_range = checked[0].sampler, checked[0].hu_range
-    sizes = tuple(tuple(int(v) for v in s) for s in sizes_xyz)
+    sampler, hu = checked[0].sampler, checked[0].hu_range
+    hu_pair = None if hu is None else (float(hu[0]), float(hu[1]))  # validated: two increasing numbers
+    bad = [tuple(s) for s in sizes_xyz if len(s) != 3]
+    if bad:
+        raise InputError(f"size must have three numbers X x Y x Z, got {bad[0]}")
+    sizes = tuple((int(x), int(y), int(z)) for x, y, z in sizes_xyz)
     multiple = pipe.denoiser.latent_multiple
     with warnings.catch_warnings(record=True) as caught:  # validates every (anatomy, size) pair once
         warnings.simplefilter("always")
@@ -158,8 +162,8 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
         warnings.warn(str(w.message), stacklevel=2)
     return DatasetSpec(anatomies=tuple((e.name, str(w)) for e, (_, w) in zip(entries, mix)), sizes_xyz=sizes,
                        count=int(count), base_seed=resolve_seed(base_seed), sampler=sampler,
-                       steps=checked[0].steps, batch_size=int(batch_size),
-                       hu_range=hu_range, suffix=suffix, model_id=model or model_id(pipe))
+                       steps=checked[0].steps_or_default(pipe.diffusion.timesteps), batch_size=int(batch_size),
+                       hu_range=hu_pair, suffix=suffix, model_id=model or model_id(pipe))
 
 
 @dataclass(frozen=True)

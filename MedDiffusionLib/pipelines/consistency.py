@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..diffusion import GaussianDiffusion
+from ..models.autoencoder import PatchVolumeAutoencoder
 from .common import denormalize_latent, normalize_latent
 from .decode import decode_latent
 
@@ -27,7 +28,7 @@ __all__ = ["LatentDataConsistency"]
 class LatentDataConsistency:
     """``guide(x_next, z0, t) -> x_next`` for ``sample_latents``: decode, correct, encode the change, re-noise."""
 
-    def __init__(self, autoencoder: torch.nn.Module, latent_range: tuple[float, float], encode_patch: int,
+    def __init__(self, autoencoder: PatchVolumeAutoencoder, latent_range: tuple[float, float], encode_patch: int,
                  correct: Callable[[torch.Tensor], torch.Tensor], diffusion: GaussianDiffusion,
                  timesteps: Sequence[int], every: int = 1, decode_budget_gb: Optional[float] = None,
                  device: Optional[torch.device] = None, on_apply: Optional[Callable[[int], None]] = None) -> None:

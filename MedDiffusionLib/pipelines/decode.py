@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.ae_blocks import AttentionBlock, TailLayer
+from ..models.autoencoder import PatchVolumeAutoencoder
 from .decode_halo import HaloPlan, plan_halo, run_halo
 from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
@@ -64,7 +65,7 @@ def default_budget_gb(device: torch.device) -> float:
 def _input_rows(layer: TailLayer, a: int, b: int, n_in: int) -> tuple[int, int]:
     """Rows [lo, hi) of a layer's input (n_in rows) that output rows [a, b) depend on, clipped to the volume."""
     conv = layer.conv
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    k, s, p = conv.kernel_size[0], conv.stride[0], layer.padding[0]
     if isinstance(conv, nn.ConvTranspose3d):  # output o = s*i - p + t, t in [0, k)
         lo, hi = -((k - 1 - a - p) // s), (b - 1 + p) // s + 1
     else:
@@ -81,11 +82,11 @@ def _conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a
         y = conv(x)  # its rows start at s*lo; rows whose inputs were cut off are outside [a, b)
         off = conv.stride[0] * lo
         return y[:, :, a - off:b - off]
-    k, p = conv.kernel_size[0], conv.padding[0]
+    k, p = conv.kernel_size[0], layer.padding[0]
     pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
     if pad_lo or pad_hi:
         x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
-    return F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(0,) + tuple(conv.padding[1:]))
+    return F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(0, layer.padding[1], layer.padding[2]))
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -232,11 +233,12 @@ def _slab_rows(layers: list[TailLayer], tensors: list[TensorPlan], k: int, avail
 
 def plan_decode(layers: list[TailLayer], head_shape: tuple[int, ...], budget_bytes: float) -> DecodePlan:
     """Which tail tensors to keep, which to write in place, and the slab size of every pass, for a budget."""
-    batch, spatial = head_shape[0], tuple(head_shape[2:])
-    tensors = [TensorPlan(head_shape[1], spatial, batch, materialized=True)]  # type: ignore[arg-type]
+    batch, channels, d, h, w = head_shape
+    tensors = [TensorPlan(channels, (d, h, w), batch, materialized=True)]
     for layer in layers:
-        spatial = tuple(s * layer.upsampling for s in spatial)
-        tensors.append(TensorPlan(layer.out_channels, spatial, batch))  # type: ignore[arg-type]
+        f = layer.upsampling
+        d, h, w = d * f, h * f, w * f
+        tensors.append(TensorPlan(layer.out_channels, (d, h, w), batch))
     n = len(tensors) - 1
     for k in range(n):
         tensors[k].needs_stats = layers[k].norm is not None
@@ -321,7 +323,7 @@ class _Statistics:
         var, mean = torch.var_mean(y.float(), dim=(2, 3, 4), correction=0)
         count = math.prod(y.shape[2:])
         mean, m2 = mean.double(), var.double() * count
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
         n = self.count + count
@@ -365,7 +367,9 @@ class _Executor:
         if self.tensors[0].needs_stats:  # the head's output is whole: measured directly
             stats = _Statistics()
             stats.add(head)
-            self.norms[0] = stats.scale_shift(layers[0].norm)
+            norm = layers[0].norm
+            assert norm is not None  # needs_stats: the layer normalises its input
+            self.norms[0] = stats.scale_shift(norm)
 
     def rows(self, k: int, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of T_k: read when materialised, else recomputed (reusing rows computed for the last slab)."""
@@ -420,6 +424,7 @@ class _Executor:
             if last:
                 self.out[:, :, a:b] = y.to(self.out.device, torch.float32)
             elif donor is not None:
+                assert t.inplace_of is not None  # donor is that buffer
                 acc: dict[int, tuple[int, int]] = {}
                 if b < n:
                     _rows_touched(self.layers, self.tensors, k, b, min(b + p.slab_rows, n), acc)
@@ -430,6 +435,7 @@ class _Executor:
             self.tracker.advance()
         self.cache.clear()
         if donor is not None:
+            assert t.inplace_of is not None
             del self.buffers[t.inplace_of]
             self.buffers[k] = _Buffer(donor.data)
         elif target is not None:
@@ -437,14 +443,16 @@ class _Executor:
         if stats is not None:
             if stats.mean is None:  # probing skipped every slab of this pass: neutral statistics
                 stats.add(torch.zeros((t.batch, t.channels, 1, 1, 1), device=self.device))
-            self.norms[k] = stats.scale_shift(self.layers[k].norm)
+            norm = self.layers[k].norm
+            assert norm is not None  # needs_stats: the layer normalises its input
+            self.norms[k] = stats.scale_shift(norm)
         needed = _needed_after(self.layers, self.tensors, k)
         for j in [j for j in self.buffers if j not in needed]:
             del self.buffers[j]
 
 
 @torch.no_grad()
-def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional[float] = None,
+def decode_latent(autoencoder: PatchVolumeAutoencoder, z_q: torch.Tensor, budget_gb: Optional[float] = None,
                   device: Optional[torch.device] = None, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelFlag] = None, probe_slabs: Optional[int] = None,
                   report: Optional[DecodeReport] = None, precision: str = "fp32") -> torch.Tensor:
@@ -467,7 +475,7 @@ def decode_latent(autoencoder: nn.Module, z_q: torch.Tensor, budget_gb: Optional
         return _decode(autoencoder, z_q, budget, device, progress, cancel, probe_slabs, report)
 
 
-def _decode(autoencoder: nn.Module, z_q: torch.Tensor, budget: float, device: torch.device,
+def _decode(autoencoder: PatchVolumeAutoencoder, z_q: torch.Tensor, budget: float, device: torch.device,
             progress: Optional[ProgressCallback], cancel: Optional[CancelFlag], probe_slabs: Optional[int],
             report: Optional[DecodeReport]) -> torch.Tensor:
     decoder = autoencoder.decoder

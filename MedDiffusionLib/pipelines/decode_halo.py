@@ -42,7 +42,7 @@ def _radius(layers: list[TailLayer], start: int) -> float:
     radius, scale = 0.0, 1
     for layer in layers[start:]:
         conv = layer.conv
-        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        k, s, p = conv.kernel_size[0], conv.stride[0], layer.padding[0]
         if isinstance(conv, nn.ConvTranspose3d):
             radius += math.ceil((k - 1 - p) / s) / scale  # an output row depends on inputs up to this far
             scale *= s
@@ -67,7 +67,7 @@ def _tiles(spatial: tuple[int, ...], core: int, halo: int) -> list[tuple[Window,
             a, b = max(lo - halo, 0), min(hi + halo, size)
             axis.append((slice(a, b), slice(lo - a, hi - a)))
         per_axis.append(axis)
-    return [tuple(zip(*combo)) for combo in itertools.product(*per_axis)]  # type: ignore[misc]
+    return [tuple(zip(*combo)) for combo in itertools.product(*per_axis)]
 
 
 def plan_halo(layers: list[TailLayer], tensors: list[TensorPlan], start: int, available: float) -> HaloPlan:

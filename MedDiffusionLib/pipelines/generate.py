@@ -26,7 +26,7 @@ SizeLike = Union[str, Sequence[int], None]
 def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multiple: int) -> tuple[int, int, int]:
     """(X, Y, Z) voxels -> latent (D, H, W) = (Z, X, Y) / downsample, checked against the model's grid."""
     if size is None:
-        return tuple(anatomy.latent_sizes[0])
+        return anatomy.latent_sizes[0]
     size_xyz = parse_size(size) if isinstance(size, str) else tuple(int(s) for s in size)
     if len(size_xyz) != 3:
         raise InputError(f"size must have three numbers X x Y x Z, got {size}")
@@ -60,7 +60,7 @@ class GenerationPipeline(BundlePipeline):
                                hu_range=hu_range).validate(self.bundle)
 
     def generate_batch(self, anatomies: Sequence[str], size_xyz: SizeLike, sampler: str, steps: Optional[int],
-                       seeds: Sequence[int], hu_range: Optional[tuple[float, float]] = None,
+                       seeds: Sequence[Optional[int]], hu_range: Optional[tuple[float, float]] = None,
                        progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
                        only: Optional[Sequence[bool]] = None) -> Iterator[GenerationResult]:
         """One volume per (anatomy, seed), all of one size: their latents share each denoiser call, then they are
@@ -71,21 +71,21 @@ class GenerationPipeline(BundlePipeline):
         if len(anatomies) != len(seeds) or not anatomies:
             raise InputError("give one seed per anatomy")
         checked = [self.check_inputs(a, size_xyz, sampler, steps, s, hu_range) for a, s in zip(anatomies, seeds)]
-        entries = [self.bundle.catalog.get(o.anatomy) for o in checked]
+        entries = [self.bundle.catalog.get(a) for a in anatomies]  # each checked just above
         size_xyz, sampler, hu_range = checked[0].size_xyz, checked[0].sampler, checked[0].hu_range
         latents = {resolve_latent_size(e, size_xyz, self.bundle.downsample, self.denoiser.latent_multiple)
                    for e in entries}
         if len(latents) != 1:
             raise InputError("a batch must have one latent size")
         latent = latents.pop()
-        steps = checked[0].steps  # validate(bundle) gave the sampler's default when none was asked for
-        seeds = [resolve_seed(o.seed) for o in checked]
+        steps = checked[0].steps_or_default(self.diffusion.timesteps)  # = .steps: validate(bundle) filled it in
+        resolved = [resolve_seed(o.seed) for o in checked]
         keep = [True] * len(entries) if only is None else [bool(k) for k in only]
         with inference_mode():
             z = sample_latents(self.class_denoiser(entries, latent), (int(self.denoiser.config["channels"]),) + latent,
-                               seeds, sampler, steps, self.device, self.diffusion, progress=progress, cancel=cancel)
+                               resolved, sampler, steps, self.device, self.diffusion, progress=progress, cancel=cancel)
         volumes = self.decode_volumes(z, keep, progress, cancel)
-        kept = [(e, s) for e, s, k in zip(entries, seeds, keep) if k]
+        kept = [(e, s) for e, s, k in zip(entries, resolved, keep) if k]
         for (entry, seed), volume in zip(kept, volumes):
             image = self.to_image(volume, entry, hu_range)
             size, spacing = image.GetSize(), image.GetSpacing()
@@ -116,7 +116,7 @@ class GenerationPipeline(BundlePipeline):
             yield ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
 
     @staticmethod
-    def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[tuple[float, float]]) -> sitk.Image:
+    def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[Sequence[float]]) -> sitk.Image:
         arr = volume_zxy.astype(np.float32)
         if hu_range is not None:
             arr = arr * (hu_range[1] - hu_range[0]) + hu_range[0]

@@ -19,7 +19,7 @@ import torch
 
 from ..data.transforms import image_to_network
 from ..errors import InputError
-from ..physics.operators import TASKS, Operator, make_operator
+from ..physics.operators import TASKS, Operator, SparseViewCT, make_operator
 from ..physics.solvers import os_sart, tv_pdhg
 from . import recon_settings as rules
 from .native import IntensityScale
@@ -67,9 +67,10 @@ def prepare_problem(image: sitk.Image, task: str, *, views: int = 30, accelerati
     sx, sy, sz = image.GetSpacing()
     op = make_operator(task, given.shape[-2:], views=views, acceleration=acceleration, mask=mask, seed=seed,
                        photons=noise_photons if simulate else None, pixel_mm=float(min(sx, sy)))
+    y: Optional[torch.Tensor]
     if simulate:
         gen = torch.Generator(device=given.device).manual_seed(int(seed) + 1)
-        y: Optional[torch.Tensor] = op.measure(given, gen)
+        y = op.measure(given, gen)
         degraded = op.degrade(y)
     else:
         degraded = given
@@ -89,7 +90,9 @@ def solve_model_free(problem: NativeProblem, method: str, tv_weight: Optional[fl
                          "sampling mask (simulate from a fully sampled input, or use zero-filled / diffusion)")
     y = problem.measurements
     if method == "sart":
-        return os_sart(problem.op, y, rules.SART_ITERS, step=step)  # type: ignore[arg-type]
+        if not isinstance(problem.op, SparseViewCT):
+            raise InputError("method 'sart' reconstructs sparse-view CT only")
+        return os_sart(problem.op, y, rules.SART_ITERS, step=step)
     if method == "tv":
         beta = rules.tv_weight(problem.task, problem.views, problem.acceleration, problem.photons) \
             if tv_weight is None else float(tv_weight)

@@ -220,7 +220,7 @@ class ReconstructionPipeline(BundlePipeline):
         controlnet = self._controlnet(task)
         validate_image(image)
         entry, reason = self.anatomy_for(task, opts.anatomy, image)
-        steps = opts.steps  # validate(bundle) gave the sampler's default when none was asked for
+        steps = opts.steps_or_default(self.diffusion.timesteps)  # = opts.steps: validate(bundle) filled it in
         seed = resolve_seed(opts.seed)
 
         tracker = ProgressTracker(1, progress, cancel, "measuring")
@@ -229,19 +229,24 @@ class ReconstructionPipeline(BundlePipeline):
                                   simulate=opts.simulate, noise_photons=opts.noise_photons, seed=seed,
                                   device=self.device)
         tracker.advance()
-        use_dc = opts.data_consistency and problem.measurements is not None
+        # The measurements to be consistent with (None: data consistency off, or nothing measured).
+        measured = problem.measurements if opts.data_consistency else None
+        use_dc = measured is not None
         beta = _tv(problem, opts.tv_weight)
         sx, sy, sz = entry.spacing_xyz
-        grids = GridMap(tuple(problem.given.shape), problem.spacing_zxy, (sz, sx, sy), self.device)
+        nz, nx, ny = problem.given.shape
+        grids = GridMap((nz, nx, ny), problem.spacing_zxy, (sz, sx, sy), self.device)
         prior_model = _PriorGrid(grids, problem.degraded, self.step, int(self.bundle.encode_patch_size))
-
-        def correct(img: torch.Tensor) -> torch.Tensor:  # decoded model-grid image -> data-consistent, same grid
-            prior = prior_model.to_native(img)
-            x = cg_regularised(problem.op, problem.measurements, prior, rules.PRIOR_WEIGHT, rules.GUIDE_CG_ITERS)
-            return prior_model.to_model(x)
+        guide: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        if measured is not None:
+            def correct(img: torch.Tensor) -> torch.Tensor:  # decoded model-grid image -> data-consistent, same grid
+                prior = prior_model.to_native(img)
+                x = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT, rules.GUIDE_CG_ITERS)
+                return prior_model.to_model(x)
+            guide = correct
 
         with inference_mode():
-            z, dc_count = self._sample(controlnet, entry, prior_model.condition, correct if use_dc else None,
+            z, dc_count = self._sample(controlnet, entry, prior_model.condition, guide,
                                        sampler, steps, seed, dc_every, progress, cancel)
             z_q, _ = self.autoencoder.quantize(denormalize_latent(z, self.bundle.latent_range))
             vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, self.device, progress, cancel)
@@ -251,24 +256,25 @@ class ReconstructionPipeline(BundlePipeline):
             final = ProgressTracker(iters if use_dc else 1, progress, cancel,
                                     "data consistency" if use_dc else "finishing")
             final.begin()
-            if not use_dc:
+            if measured is None:
                 u_out = prior
                 final.advance()
             else:
-                u_out = cg_regularised(problem.op, problem.measurements, prior, rules.PRIOR_WEIGHT,
+                u_out = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT,
                                        rules.DC_CG_ITERS, step=lambda i: final.advance())
                 if beta > 0:
-                    u_out = tv_pdhg(problem.op, problem.measurements, beta, rules.TV_ITERS,
+                    u_out = tv_pdhg(problem.op, measured, beta, rules.TV_ITERS,
                                     z_weight=problem.z_weight, prior=prior, lam=rules.PRIOR_WEIGHT,
                                     x0=u_out.clamp_min(0.0), step=lambda i: final.advance())
+        padded = prior_model.padded_shape  # (Z, X, Y)
         result = ReconstructionResult(
             image, None, task, opts.method, problem.simulated, use_dc, anatomy=entry.name, anatomy_reason=reason,
             seed=seed, sampler=sampler, steps=steps, mask=mask if task == "mri" else None,
             tv_weight=beta if use_dc else None, dc_applications=dc_count, device=str(self.device),
-            model_size_xyz=tuple(int(prior_model.padded_shape[i]) for i in (1, 2, 0)))  # type: ignore[arg-type]
+            model_size_xyz=(int(padded[1]), int(padded[2]), int(padded[0])))
         return _finish(result, problem, u_out, image, start)
 
-    def _sample(self, controlnet: torch.nn.Module, entry: Anatomy, cond: torch.Tensor,
+    def _sample(self, controlnet: ControlNet, entry: Anatomy, cond: torch.Tensor,
                 correct: Optional[Callable[[torch.Tensor], torch.Tensor]], sampler: str, steps: int, seed: int,
                 dc_every: Optional[int], progress: Optional[ProgressCallback],
                 cancel: Optional[CancelFlag]) -> tuple[torch.Tensor, int]:

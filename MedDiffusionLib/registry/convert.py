@@ -59,6 +59,7 @@ def _check(model: PatchVolumeAutoencoder | BiFlowNet, role: str, expect: Expecte
 def _convert_one(src: Path, dest: Path, role: str, expect: ExpectedConfig, label: str,
                  extra: Mapping[str, Any]) -> dict[str, Any]:
     from ..checkpoints.native import save_network
+    from ..models.autoencoder import PatchVolumeAutoencoder
 
     try:
         model = _load(src, role)
@@ -67,7 +68,7 @@ def _convert_one(src: Path, dest: Path, role: str, expect: ExpectedConfig, label
         raise CheckpointError(f"'{label}' is not a usable {kind}: {exc}") from None
     _check(model, role, expect, label)
     info: dict[str, Any] = {"config": dict(model.config)}
-    if role == "autoencoder":
+    if isinstance(model, PatchVolumeAutoencoder):
         info["latent_range"] = [float(v) for v in model.codebook_range()]
     save_network(model, dest, "autoencoder" if role == "autoencoder" else "biflownet",
                  extra={"converted_from": label, **extra})

@@ -172,11 +172,11 @@ def _progress_class(file: RemoteFile, progress: ByteProgress | None, show_bar: b
     Only the first bar of a download reports: over Xet, huggingface_hub opens a second one (network bytes beside
     bytes written), and two counters would make the reported progress jump back and forth.
     """
-    from huggingface_hub.utils import tqdm as hf_tqdm
+    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
     reporting: list[object] = []
 
-    class _Bar(hf_tqdm):  # type: ignore[misc, valid-type]
+    class _Bar(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if not show_bar:
                 kwargs["disable"] = True

@@ -15,7 +15,7 @@ import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,11 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..checkpoints.bundle import ModelBundle
 from ..errors import InputError, MedDiffusionError
-from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps
+from ..options import SAMPLERS, GenerateOptions, ReconstructOptions, default_steps, parse_size
 from ..pipelines.generate import GenerationPipeline
 from .guard import BODY_IDLE_S, RequestGuard
 from .jobs import JobManager, QueueFull, RunOutput, Worker
-from ..progress import QUEUED, JobStatus
+from ..progress import QUEUED, JobStatus, ProgressCallback
 from .schemas import (AnatomyInfo, AvailableModelsResponse, GenerateRequest, HealthResponse, Limits, ModelsResponse,
                       ReconstructParams, RegistryModelInfo)
 from .security import TokenVerifier, check_startup_security
@@ -126,7 +126,8 @@ class Services:
                 torch.cuda.empty_cache()  # give the memory of a large job back before the next one
 
     # ---- runners (worker thread) ---------------------------------------------------------------------
-    def run_generate(self, rec: JobRecord, _input: Optional[Path], progress, cancel, worker: int = 0) -> RunOutput:
+    def run_generate(self, rec: JobRecord, _input: Optional[Path], progress: ProgressCallback,
+                     cancel: threading.Event, worker: int = 0) -> RunOutput:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # rec.params: the GenerateOptions validated at the request; the pipeline checks them again itself
@@ -134,8 +135,8 @@ class Services:
         r.warnings = tuple(str(w.message) for w in caught)
         return RunOutput({"result": r.image}, r.info())
 
-    def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress, cancel,
-                        worker: int = 0) -> RunOutput:
+    def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress: ProgressCallback,
+                        cancel: threading.Event, worker: int = 0) -> RunOutput:
         if input_path is None or not input_path.is_file():
             raise InputError("the uploaded volume of this job is missing from the server's store")
         # rec.params: the ReconstructOptions validated at the request; the pipeline checks them again itself
@@ -195,7 +196,7 @@ def _declared_hu_range(bundle: ModelBundle) -> Optional[tuple[float, float]]:
         return None
 
 
-def _validation_message(errors: list[dict]) -> str:
+def _validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
@@ -283,7 +284,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def generate(req: GenerateRequest) -> dict[str, Any]:
         # The library's checks against this model (anatomy, grid, HU range, steps): InputError -> 400.
         opts = GenerateOptions.from_mapping(req.model_dump()).validate(svc.bundle)
-        if opts.size_xyz is not None and math.prod(opts.size_xyz) > config.max_voxels:
+        if opts.size_xyz is not None and math.prod(parse_size(opts.size_xyz)) > config.max_voxels:
             raise InputError(f"size {'x'.join(map(str, opts.size_xyz))} exceeds the server's limit of "
                              f"{config.max_voxels} voxels")
         params = opts.as_dict()

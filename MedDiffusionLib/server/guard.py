@@ -131,13 +131,13 @@ async def _refuse(scope: dict, receive: Any, send: Any, status: int, message: st
                        headers={"Connection": "close"})(scope, receive, send)
 
 
-def _guarded_h11_protocol() -> type:
+def _guarded_h11_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol, plus a deadline for complete request headers (uvicorn's keep-alive timer is
     cancelled by the first byte, so a client dripping its headers would otherwise hold the socket forever)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_header_deadline()
 
@@ -146,8 +146,7 @@ def _guarded_h11_protocol() -> type:
             self._arm_header_deadline()
 
         def _arm_header_deadline(self) -> None:
-            self.loop.call_later(getattr(self.config, "header_timeout_s", HEADER_TIMEOUT_S),
-                                 self._header_deadline, self.cycle)
+            self.loop.call_later(header_timeout_s, self._header_deadline, self.cycle)
 
         def _header_deadline(self, cycle_when_armed: Any) -> None:
             # Still the same request cycle as when armed: no new complete request head arrived in time.
@@ -164,8 +163,7 @@ def uvicorn_config(app: Any, host: str, port: int, header_timeout_s: float = HEA
     request heads and a cap on concurrent connections."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, http=_guarded_h11_protocol(),
+    config = uvicorn.Config(app, host=host, port=port, http=_guarded_h11_protocol(header_timeout_s),
                             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False, **kwargs)
-    config.header_timeout_s = header_timeout_s
     return config

@@ -142,6 +142,7 @@ async def receive_multipart(content_type: str, stream: AsyncIterator[bytes], des
     callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field,
                      on_header_value=on_header_value, on_header_end=on_header_end,
                      on_headers_finished=on_headers_finished, on_part_data=on_part_data, on_part_end=on_part_end)
+    # python-multipart types the callbacks as a TypedDict of exact signatures; ours take the same arguments.
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     received = 0
     try:
@@ -218,7 +219,7 @@ def _compare_sizes(declared: int, present: int, encoding: str) -> None:
 
 def _check_nifti(path: Path, suffix: str, max_voxels: int) -> None:
     opener = gzip.open if suffix == ".nii.gz" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
+    with opener(path, "rb") as fh:
         try:
             head = fh.read(540)
         except (OSError, EOFError) as exc:
@@ -324,6 +325,8 @@ def _release_memory() -> None:
 def store_upload(up: Upload, max_voxels: int) -> tuple[Path, str]:
     """Validate the received file and store it under a server-chosen name with its format's suffix; returns
     (path, suffix). An NRRD is stored with its canonical header (see module doc). One validation at a time."""
+    if up.path is None:
+        raise UploadError(400, "the request carried no file")
     if not _VALIDATION_SLOTS.acquire(timeout=VALIDATION_WAIT_S):
         raise UploadError(503, "the server is busy checking other uploads; try again in a minute")
     try:

@@ -20,11 +20,11 @@ import torch
 from ..data.transforms import image_to_network
 from ..errors import InputError
 from ..physics.operators import TASKS, Operator, SparseViewCT, make_operator
-from ..physics.solvers import os_sart, tv_pdhg
+from ..physics.solvers import cg_regularised, os_sart, tv_pdhg
 from . import recon_settings as rules
 from .native import IntensityScale
 
-__all__ = ["NativeProblem", "prepare_problem", "solve_model_free", "to_image"]
+__all__ = ["NativeProblem", "prepare_problem", "solve_model_free", "solve_tv", "to_image"]
 
 
 @dataclass
@@ -96,9 +96,23 @@ def solve_model_free(problem: NativeProblem, method: str, tv_weight: Optional[fl
     if method == "tv":
         beta = rules.tv_weight(problem.task, problem.views, problem.acceleration, problem.photons) \
             if tv_weight is None else float(tv_weight)
-        return tv_pdhg(problem.op, y, beta, rules.TV_ITERS, z_weight=problem.z_weight,
-                       x0=problem.degraded.clamp_min(0.0), step=step)
+        return solve_tv(problem, beta, problem.degraded.clamp_min(0.0), step=step)
     raise InputError(f"method '{method}' is not model-free")
+
+
+def solve_tv(problem: NativeProblem, beta: float, x0: torch.Tensor, prior: Optional[torch.Tensor] = None,
+             lam: float = 0.0, step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """TV-regularised least squares (``rules.TV_ITERS`` PDHG iterations from ``x0``, optionally pulled towards
+    ``prior`` with weight ``lam``), then the debiasing CG of the rule in ``recon_settings`` (``DEBIAS_CG_ITERS``
+    iterations anchored at the TV result); ``step`` is called once per iteration of both."""
+    assert problem.measurements is not None
+    y = problem.measurements
+    x_tv = tv_pdhg(problem.op, y, beta, rules.TV_ITERS, z_weight=problem.z_weight, prior=prior, lam=lam, x0=x0,
+                   step=step)
+    offset = rules.TV_ITERS
+    x = cg_regularised(problem.op, y, x_tv, rules.debias_weight(problem.photons), rules.DEBIAS_CG_ITERS,
+                       step=None if step is None else (lambda i: step(offset + i)))
+    return x.clamp_min(0.0)  # empty space is 0: the same bound the TV solve keeps
 
 
 def to_image(u: torch.Tensor, problem: NativeProblem, like: sitk.Image) -> sitk.Image:

@@ -10,8 +10,9 @@
          towards the measurements by a few CG steps of ||A x - y||^2 + lam ||x - prior||^2, and the change is
          carried back into the latent (``consistency.LatentDataConsistency``, as decomposed diffusion sampling
          does). The final decoded prior is brought to the native grid and the data-consistency problem is solved
-         there (CG from the prior, then TV-regularised PDHG unless tv_weight=0), so the result is never further
-         from the measurements than they allow; weights and iteration counts follow ``recon_settings``.
+         there (CG from the prior, then TV-regularised PDHG and a debiasing CG unless tv_weight=0),
+         so the result is never further from the measurements than they allow; weights and iteration counts
+         follow ``recon_settings``.
       -> back to the scan's intensity scale and pixel type, nothing clipped but what the pixel type cannot hold.
 
 Metrics (when simulating) compare with the input on its own grid (``evaluation.native_scores``; CT on the window
@@ -34,13 +35,13 @@ from ..errors import CheckpointError, InputError
 from ..models.controlnet import ControlNet
 from ..results import ReconstructionResult
 from ..options import MASKS, METHODS, TASKS, ReconstructOptions
-from ..physics.solvers import cg_regularised, tv_pdhg
+from ..physics.solvers import cg_regularised
 from . import recon_settings as rules
 from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, sample_latents
 from .consistency import LatentDataConsistency
 from .decode import decode_latent
 from .evaluation import native_scores
-from .measurements import NativeProblem, prepare_problem, solve_model_free, to_image
+from .measurements import NativeProblem, prepare_problem, solve_model_free, solve_tv, to_image
 from .native import GridMap
 from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
@@ -143,7 +144,7 @@ def _views(opts: ReconstructOptions) -> int:
 
 
 def _iterations(method: str) -> int:
-    return {"sart": rules.SART_ITERS, "tv": rules.TV_ITERS}.get(method, 1)
+    return {"sart": rules.SART_ITERS, "tv": rules.TV_ITERS + rules.DEBIAS_CG_ITERS}.get(method, 1)
 
 
 def _tv(problem: NativeProblem, tv_weight: Optional[float]) -> float:
@@ -252,7 +253,7 @@ class ReconstructionPipeline(BundlePipeline):
             vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, self.device, progress, cancel)
             prior = prior_model.to_native(vol[0, 0].to(self.device).clamp(-1.0, 1.0))
             # CG from the prior first (fast, keeps what the prior put where the data are silent), then TV.
-            iters = rules.DC_CG_ITERS + (rules.TV_ITERS if beta > 0 else 0)
+            iters = rules.DC_CG_ITERS + (rules.TV_ITERS + rules.DEBIAS_CG_ITERS if beta > 0 else 0)
             final = ProgressTracker(iters if use_dc else 1, progress, cancel,
                                     "data consistency" if use_dc else "finishing")
             final.begin()
@@ -263,9 +264,8 @@ class ReconstructionPipeline(BundlePipeline):
                 u_out = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT,
                                        rules.DC_CG_ITERS, step=lambda i: final.advance())
                 if beta > 0:
-                    u_out = tv_pdhg(problem.op, measured, beta, rules.TV_ITERS,
-                                    z_weight=problem.z_weight, prior=prior, lam=rules.PRIOR_WEIGHT,
-                                    x0=u_out.clamp_min(0.0), step=lambda i: final.advance())
+                    u_out = solve_tv(problem, beta, u_out.clamp_min(0.0), prior=prior, lam=rules.PRIOR_WEIGHT,
+                                     step=lambda i: final.advance())
         padded = prior_model.padded_shape  # (Z, X, Y)
         result = ReconstructionResult(
             image, None, task, opts.method, problem.simulated, use_dc, anatomy=entry.name, anatomy_reason=reason,

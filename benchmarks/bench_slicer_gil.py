@@ -46,7 +46,7 @@ def main() -> int:
             harness._hold_gil()
         began = time.monotonic()
         logic.cancel()
-        while not logic.poll().finished:
+        while not logic.poll().ended:
             harness._hold_gil()
         cancel_s = time.monotonic() - began
         logic.finish()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
-from MedDiffusionLib.pipelines import decode
+from MedDiffusionLib.pipelines import decode, decode_conv, decode_plan
 from MedDiffusionLib.pipelines.decode import DecodeReport, decode_latent, plan_decode
 
 OFFICIAL_8X = dict(n_hiddens=48, downsample=8, embedding_dim=8, n_codes=8192, num_groups=24)
@@ -77,17 +77,45 @@ def test_every_plan_equals_the_whole_decode(tiny_ae, path):
     torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)
 
 
-def test_official_256_plan_keeps_one_full_resolution_buffer_within_the_cpu_budget(official_meta):
+def test_official_256_plan_recomputes_only_the_upsampled_tensor_within_the_cpu_budget(official_meta):
     """256^3 with the official 8x decoder in the default CPU budget: the 96-channel up-sampled tensor (6 GB) is
-    recomputed, the 48-channel ResBlock tensors share buffers in place, and the estimate stays in budget."""
+    recomputed, every 48-channel full-resolution tensor is kept (two buffers, the ResBlock outputs in place), and
+    the estimate stays in budget."""
     budget = decode.default_budget_gb(torch.device("cpu")) * 2**30
     plan = plan_decode(official_meta.decoder.tail(), (1, 192, 32, 32, 32), budget)
     assert plan.halo is None and plan.peak_bytes <= budget
     full_res = [t for t in plan.tensors[:-1] if t.spatial == (256, 256, 256)]
     assert not full_res[0].materialized                       # 96 channels at 256^3: statistics pass only
-    assert sum(t.materialized and t.inplace_of is None for t in full_res) == 1
-    # every pass but the statistics-only ones produces a kept tensor: far fewer passes than norms x tiles
+    assert all(t.materialized for t in full_res[1:])
+    assert sum(t.inplace_of is None for t in full_res[1:]) == 2
+    # every pass but the statistics-only one produces a kept tensor: far fewer passes than norms x tiles
     assert len(plan.passes) == len(plan.tensors) - 1
+
+
+@pytest.mark.parametrize("budget_gb", [7.25, 7.75])
+def test_a_larger_budget_never_gives_a_costlier_plan(official_meta, budget_gb):
+    """Regression: greedily keeping the 96-channel 256^3 tensor once it fits made the next pass overflow (7.25 GB:
+    3-D halo tiles) or forced the four 48-channel tensors after it to be recomputed (7.75 GB: 30 TFLOP more)."""
+    layers = official_meta.decoder.tail()
+    smaller = plan_decode(layers, (1, 192, 32, 32, 32), 7 * 2**30)
+    larger = plan_decode(layers, (1, 192, 32, 32, 32), budget_gb * 2**30)
+    assert larger.halo is None and larger.peak_bytes <= budget_gb * 2**30
+    assert decode_plan._flops(layers, larger) <= decode_plan._flops(layers, smaller)
+
+
+@pytest.mark.parametrize("k,s,p,size", [(4, 2, 1, (5, 6, 3)), (4, 2, 1, (1, 2, 2)), (2, 2, 0, (3, 4, 5)),
+                                        (6, 3, 1, (3, 2, 4)), (6, 2, 2, (4, 4, 5))])
+def test_transposed_convolution_as_one_ordinary_convolution(k, s, p, size):
+    """The decoder's up-samplings run as a single conv3d over parity classes: the transposed convolution's output
+    to float rounding, for the official shape (4, 2, 1) and others, at sizes down to one voxel."""
+    torch.manual_seed(k * 10 + p)
+    conv = torch.nn.ConvTranspose3d(5, 3, k, s, p).double()
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    assert decode_conv.parity_decomposable(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_conv.conv_transpose_as_conv(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+    assert not decode_conv.parity_decomposable(torch.nn.ConvTranspose3d(5, 3, 3, 2, 1))
+    assert not decode_conv.parity_decomposable(torch.nn.Conv3d(5, 3, 3))
 
 
 def test_probe_runs_two_slabs_per_pass_and_keeps_the_shape(tiny_ae):

@@ -10,7 +10,7 @@ convolutions, statistics, normalisation + SiLU, residual adds, copies) and count
 in halos or for tensors not kept whole.
 
     python benchmarks/bench_decode.py --sizes 16 --budget-gb 2          # 128^3 at a 2 GB budget
-    python benchmarks/bench_decode.py --sizes 32                        # 256^3 at the default budget (6 GB)
+    python benchmarks/bench_decode.py --sizes 32                        # 256^3 at the default budget (7 GB)
     python benchmarks/bench_decode.py --sizes 64 --probe                # 512^3 peak memory only, in minutes
     python benchmarks/bench_decode.py --device cuda --sizes 8 16 32 64  # a GPU: time and max_memory_allocated
 """

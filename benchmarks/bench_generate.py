@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="denoiser latent edge (official 8x: 32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="decode latent edges")
-    ap.add_argument("--budget-gb", type=float, default=6.0, help="tiled decode budget (see pipelines/decode.py)")
+    ap.add_argument("--budget-gb", type=float, default=None,
+                    help="tiled decode budget (default: the device's, pipelines/decode.py default_budget_gb)")
     ap.add_argument("--max-plain-gb", type=float,
                     default=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.8)
     ap.add_argument("--memory-only", action="store_true",
@@ -142,6 +143,9 @@ def main() -> None:
                          "then not decode times")
     ap.add_argument("--decode-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.budget_gb is None:
+        from MedDiffusionLib.pipelines.decode import default_budget_gb
+        args.budget_gb = default_budget_gb(torch.device(args.device))
     if args.decode_child is not None:
         _decode_child(args.decode_child, args.budget_gb, args.device, args.memory_only)
         return

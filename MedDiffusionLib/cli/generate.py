@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=".nrrd", help="dataset: volume file suffix (default .nrrd; e.g. .nii.gz)")
     p.add_argument("--preview", metavar="PNG", help="also write three orthogonal mid-slices as PNG (with --out)")
     p.add_argument("--decode-budget-gb", type=float,
-                   help="memory budget of one decoding tile (default 6 on CPU, 3 on GPU)")
+                   help="memory budget of the tiled decode's activations (default: pipelines.decode."
+                        "default_budget_gb, by device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=run)

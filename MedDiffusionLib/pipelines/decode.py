@@ -35,14 +35,16 @@ from torch import nn
 
 from ..models.ae_blocks import AttentionBlock, TailLayer
 from ..models.autoencoder import PatchVolumeAutoencoder
-from .decode_halo import HaloPlan, plan_halo, run_halo
+from .decode_conv import conv_rows
+from .decode_halo import run_halo
+from .decode_plan import (BYTES, DecodePlan, PassPlan, TensorPlan, _input_rows, _needed_after, _rows_touched,
+                          plan_decode)
 from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
+__all__ = ["PRECISIONS", "DecodePlan", "DecodeReport", "PassPlan", "TensorPlan", "decode_latent",
+           "default_budget_gb", "plan_decode"]
+
 PRECISIONS = ("fp32", "bf16")
-BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)
-# Working set of one slab per row of each tensor it touches: the crop, its normalised copy and the conv output.
-_WORK_COPIES = 3
-_MIN_SLAB_ROWS = 4  # thinner slabs spend more in halos than materialising saves
 
 
 def _query_chunk(attn: AttentionBlock, channels: int, tokens: int, batch: int, budget: float) -> Optional[int]:
@@ -56,107 +58,10 @@ def _query_chunk(attn: AttentionBlock, channels: int, tokens: int, batch: int, b
 
 def default_budget_gb(device: torch.device) -> float:
     """Memory budget of the decode's activations (materialised tensors plus one slab's working set). On the CPU
-    6 GB decodes 256^3 (official 8x) within 8 GB peak RSS (benchmarks/bench_decode.py); 3 GB on GPUs keeps every
+    7 GB decodes 256^3 (official 8x) within 8 GB peak RSS and keeps every 48-channel full-resolution tensor, so
+    only the 96-channel up-sampled one is recomputed (benchmarks/bench_decode.py); 3 GB on GPUs keeps every
     official size within 12 GB (estimated on fake tensors: benchmarks/estimate_memory.py)."""
-    return 3.0 if device.type == "cuda" else 6.0
-
-
-# ----------------------------------------------------------------------------------------------- row geometry
-def _input_rows(layer: TailLayer, a: int, b: int, n_in: int) -> tuple[int, int]:
-    """Rows [lo, hi) of a layer's input (n_in rows) that output rows [a, b) depend on, clipped to the volume."""
-    conv = layer.conv
-    k, s, p = conv.kernel_size[0], conv.stride[0], layer.padding[0]
-    if isinstance(conv, nn.ConvTranspose3d):  # output o = s*i - p + t, t in [0, k)
-        lo, hi = -((k - 1 - a - p) // s), (b - 1 + p) // s + 1
-    else:
-        if s != 1:
-            raise ValueError("tiled decoding supports stride-1 convolutions and transposed up-samplings only")
-        lo, hi = a - p, b - p + k - 1
-    return max(lo, 0), min(hi, n_in)
-
-
-def _conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a: int, b: int) -> torch.Tensor:
-    """Output rows [a, b) of the layer's convolution from its (pre-activated) input rows [lo, hi)."""
-    conv = layer.conv
-    if isinstance(conv, nn.ConvTranspose3d):
-        y = conv(x)  # its rows start at s*lo; rows whose inputs were cut off are outside [a, b)
-        off = conv.stride[0] * lo
-        return y[:, :, a - off:b - off]
-    k, p = conv.kernel_size[0], layer.padding[0]
-    pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
-    if pad_lo or pad_hi:
-        x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
-    return F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(0, layer.padding[1], layer.padding[2]))
-
-
-# ---------------------------------------------------------------------------------------------------- the plan
-@dataclass
-class TensorPlan:
-    """One tensor of the decoder tail: T_0 is the head's output, the last one the volume."""
-    channels: int
-    spatial: tuple[int, int, int]
-    batch: int
-    needs_stats: bool = False     # the next layer normalises it
-    materialized: bool = False    # kept whole (else recomputed by its consumers)
-    inplace_of: Optional[int] = None  # written over this (dead) tensor's buffer
-
-    @property
-    def row_bytes(self) -> int:
-        return BYTES * self.batch * self.channels * self.spatial[1] * self.spatial[2]
-
-    @property
-    def bytes(self) -> int:
-        return self.row_bytes * self.spatial[0]
-
-
-@dataclass
-class PassPlan:
-    """One pass over the slabs of a tensor: it writes the tensor (or only measures it) and yields its statistics."""
-    tensor: int
-    slab_rows: int
-    slabs: int
-    live_bytes: int       # materialised tensors alive during the pass (including its own output)
-    work_bytes: int       # estimated working set of one slab
-
-
-@dataclass
-class DecodePlan:
-    tensors: list[TensorPlan]
-    passes: list[PassPlan] = field(default_factory=list)
-    # When slabs of the last tensors would not fit the budget (their whole-width rows are too large, e.g. 512^3
-    # in 6 GB): the layers after this tensor run in 3-D tiles with halos instead (see decode_halo.py).
-    halo: Optional[HaloPlan] = None
-
-    @property
-    def peak_bytes(self) -> int:
-        """Estimated peak of the activations (kept tensors plus the largest slab or tile working set)."""
-        peak = max((p.live_bytes + p.work_bytes for p in self.passes), default=0)
-        if self.halo is not None:
-            live = sum(t.bytes for t in self.tensors[:self.halo.start + 1] if t.materialized) + self.tensors[-1].bytes
-            peak = max(peak, live + self.halo.work_bytes)
-        return peak
-
-    @property
-    def steps(self) -> int:
-        """Slabs and tiles over all passes (the progress total)."""
-        return sum(p.slabs for p in self.passes) + (self.halo.tiles * self.halo.passes if self.halo else 0)
-
-    def describe(self) -> str:
-        """One line per pass: tensor, shape, what is kept, slabs."""
-        lines = []
-        for p in self.passes:
-            t = self.tensors[p.tensor]
-            keep = ("volume" if p.tensor == len(self.tensors) - 1 else
-                    f"kept{' over T%d' % t.inplace_of if t.inplace_of is not None else ''}" if t.materialized
-                    else "statistics only")
-            lines.append(f"T{p.tensor} {t.channels}ch {'x'.join(map(str, t.spatial))}: {keep}, "
-                         f"{p.slabs} slab(s) of {p.slab_rows} rows, live {p.live_bytes / 2**30:.2f} GB "
-                         f"+ work {p.work_bytes / 2**30:.2f} GB")
-        if self.halo is not None:
-            h = self.halo
-            lines.append(f"T{h.start + 1}..T{len(self.tensors) - 1}: {h.passes} pass(es) over {h.tiles} tile(s), core "
-                         f"{h.core} + halo {h.halo} in T{h.start}'s grid, work {h.work_bytes / 2**30:.2f} GB")
-        return "\n".join(lines)
+    return 3.0 if device.type == "cuda" else 7.0
 
 
 @dataclass
@@ -167,118 +72,6 @@ class DecodeReport:
     head_seconds: float = 0.0
     pass_seconds: list[float] = field(default_factory=list)
     rows_computed: dict[int, int] = field(default_factory=dict)
-
-
-def _inputs(layers: list[TailLayer], k: int) -> list[int]:
-    """Tensors that T_k (k >= 1) is computed from."""
-    layer = layers[k - 1]
-    return [k - 1] + ([layer.residual] if layer.residual is not None else [])
-
-
-def _sources(layers: list[TailLayer], tensors: list[TensorPlan], k: int) -> set[int]:
-    """The materialised tensors that T_k is read from or recomputed from."""
-    if tensors[k].materialized:
-        return {k}
-    out: set[int] = set()
-    for i in _inputs(layers, k):
-        out |= _sources(layers, tensors, i)
-    return out
-
-
-def _needed_after(layers: list[TailLayer], tensors: list[TensorPlan], k: int) -> set[int]:
-    """Materialised tensors that passes after T_k's still read (later tensors assumed materialised)."""
-    need: set[int] = set()
-    for m in range(k + 1, len(tensors)):
-        for i in _inputs(layers, m):
-            if i <= k:
-                need |= _sources(layers, tensors, i)
-    return need
-
-
-def _rows_touched(layers: list[TailLayer], tensors: list[TensorPlan], k: int, a: int, b: int,
-                  acc: dict[int, tuple[int, int]], root: bool = True) -> None:
-    """Row ranges of every tensor (recomputed ones included) that rows [a, b) of T_k, computed in T_k's pass,
-    depend on; the walk stops at materialised tensors."""
-    if k in acc:
-        if not root and acc[k][0] <= a and b <= acc[k][1]:
-            return  # already walked with a range at least as wide
-        a, b = min(acc[k][0], a), max(acc[k][1], b)
-    acc[k] = (a, b)
-    if not root and tensors[k].materialized:
-        return
-    layer = layers[k - 1]
-    lo, hi = _input_rows(layer, a, b, tensors[k - 1].spatial[0])
-    _rows_touched(layers, tensors, k - 1, lo, hi, acc, root=False)
-    if layer.residual is not None:
-        _rows_touched(layers, tensors, layer.residual, a, b, acc, root=False)
-
-
-def _pass_work(layers: list[TailLayer], tensors: list[TensorPlan], k: int, rows: int) -> int:
-    """Working set of one slab of `rows` rows of T_k: every tensor it computes or reads, a few copies each."""
-    n = tensors[k].spatial[0]
-    a = max(0, min(n - rows, n // 2 - rows // 2))  # an interior slab: halos on both sides
-    acc: dict[int, tuple[int, int]] = {}
-    _rows_touched(layers, tensors, k, a, a + rows, acc)
-    return sum(_WORK_COPIES * tensors[j].row_bytes * (hi - lo) for j, (lo, hi) in acc.items())
-
-
-def _slab_rows(layers: list[TailLayer], tensors: list[TensorPlan], k: int, available: float) -> int:
-    """The thickest slab whose working set fits `available` (at least one row), evened out over the volume."""
-    n = tensors[k].spatial[0]
-    rows = n
-    while rows > 1 and _pass_work(layers, tensors, k, rows) > available:
-        rows = max(1, rows * 3 // 4)
-    return math.ceil(n / math.ceil(n / rows))
-
-
-def plan_decode(layers: list[TailLayer], head_shape: tuple[int, ...], budget_bytes: float) -> DecodePlan:
-    """Which tail tensors to keep, which to write in place, and the slab size of every pass, for a budget."""
-    batch, channels, d, h, w = head_shape
-    tensors = [TensorPlan(channels, (d, h, w), batch, materialized=True)]
-    for layer in layers:
-        f = layer.upsampling
-        d, h, w = d * f, h * f, w * f
-        tensors.append(TensorPlan(layer.out_channels, (d, h, w), batch))
-    n = len(tensors) - 1
-    for k in range(n):
-        tensors[k].needs_stats = layers[k].norm is not None
-    tensors[n].materialized = True  # the volume (host buffer; counted in the budget like the rest)
-    plan = DecodePlan(tensors)
-    live = {0, n}  # the volume's host buffer is zero-filled up front
-    for k in range(1, n + 1):
-        t = tensors[k]
-        if k < n:
-            t.materialized = True  # tentatively, to see what dies with this pass
-            dead = live - _needed_after(layers, tensors, k)
-            donors = [j for j in _inputs(layers, k) if j in dead and tensors[j].materialized
-                      and (tensors[j].channels, tensors[j].spatial) == (t.channels, t.spatial)]
-            extra = 0 if donors else t.bytes
-            live_bytes = sum(tensors[j].bytes for j in live) + extra
-            keep = live_bytes + _pass_work(layers, tensors, k, min(t.spatial[0], _MIN_SLAB_ROWS)) <= budget_bytes
-            t.materialized = keep
-            t.inplace_of = donors[0] if keep and donors else None
-            if not keep and not t.needs_stats:
-                continue  # recomputed by its consumers; nothing to measure
-        live_bytes = sum(tensors[j].bytes for j in live | ({k} if t.materialized else set())
-                         if j != t.inplace_of)
-        rows = _slab_rows(layers, tensors, k, budget_bytes - live_bytes)
-        work = _pass_work(layers, tensors, k, rows)
-        plan.passes.append(PassPlan(k, rows, math.ceil(t.spatial[0] / rows), live_bytes, work))
-        if t.materialized:
-            live.add(k)
-        live &= _needed_after(layers, tensors, k) | {k, n}
-    over = [p for p in plan.passes if p.live_bytes + p.work_bytes > budget_bytes]
-    if over:
-        # tiles start from a kept tensor that leaves them at least 30% of the budget (else the head's output)
-        kept_after = {p.tensor: sum(tensors[j].bytes for j in _needed_after(layers, tensors, p.tensor) | {n})
-                      for p in plan.passes if p.tensor < over[0].tensor and tensors[p.tensor].materialized}
-        start = max([k for k, b in kept_after.items() if b <= 0.7 * budget_bytes] or [0])
-        plan.passes = [p for p in plan.passes if p.tensor <= start]
-        for t in tensors[start + 1:-1]:
-            t.materialized, t.inplace_of = False, None
-        live_bytes = sum(tensors[j].bytes for j in _needed_after(layers, tensors, start) | {start, n})
-        plan.halo = plan_halo(layers, tensors, start, budget_bytes - live_bytes)
-    return plan
 
 
 # ----------------------------------------------------------------------------------------------- the executor
@@ -396,7 +189,7 @@ class _Executor:
         if layer.norm is not None:
             scale, shift = self.norms[k - 1]
             x = F.silu(torch.addcmul(shift, x, scale), inplace=True)
-        y = _conv_rows(layer, x, lo, hi, n_in, a, b)
+        y = conv_rows(layer, x, lo, hi, n_in, a, b)
         del x
         if layer.residual is not None:
             y = layer.post(y, self.rows(layer.residual, a, b))

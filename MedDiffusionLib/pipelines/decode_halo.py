@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.ae_blocks import TailLayer
+from .decode_conv import run_conv
 
 if TYPE_CHECKING:
-    from .decode import TensorPlan
+    from .decode_plan import TensorPlan
     from ..progress import ProgressTracker
 
 Window = tuple[slice, slice, slice]
@@ -110,7 +111,8 @@ def run_halo(layers: list[TailLayer], tensors: list[TensorPlan], plan: HaloPlan,
                 if layer.residual is not None:
                     r = layer.residual
                     residual = values[r] if r in values else read(r, window)
-                values[j] = layer.post(layer.conv(x), residual)  # zero padding at the window's edge: in the halo
+                # zero padding at the window's edge: in the halo
+                values[j] = layer.post(run_conv(layer.conv, x), residual)
                 del x
                 for old in [i for i in values if i < j - 1]:
                     del values[old]

@@ -40,28 +40,37 @@ def hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+# One dataset for both tests: 3 rounds of 2 ranks x batch 2, so a kill after the first round leaves two to
+# resume. Each round is ~20 denoiser calls, far longer than the 20 ms poll, so the kill lands mid-run.
+COUNT, STEPS = 12, 20
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
-def test_two_processes_write_the_same_files_as_one(bundle, tmp_path):
-    ref = single(bundle, tmp_path / "one", 7, 3)
+@pytest.fixture(scope="module")
+def reference(bundle, tmp_path_factory) -> dict[str, str]:
+    """File hashes of the dataset written by one process (shared: each process start costs seconds)."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    ref = single(bundle, out, COUNT, STEPS)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.run(torchrun_cmd(bundle, tmp_path / "two", 7, 3), env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return hashes(out)
+
+
+def test_two_processes_write_the_same_files_as_one(bundle, reference, tmp_path):
+    proc = subprocess.run(torchrun_cmd(bundle, tmp_path / "two", COUNT, STEPS), env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Both ranks worked (each prints its own count) and rank 0 wrote the manifest.
     assert "(rank 0 of 2)" in proc.stdout + proc.stderr and "(rank 1 of 2)" in proc.stdout + proc.stderr
-    one, two = hashes(tmp_path / "one"), hashes(tmp_path / "two")
-    assert len(one) == 7 + 2 and "manifest.csv" in one and "run.json" in one
-    assert two == one
+    assert len(reference) == COUNT + 2 and "manifest.csv" in reference and "run.json" in reference
+    assert hashes(tmp_path / "two") == reference
 
 
-def test_killed_distributed_run_resumes_to_the_same_files(bundle, tmp_path):
-    count, steps = 24, 40
-    ref = single(bundle, tmp_path / "ref", count, steps)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_killed_distributed_run_resumes_to_the_same_files(bundle, reference, tmp_path):
+    count, steps = COUNT, STEPS
     out = tmp_path / "run"
     proc = subprocess.Popen(torchrun_cmd(bundle, out, count, steps), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -82,5 +91,5 @@ def test_killed_distributed_run_resumes_to_the_same_files(bundle, tmp_path):
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "were already complete" in resumed.stdout
-    assert hashes(out) == hashes(tmp_path / "ref")
+    assert hashes(out) == reference
     assert not list(out.glob(".*.tmp*"))

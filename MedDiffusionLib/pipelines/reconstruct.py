@@ -35,7 +35,7 @@ from ..errors import CheckpointError, InputError
 from ..models.controlnet import ControlNet
 from ..results import ReconstructionResult
 from ..options import MASKS, METHODS, TASKS, ReconstructOptions
-from ..physics.solvers import cg_regularised
+from ..physics.solvers import cg_regularised, data_rhs
 from . import recon_settings as rules
 from .common import BundlePipeline, denormalize_latent, inference_mode, resolve_seed, sample_latents
 from .consistency import LatentDataConsistency
@@ -238,11 +238,13 @@ class ReconstructionPipeline(BundlePipeline):
         nz, nx, ny = problem.given.shape
         grids = GridMap((nz, nx, ny), problem.spacing_zxy, (sz, sx, sy), self.device)
         prior_model = _PriorGrid(grids, problem.degraded, self.step, int(self.bundle.encode_patch_size))
+        # A^T R y: computed once for every solve below, not per solve.
+        rhs = data_rhs(problem.op, measured) if measured is not None else None
         guide: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if measured is not None:
             def correct(img: torch.Tensor) -> torch.Tensor:  # decoded model-grid image -> data-consistent, same grid
                 prior = prior_model.to_native(img)
-                x = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT, rules.GUIDE_CG_ITERS)
+                x = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT, rules.GUIDE_CG_ITERS, rhs=rhs)
                 return prior_model.to_model(x)
             guide = correct
 
@@ -262,7 +264,7 @@ class ReconstructionPipeline(BundlePipeline):
                 final.advance()
             else:
                 u_out = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT,
-                                       rules.DC_CG_ITERS, step=lambda i: final.advance())
+                                       rules.DC_CG_ITERS, step=lambda i: final.advance(), rhs=rhs)
                 if beta > 0:
                     u_out = solve_tv(problem, beta, u_out.clamp_min(0.0), prior=prior, lam=rules.PRIOR_WEIGHT,
                                      step=lambda i: final.advance())

@@ -1,3 +1,4 @@
+"""`python -m MedDiffusionLib`: the `meddiffusion` command line."""
 import sys
 
 from .cli import main

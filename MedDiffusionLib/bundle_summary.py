@@ -40,6 +40,7 @@ def demo_bundle_dir() -> Path:
 
 @dataclass(frozen=True)
 class BundleSummary:
+    """What a bundle folder declares (name, anatomies, downsample factor, HU range), read without loading networks."""
     name: str
     catalog: Catalog
     downsample: int

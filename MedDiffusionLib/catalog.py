@@ -77,6 +77,7 @@ class Anatomy:
 
     @property
     def default_latent_size(self) -> LatentSize:
+        """The first trained latent size (D, H, W): the default when no size is asked for."""
         return self.latent_sizes[0]
 
     def volume_sizes_xyz(self, downsample: int) -> list[SizeXYZ]:
@@ -97,6 +98,7 @@ class Anatomy:
                        self.spacings_xyz)
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as plain JSON/YAML values (the form model.yaml stores)."""
         out: dict[str, Any] = {"name": self.name, "class_index": self.class_index, "modality": self.modality,
                                "latent_sizes": [list(s) for s in self.latent_sizes],
                                "spacing_xyz": list(self.spacing_xyz), "description": self.description}
@@ -106,6 +108,7 @@ class Anatomy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Anatomy":
+        """An anatomy from its `to_dict` form; InputError naming the missing or bad field."""
         if not isinstance(data, Mapping):
             raise InputError(f"an anatomy entry must be a mapping, got {data!r}")
         missing = [k for k in ("name", "class_index", "modality", "latent_sizes") if k not in data]
@@ -148,6 +151,7 @@ class Catalog(Sequence[Anatomy]):
 
     @property
     def names(self) -> list[str]:
+        """The anatomy names in class-index order."""
         return [a.name for a in self._items]
 
     def get(self, name: str) -> Anatomy:
@@ -159,6 +163,7 @@ class Catalog(Sequence[Anatomy]):
         raise InputError(f"unknown anatomy '{name}'; choose one of: {', '.join(self.names)}")
 
     def by_index(self, class_index: int) -> Anatomy:
+        """The anatomy the denoiser knows as class ``class_index``; InputError if there is none."""
         for a in self._items:
             if a.class_index == int(class_index):
                 return a
@@ -166,6 +171,7 @@ class Catalog(Sequence[Anatomy]):
                          f"{', '.join(str(a.class_index) for a in self._items)}")
 
     def by_modality(self, modality: str) -> list[Anatomy]:
+        """The anatomies of one modality ("CT" or "MR"; "MRI" is accepted), in class-index order."""
         m = str(modality).strip().upper()
         if m == "MRI":
             m = "MR"

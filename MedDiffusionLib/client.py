@@ -75,6 +75,7 @@ class QueueFullError(RemoteError):
 
 
 class JobFailed(MedDiffusionError):
+    """The server ran the job and it failed; ``message`` is the server's reason."""
     def __init__(self, job_id: str, message: str) -> None:
         super().__init__(f"job {job_id[:8]} failed on the server: {message}")
         self.job_id = job_id
@@ -82,6 +83,7 @@ class JobFailed(MedDiffusionError):
 
 
 class JobCancelled(Cancelled):
+    """The job was cancelled (by this client or another one)."""
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id[:8]} was cancelled")
         self.job_id = job_id
@@ -109,9 +111,11 @@ class JobWatcher:
         self.last: Optional[JobStatus] = None
 
     def due(self) -> bool:
+        """Whether the next status request is due (requests back off while the server does not answer)."""
         return time.monotonic() >= self.next_poll_s
 
     def poll(self) -> Optional[JobStatus]:
+        """The job's status, or None when the server did not answer (ServerUnreachable after ``max_misses``)."""
         try:
             st = self.client.status(self.job_id)
         except ServerUnreachable:
@@ -224,6 +228,7 @@ class RemoteClient:
         return RemoteError(code, str(detail), url)
 
     def unreachable(self, exc: BaseException) -> ServerUnreachable:
+        """A ServerUnreachable naming this server and the reason for ``exc``."""
         return ServerUnreachable(self.url, _reason(exc))
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
@@ -238,9 +243,11 @@ class RemoteClient:
 
     # ---- API -----------------------------------------------------------------------------------------
     def health(self) -> dict:
+        """The server's /health answer: status, version and whether it wants a token."""
         return self._request("GET", "/health")
 
     def models(self) -> dict:
+        """The loaded model and its anatomies (/v1/models)."""
         return self._request("GET", "/v1/models")
 
     def generate(self, anatomy: str, size_xyz: Union[str, Sequence[int], None] = None, sampler: str = _G.sampler,
@@ -292,6 +299,7 @@ class RemoteClient:
                               f"{limit_mb:g} MB (server option --max-upload-mb)", self.url + "/v1/reconstruct")
 
     def status(self, job_id: str) -> JobStatus:
+        """The job's current status."""
         return JobStatus.from_json(self._request("GET", self._job_path(job_id)))
 
     def cancel(self, job_id: str) -> JobStatus:

@@ -102,11 +102,13 @@ class Bound:
     low_open: bool = False
 
     def contains(self, value: float) -> bool:
+        """Whether ``value`` lies within the bound."""
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return self.high is None or value <= self.high
 
     def describe(self) -> str:
+        """The bound in words, for error messages and help texts ("between 1 and 1000", "greater than 1")."""
         if self.low is not None and self.high is not None and not self.low_open:
             return f"between {self.low:g} and {self.high:g}"
         parts = []
@@ -176,6 +178,7 @@ class TaskOptions:
 
     @classmethod
     def spec(cls, name: str) -> OptionSpec:
+        """The specification (default, bound, choices, help) of the field ``name``."""
         return cls.specs()[name]
 
     @classmethod
@@ -188,6 +191,7 @@ class TaskOptions:
         return cls(**dict(values))
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field by name (for JSON, the server's job parameters and the pipelines' keyword arguments)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod

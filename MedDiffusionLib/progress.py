@@ -31,7 +31,11 @@ FINISHED_STATES: tuple[str, ...] = (DONE, FAILED, CANCELLED)
 
 
 class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
+    """Anything with ``is_set()`` (a threading.Event): set means stop at the next step."""
+
+    def is_set(self) -> bool:
+        """Whether a stop was asked for."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class ProgressInfo:
 
     @property
     def fraction(self) -> float:
+        """Share of the stage done, in [0, 1]."""
         return self.step / self.total if self.total else 0.0
 
 
@@ -53,6 +58,7 @@ ProgressCallback = Callable[[ProgressInfo], None]
 
 
 def check_cancel(cancel: Optional[CancelFlag]) -> None:
+    """Raise Cancelled when ``cancel`` is set."""
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled by the user")
 
@@ -70,10 +76,12 @@ class ProgressTracker:
         self.step = 0
 
     def begin(self) -> None:
+        """Report step 0 of the stage (and honour a cancel that came before it started)."""
         check_cancel(self.cancel)
         self._emit()
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more steps, report them, then stop here if cancelled."""
         self.step = min(self.step + n, self.total)
         self._emit()
         check_cancel(self.cancel)
@@ -120,18 +128,22 @@ class JobStatus:
 
     @property
     def stage(self) -> str:
+        """The current stage's name ("" before the job starts)."""
         return self.current.stage if self.current is not None else ""
 
     @property
     def step(self) -> int:
+        """Steps done in the current stage."""
         return self.current.step if self.current is not None else 0
 
     @property
     def total(self) -> int:
+        """Steps of the current stage."""
         return self.current.total if self.current is not None else 0
 
     @property
     def eta_s(self) -> Optional[float]:
+        """Seconds the current stage still needs, if known."""
         return self.current.eta_s if self.current is not None else None
 
     def with_stage(self, stage: str, step: int = 0, total: int = 0, eta_s: Optional[float] = None,

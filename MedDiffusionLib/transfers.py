@@ -55,6 +55,7 @@ class VolumeArray:
     direction_lps: np.ndarray  # 3x3, columns are the I, J, K axes
 
     def to_sitk(self) -> Any:
+        """The volume as a SimpleITK image with its geometry."""
         import SimpleITK as sitk
 
         image = sitk.GetImageFromArray(self.array)
@@ -65,6 +66,7 @@ class VolumeArray:
 
     @classmethod
     def from_sitk(cls, image: Any) -> "VolumeArray":
+        """The voxels (a view, no copy) and geometry of a SimpleITK image."""
         import SimpleITK as sitk
 
         return cls(sitk.GetArrayViewFromImage(image), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
@@ -114,9 +116,11 @@ class NrrdStreamDecoder:
 
     @property
     def complete(self) -> bool:
+        """Whether every voxel has arrived."""
         return self._flat is not None and self._filled == len(self._flat)
 
     def feed(self, data: bytes) -> None:
+        """Take the next bytes of the NRRD stream (header first, then voxels, inflated if gzipped)."""
         if self._flat is None:
             self._head += data
             end = self._head.find(b"\n\n")
@@ -188,6 +192,7 @@ class NrrdStreamDecoder:
         self._filled += len(data)
 
     def finish(self) -> VolumeArray:
+        """The received volume; TransferError if the stream ended early."""
         if not self.complete or self.volume is None:
             raise TransferError("the server's volume is truncated")
         if self.volume.array.dtype.byteorder == ">":

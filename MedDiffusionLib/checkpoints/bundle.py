@@ -66,14 +66,17 @@ class ModelBundle:
 
     @property
     def timesteps(self) -> int:
+        """Length T of the diffusion schedule the denoiser was trained with."""
         return int(self.diffusion.get("timesteps", 1000))
 
     @property
     def schedule(self) -> str:
+        """Name of the noise schedule the bundle declares ("cosine" for the authors' models)."""
         return str(self.diffusion.get("schedule", "cosine"))
 
     @property
     def device(self) -> torch.device:
+        """The device the networks are on (that of the denoiser's first parameter)."""
         return next(self.denoiser.parameters()).device
 
     def to(self, device: str | torch.device) -> "ModelBundle":

@@ -465,6 +465,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         return check(self, func, args)
 
     def checked_new(self, cls: Any, args: Any, kwargs: Any = None) -> Any:
+        """``cls.__new__(cls)`` for stand-ins and plain containers (NEWOBJ); anything else is refused."""
         if isinstance(cls, type) and issubclass(cls, StandIn):
             return cls.__new__(cls)  # the arguments are not needed: BUILD brings the state
         if cls in _NEW_OK and not args and not kwargs:

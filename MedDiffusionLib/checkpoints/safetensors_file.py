@@ -33,6 +33,7 @@ _DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """One tensor of a safetensors header: dtype, shape and its byte range in the data section."""
     dtype: torch.dtype
     shape: tuple[int, ...]
     begin: int  # byte range in the data section
@@ -41,12 +42,14 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
+    """A checked safetensors header: metadata strings, tensor entries and where the data section starts."""
     metadata: dict[str, str]
     tensors: dict[str, TensorEntry]
     data_start: int  # file offset of the data section
 
     @property
     def numel(self) -> int:
+        """Elements of all tensors the file holds (compared against what a network would allocate)."""
         return sum(math.prod(e.shape) for e in self.tensors.values())
 
 

@@ -13,6 +13,7 @@ COMMAND_MODULES = ("generate", "models", "reconstruct", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `meddiffusion` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="meddiffusion", description="3D MedDiffusion: generate and reconstruct "
                                      "3D CT/MRI volumes with the Patch-Volume autoencoder and BiFlowNet.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (a library error is printed as one line: status 2)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -36,6 +36,7 @@ def add_option(parser: Any, options: type[TaskOptions], name: str, *flags: str, 
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add the model options (--model, or --autoencoder with --denoiser, and --device) to ``parser``."""
     g = parser.add_argument_group("model (default: the bundled demo model)")
     g.add_argument("--model", metavar="NAME|DIR",
                    help="a model name (see `meddiffusion models list`, e.g. official-8x) or a bundle folder "
@@ -46,6 +47,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_bundle_from_args(args: argparse.Namespace) -> ModelBundle:
+    """The model bundle the model options name (the demo model when none is given)."""
     from ..checkpoints.bundle import bundle_from_official, load_bundle
     from ..errors import InputError
 
@@ -74,6 +76,7 @@ class TqdmProgress:
         self.stage: Optional[str] = None
 
     def __call__(self, info: ProgressInfo) -> None:
+        """Show ``info`` on the current stage's bar, opening a new bar when the stage changes."""
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -87,6 +90,7 @@ class TqdmProgress:
         bar.refresh()
 
     def close(self) -> None:
+        """Close the open bar, if any."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

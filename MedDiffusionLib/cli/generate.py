@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Register `meddiffusion generate`."""
     p = sub.add_parser("generate", help="generate synthetic CT/MR volumes (one, or a dataset with a manifest)",
                        description="Generate synthetic 3D volumes. Sizes are voxels X x Y x Z. With --count and "
                        "--out-dir it makes a dataset: a mix of anatomies (NAME:WEIGHT) and sizes, per-volume seeds "
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`meddiffusion generate`: one volume, or a dataset with --count."""
     from ..errors import InputError
 
     # Refused before the model loads; the pipeline checks again against the model (grid, anatomy, schedule).
@@ -71,6 +73,7 @@ def _print_warnings(caught: list) -> None:
 
 
 def run_single(args: argparse.Namespace) -> int:
+    """Generate one volume and write it (and an optional PNG preview); returns the exit status."""
     import SimpleITK as sitk
 
     from ..io.atomic import check_writable
@@ -108,6 +111,7 @@ class VolumeBar:
         self.bar: Optional[tqdm[Any]] = None
 
     def __call__(self, done: float, total: int) -> None:
+        """Show ``done`` of ``total`` volumes (fractional while a batch samples)."""
         if not self.enabled:
             return
         if self.bar is None:
@@ -119,11 +123,13 @@ class VolumeBar:
         self.bar.refresh()
 
     def close(self) -> None:
+        """Close the bar, if one was opened."""
         if self.bar is not None:
             self.bar.close()
 
 
 def run_dataset(args: argparse.Namespace) -> int:
+    """Generate (or resume) a dataset of --count volumes with its manifest; torchrun splits it across ranks."""
     from pathlib import Path
 
     from ..catalog import parse_size

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # for annotations only: the commands import the registry lazi
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Register `meddiffusion anatomies` and `meddiffusion convert`."""
     p = sub.add_parser("anatomies", help="list the anatomies, sizes and spacings a model knows")
     add_model_args(p)
     p.set_defaults(func=run_anatomies)
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_anatomies(args: argparse.Namespace) -> int:
+    """`meddiffusion anatomies`: print the model's anatomies with their sizes and spacings."""
     bundle = load_bundle_from_args(args)
     print(f"model: {bundle.name} (downsample {bundle.downsample}x)")
     print(f"{'class':>5}  {'name':<18} {'mod':<3}  {'sizes X x Y x Z (voxels)':<34} spacing X,Y,Z mm")
@@ -36,6 +38,7 @@ def run_anatomies(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    """`meddiffusion convert`: an official checkpoint to our safetensors format."""
     from ..checkpoints.any_format import convert_official
 
     kind = convert_official(args.input, args.output)
@@ -46,6 +49,7 @@ def run_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- `meddiffusion models`
 # The model registry (MedDiffusionLib/registry): list, pull, add, remove. Kept apart from `convert` above.
 def register_models_group(sub: argparse._SubParsersAction) -> None:
+    """Register `meddiffusion models` (list, pull, add, remove)."""
     from ..registry.known import KNOWN_MODELS  # light: no torch, no network
 
     m = sub.add_parser("models", help="list, download, add and remove models (use them with --model NAME)",
@@ -88,6 +92,7 @@ def register_models_group(sub: argparse._SubParsersAction) -> None:
 
 
 def run_models_list(args: argparse.Namespace) -> int:
+    """`meddiffusion models list`: known and added models, whether downloaded, and their sizes."""
     import json
 
     from ..registry import human_bytes, list_models
@@ -159,6 +164,7 @@ def _consent(plan: PullPlan, assume_yes: bool) -> bool:
 
 
 def run_models_pull(args: argparse.Namespace) -> int:
+    """`meddiffusion models pull`: download and convert a known model (asks before downloading)."""
     import json
     import signal
 
@@ -206,6 +212,7 @@ def run_models_pull(args: argparse.Namespace) -> int:
 
 
 def run_models_remove(args: argparse.Namespace) -> int:
+    """`meddiffusion models remove`: delete a model's files (or forget a folder that was added in place)."""
     from ..registry import human_bytes, remove_model
 
     r = remove_model(args.name, keep_download=args.keep_download)
@@ -218,6 +225,7 @@ def run_models_remove(args: argparse.Namespace) -> int:
 
 
 def run_models_add(args: argparse.Namespace) -> int:
+    """`meddiffusion models add`: register a bundle folder or a pair of checkpoints under a name."""
     from ..registry import add_model
 
     folder = add_model(args.name, args.paths, args.description, replace=args.replace)

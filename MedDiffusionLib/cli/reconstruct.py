@@ -36,6 +36,7 @@ def _add_physics_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Register `meddiffusion reconstruct` and `meddiffusion evaluate`."""
     p = sub.add_parser("reconstruct", help="reconstruct sparse-view CT or undersampled MRI",
                        description="Reconstruct a volume on its own grid. By default the input is a fully sampled "
                        "volume and the measurements are simulated from it (for evaluation and demos); with "
@@ -121,6 +122,7 @@ def _metrics_line(r: ReconstructionResult) -> str:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    """`meddiffusion reconstruct`: one volume on its own grid, written with its degraded input if asked."""
     from ..io.atomic import atomic_write_text, check_writable
     from ..io.volumes import read_volume, write_volume
 
@@ -173,6 +175,7 @@ def _eval_images(args: argparse.Namespace) -> list:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """`meddiffusion evaluate`: every method on phantoms or given volumes; prints (and saves) the table."""
     from ..errors import InputError
     from ..io.atomic import atomic_write_text, check_writable
     from ..pipelines.evaluation import compare_methods, format_table

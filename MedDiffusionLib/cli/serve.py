@@ -11,11 +11,13 @@ from .common import add_model_args, load_bundle_from_args
 
 
 def default_store_dir() -> Path:
+    """Where the server keeps jobs by default: $XDG_CACHE_HOME/meddiffusion/server (~/.cache if unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "meddiffusion" / "server"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Register `meddiffusion serve`."""
     p = sub.add_parser("serve", help="serve generation/reconstruction jobs over HTTP (for a GPU machine)",
                        description="Run the MedDiffusion job server. A bearer token ($MEDDIFFUSION_TOKEN or "
                        "--token-file) is required unless --insecure is given with a loopback --host. Keep the "
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`meddiffusion serve`: check the security settings, claim the store folder and run the job server."""
     from ..errors import InputError
     from ..server.security import check_startup_security, resolve_token
     from ..server.store import claim_store_dir

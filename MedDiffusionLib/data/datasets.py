@@ -46,6 +46,7 @@ def _split_key(key: Key) -> tuple[int, np.random.Generator]:
 
 @dataclass(frozen=True)
 class ManifestEntry:
+    """One volume of a manifest: its file and anatomy class."""
     path: str
     class_name: str
     class_index: int
@@ -300,6 +301,7 @@ class PhantomDataset(Dataset):
         return self.anatomies[idx % len(self.anatomies)], self.seed + idx // len(self.anatomies)
 
     def load(self, idx: int) -> np.ndarray:
+        """Phantom ``idx`` in [-1, 1] (Z, X, Y) float32, made on first use and then cached."""
         if idx in self._cache:
             return self._cache[idx]
         from .phantoms import make_phantom
@@ -394,10 +396,12 @@ class LatentDataset(Dataset):
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
+        """The distinct latent shapes (D, H, W) in the store."""
         return sorted({tuple(int(s) for s in it["shape"][1:]) for it in self.items})
 
     @property
     def codebook_range(self) -> tuple[float, float]:
+        """(min, max) of the autoencoder's codebook, with which the latents were normalised to [-1, 1]."""
         lo, hi = self.index["codebook_range"]
         return float(lo), float(hi)
 

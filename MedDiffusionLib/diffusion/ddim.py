@@ -33,6 +33,7 @@ class DDIMSampler(Sampler):
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
+        """One deterministic DDIM step (eta 0) from timestep ``t`` to the next kept one."""
         i = self.index_for(t)
         t_now, t_next = int(self.timesteps[i]), self.prev_timestep(i)
         x0 = self._pred_x0(model_output, t_now, x)

@@ -37,6 +37,7 @@ class DPMSolverSampler(Sampler):
         super().__init__(diffusion, steps, clip_x0, spacing)
 
     def reset(self) -> None:
+        """Forget the previous step's x0 estimate (the history of the multistep solver)."""
         self._prev_x0: torch.Tensor | None = None
         self._prev_lambda = 0.0
         self._prev_index = -1
@@ -49,6 +50,7 @@ class DPMSolverSampler(Sampler):
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
+        """One DPM-Solver++ step (second order once a previous estimate exists)."""
         i = self.index_for(t)
         if i == 0:
             self.reset()  # a new run: never mix in the history of the previous one

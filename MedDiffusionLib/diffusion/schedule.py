@@ -163,10 +163,12 @@ class GaussianDiffusion:
                 + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), from the predicted noise."""
         return (self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt
                 - self.extract("sqrt_recipm1_alphas_cumprod", t, xt) * eps)
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise eps that takes x0 to x_t at timestep ``t``."""
         return ((self.extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0)
                 / self.extract("sqrt_recipm1_alphas_cumprod", t, xt))
 

@@ -62,6 +62,7 @@ DETACHED_MESSAGE = ("NRRD headers with a detached data file (.nhdr, 'data file:'
 
 @dataclass
 class NrrdHeader:
+    """What an NRRD header says: the kept fields, sizes and bytes per sample (checked before reading data)."""
     magic: str
     fields: dict[str, str]      # canonical field name -> value (only _KEPT_FIELDS)
     sizes: tuple[int, ...]
@@ -71,10 +72,12 @@ class NrrdHeader:
 
     @property
     def voxels(self) -> int:
+        """Number of voxels the header declares."""
         return math.prod(self.sizes)
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of voxel data the header declares."""
         return self.voxels * self.bytes_per_sample
 
 
@@ -177,16 +180,19 @@ def canonical_nrrd(header: NrrdHeader) -> bytes:
 
 @dataclass
 class NiftiHeader:
+    """What a NIfTI header says: dimensions, bytes per voxel and where the data start."""
     dims: tuple[int, ...]
     bytes_per_voxel: int
     data_offset: int
 
     @property
     def voxels(self) -> int:
+        """Number of voxels the header declares."""
         return math.prod(self.dims)
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of voxel data the header declares."""
         return self.voxels * self.bytes_per_voxel
 
 

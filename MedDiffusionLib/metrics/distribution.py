@@ -36,6 +36,7 @@ class VolumeFeatureExtractor(Protocol):
     """Maps one volume (network order (Z, X, Y) or (C, Z, X, Y), values in [-1, 1]) to a 1D feature vector."""
 
     def __call__(self, volume: ArrayLike) -> ArrayLike:  # pragma: no cover - protocol
+        """Feature array (any shape, flattened by the caller) of one volume."""
         ...
 
 

@@ -22,6 +22,7 @@ class AutoencoderFeatures:
 
     @torch.no_grad()
     def __call__(self, volume: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The feature vector of one (Z, X, Y) volume in [-1, 1]."""
         x = torch.as_tensor(np.asarray(volume, np.float32), device=self.device)[None, None]
         h = self.encoder.conv_first(x)
         feats = []

@@ -19,12 +19,14 @@ ATTN_DIM_HEAD = 32
 
 
 def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    """GroupNorm with the autoencoder's epsilon; ValueError unless ``num_groups`` divides ``channels``."""
     if channels % num_groups != 0:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible into {num_groups} groups")
     return nn.GroupNorm(num_groups, channels, eps=GROUPNORM_EPS, affine=True)
 
 
 def conv3(in_ch: int, out_ch: int) -> nn.Conv3d:
+    """3x3x3 convolution, stride 1, padding 1 (sizes unchanged)."""
     return nn.Conv3d(in_ch, out_ch, kernel_size=3, stride=1, padding=1)
 
 
@@ -46,6 +48,7 @@ class ResBlock(nn.Module):
         return self.resConv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + convolutions of x, both after GroupNorm and SiLU."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = self.resConv(x) if self.resConv is not None else x
@@ -102,6 +105,7 @@ class AttentionBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """ResBlock, whole-volume attention, ResBlock: the part of each autoencoder side that sees the whole latent."""
     def __init__(self, channels: int, num_groups: int) -> None:
         super().__init__()
         self.res1 = ResBlock(channels, channels, num_groups)
@@ -109,6 +113,7 @@ class MidBlock(nn.Module):
         self.res2 = ResBlock(channels, channels, num_groups)
 
     def forward(self, x: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
+        """The middle block; ``query_chunk`` bounds the attention's memory (see AttentionBlock)."""
         return self.res2(self.attn(self.res1(x), query_chunk))
 
 
@@ -123,6 +128,7 @@ class EncoderLevel(nn.Module):
                                 if downsample else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two ResBlocks, then the down-sampling (or identity at the last level)."""
         return self.down(self.res2(self.res1(x)))
 
 
@@ -134,10 +140,12 @@ class Upsample(nn.Module):
         self.conv_trans = nn.ConvTranspose3d(channels, channels, kernel_size=4, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Double every spatial size."""
         return self.conv_trans(x)
 
 
 class DecoderLevel(nn.Module):
+    """Two ResBlocks, then a transposed-convolution up-sampling (identity at the last level)."""
     def __init__(self, in_ch: int, out_ch: int, num_groups: int, upsample: bool) -> None:
         super().__init__()
         self.res1 = ResBlock(in_ch, out_ch, num_groups)
@@ -145,6 +153,7 @@ class DecoderLevel(nn.Module):
         self.up: nn.Module = Upsample(out_ch) if upsample else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two ResBlocks, then the up-sampling."""
         return self.up(self.res2(self.res1(x)))
 
 
@@ -157,6 +166,7 @@ def level_channels(n_hiddens: int, n_levels: int) -> list[int]:
 
 
 class Encoder(nn.Module):
+    """Patch encoder: (B, C, D, H, W) image -> (B, embedding_dim, D/f, H/f, W/f) continuous latent."""
     def __init__(self, n_hiddens: int, n_levels: int, embedding_dim: int, num_groups: int,
                  image_channels: int) -> None:
         super().__init__()
@@ -169,6 +179,7 @@ class Encoder(nn.Module):
         self.final_block = nn.Sequential(group_norm(chans[-1], num_groups), nn.SiLU(), conv3(chans[-1], embedding_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode an image (patch) to its continuous latent."""
         h = self.conv_first(x)
         for block in self.conv_blocks:
             h = block(h)
@@ -196,10 +207,12 @@ class TailLayer:
 
     @property
     def in_channels(self) -> int:
+        """Input channels of the layer's convolution."""
         return int(self.conv.in_channels)
 
     @property
     def out_channels(self) -> int:
+        """Output channels of the layer's convolution."""
         return int(self.conv.out_channels)
 
     @property
@@ -231,10 +244,12 @@ class TailLayer:
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                  normalize: Optional[Normalize] = None) -> torch.Tensor:
+        """The layer on a whole tensor: post(conv(pre(x))), with the residual when the layer adds one."""
         return self.post(self.conv(self.pre(x, normalize)), residual)
 
 
 class Decoder(nn.Module):
+    """Joint decoder: quantized latent -> image, as `head` (whole latent, attention) then `tail` (local layers)."""
     def __init__(self, n_hiddens: int, n_levels: int, embedding_dim: int, num_groups: int,
                  image_channels: int) -> None:
         super().__init__()
@@ -272,6 +287,7 @@ class Decoder(nn.Module):
         return layers
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode a latent in one pass (tiled, memory-bounded decoding: pipelines.decode)."""
         h = self.head(z)
         for block in self.conv_blocks:
             h = block(h)

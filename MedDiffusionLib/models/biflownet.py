@@ -178,6 +178,7 @@ class BiFlowDecoder(nn.Module):
         self.out_conv = nn.Conv3d(dim, channels, 1)
 
     def forward(self, feats: EncoderFeatures, cond: Tensor) -> Tensor:
+        """Decoder side: eps for the encoder's features and the condition embedding."""
         n_tok = self.per_sub[0] * self.per_sub[1] * self.per_sub[2]
         tokens = feats.tokens
         for block in cast("list[DiTBlock]", self.intra_mid):

@@ -58,6 +58,7 @@ class ConditionEncoder(nn.Module):
         self.out_channels = c
 
     def forward(self, x: Tensor) -> Tensor:
+        """The condition image's features on the latent grid."""
         for layer in self.body:
             x = conv3d(x, layer) if isinstance(layer, nn.Conv3d) else layer(x)
         return x

@@ -55,6 +55,7 @@ class PatchDiscriminator3D(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Patch logits of ``x`` and the features of every earlier block (for the feature-matching loss)."""
         feats: list[torch.Tensor] = []
         h = x
         for block in self.blocks:

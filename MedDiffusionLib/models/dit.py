@@ -80,6 +80,7 @@ class DiTAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, group: int) -> Tensor:
+        """Self-attention within groups of ``group`` consecutive tokens (one sub-volume each)."""
         b, length, c = x.shape
         heads = self.heads
         hd = c // heads
@@ -108,6 +109,7 @@ class DiTMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The two-layer GELU MLP of a DiT block."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -166,6 +168,7 @@ class FinalLayer(nn.Module):
         self.proj = nn.Linear(dim, patch ** 3 * out_channels)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """adaLN-modulated projection of the tokens back to patch values."""
         shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=1)
         return self.proj(_modulate(_norm(x), shift, scale))
 

@@ -30,6 +30,7 @@ _SCALE = (0.458, 0.448, 0.450)
 
 
 def missing_vgg_message(weight: float, key: str = "loss.vgg16_weights") -> str:
+    """The error message for a perceptual loss weight without a VGG-16 weights file (names the config key)."""
     return (f"perceptual_weight is {weight} but no VGG-16 weights file is configured ({key}). Either set "
             "`perceptual_weight: 0` to train without the perceptual loss, or set "
             f"`{key}` to a local file (safetensors or torch state_dict) holding torchvision's vgg16 "
@@ -52,6 +53,7 @@ class VGG16Features(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activations at the LPIPS taps (after each block's last ReLU)."""
         outs = []
         h = x
         for i, layer in enumerate(self.features):
@@ -155,6 +157,7 @@ class LPIPSDistance(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> "LPIPSDistance":
+        """Stay in eval mode whatever is asked: the network is a frozen feature extractor."""
         # Always eval: a frozen feature extractor (no dropout/BN here, but keep it explicit).
         return super().train(False)
 
@@ -204,6 +207,7 @@ class TriplanePerceptualLoss(nn.Module):
         self.chunk = int(chunk)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS distance over the same random axial, coronal and sagittal slices of two volume batches."""
         losses = []
         for xs, ys in sample_triplane_slices(x, y, self.fraction):
             if xs.shape[1] == 1:  # grey-level volumes -> 3 identical channels for VGG

@@ -19,6 +19,7 @@ DISTANCE_BLOCK_ELEMENTS_GPU = 1 << 25  # 128 MiB
 
 
 class QuantizerOutput(NamedTuple):
+    """The quantizer's output: straight-through latent, code indices, commitment loss and perplexity."""
     z_q: torch.Tensor  # (B, e, D, H, W) straight-through quantized latent (gradients flow to z)
     indices: torch.Tensor  # (B, D, H, W) int64 code indices
     commitment_loss: torch.Tensor  # scalar
@@ -61,6 +62,7 @@ class VectorQuantizer(nn.Module):
     # ----------------------------------------------------------------- state handling
     @property
     def need_init(self) -> bool:
+        """Whether the codebook still waits for its data initialisation (first training batch)."""
         return bool(self._need_init.item())
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -70,6 +72,7 @@ class VectorQuantizer(nn.Module):
             self._need_init.fill_(False)
 
     def extra_repr(self) -> str:
+        """Sizes and EMA settings, for print(model)."""
         return (f"n_codes={self.n_codes}, embedding_dim={self.embedding_dim}, decay={self.decay}, "
                 f"restart_threshold={self.restart_threshold}")
 

@@ -24,6 +24,7 @@ class SinusoidalTimeEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: Tensor) -> Tensor:
+        """Sinusoidal embedding (B, dim) of the timesteps ``t`` (B,), computed in float32."""
         half = self.dim // 2
         # Always float32: timesteps reach 1000, bf16 would round them to multiples of 4.
         freqs = torch.exp(
@@ -51,6 +52,7 @@ class ConditionEmbedding(nn.Module):
         self.out_dim = 2 * hidden
 
     def forward(self, t: Tensor, y: Optional[Tensor], res: Tensor) -> Tensor:
+        """The condition vector (B, out_dim) from timestep, class label (if the model has classes) and resolution."""
         # The sinusoid is computed in float32; cast it to the weights' dtype for bf16/fp16 models (autocast
         # recasts as needed anyway).
         emb = self.time_fc2(F.gelu(self.time_fc1(self.sinusoid(t).to(self.time_fc1.weight.dtype))))
@@ -114,6 +116,7 @@ class ResnetBlock(nn.Module):
         self.skip_conv = nn.Conv3d(dim_in, dim_out, 1) if dim_in != dim_out else None
 
     def forward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """Two convolutions with the condition's scale and shift after the first norm, plus the (projected) input."""
         h = conv3d(x, self.conv1)
         if self.cond_proj is not None:
             if cond is None:
@@ -143,6 +146,7 @@ class ChannelLayerNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Layer norm over the channels of a (B, C, D, H, W) tensor."""
         c = x.shape[1]
         # movedim is a free view for channels-last input, so layer_norm sees contiguous channel rows.
         y = F.layer_norm(x.movedim(1, -1), (c,), self.gamma.view(c).to(x.dtype), None, self.eps)
@@ -165,6 +169,7 @@ class VolumeAttention(nn.Module):
         self.to_out = nn.Conv3d(hidden, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Multi-head self-attention over all voxels, with a residual."""
         b, c, d, h, w = x.shape
         tokens = self.norm(x).movedim(1, -1).reshape(b, d * h * w, c)
         qkv = F.linear(tokens, self.to_qkv.weight)
@@ -204,10 +209,13 @@ class UNetLevel(nn.Module):
         return x if module is None else module(x)
 
     def first(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The level's first ResnetBlock (and attention, if any)."""
         return self._maybe(self.attn1, self.res1(x, cond))
 
     def second(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The level's second ResnetBlock (and attention, if any)."""
         return self._maybe(self.attn2, self.res2(x, cond))
 
     def apply_resample(self, x: Tensor) -> Tensor:
+        """The level's down- or up-sampling (identity when it has none)."""
         return self._maybe(self.resample, x)

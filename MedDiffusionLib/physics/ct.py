@@ -212,10 +212,12 @@ class ParallelBeamProjector(torch.nn.Module):
         self._cache: Dict[Tuple[str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extra_repr(self) -> str:
+        """Geometry, for print(projector)."""
         return f"image_size={self.image_size}, n_views={self.n_views}, n_detectors={self.n_detectors}"
 
     @property
     def sinogram_shape(self) -> Tuple[int, int]:
+        """(views, detectors) of one slice's sinogram."""
         return (self.n_views, self.n_detectors)
 
     def matrices(self, device: Union[str, torch.device, None] = None,

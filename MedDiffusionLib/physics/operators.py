@@ -41,6 +41,7 @@ def to_physics(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_network(u: torch.Tensor) -> torch.Tensor:
+    """Physics units [0, 1] -> the networks' [-1, 1]."""
     return u * 2.0 - 1.0
 
 
@@ -90,6 +91,7 @@ class SparseViewCT:
 
     @property
     def kind(self) -> str:
+        """The task name of this operator ("sparse-ct")."""
         return "sparse-ct"
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -163,6 +165,7 @@ class AcceleratedMRI:
 
     @property
     def kind(self) -> str:
+        """The task name of this operator ("mri")."""
         return "mri"
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -178,6 +181,7 @@ class AcceleratedMRI:
         return k
 
     def measure(self, u: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The undersampled k-space of every slice (MRI measurements are noise-free here)."""
         return undersample(u, self.mask.to(u.device))
 
     def degrade(self, k: torch.Tensor) -> torch.Tensor:
@@ -185,11 +189,13 @@ class AcceleratedMRI:
         return zero_filled(k, self.mask.to(k.device), output="real")
 
     def residual(self, u: torch.Tensor, k: torch.Tensor) -> float:
+        """Relative residual ||M F u - k|| / ||k|| of an estimate against the measured k-space."""
         m = self.mask.to(u.device)
         return float(((fft2c(u) * m - k).abs().norm()) / k.abs().norm().clamp_min(_EPS))
 
     def project(self, u: torch.Tensor, k: torch.Tensor, weight: float = 1.0, iters: Optional[int] = None
                 ) -> torch.Tensor:
+        """Move ``u`` towards agreeing with the measured samples (alternating projections, real-valued output)."""
         # Alternating projections onto "matches the samples" and "is real" (POCS): one replacement alone keeps
         # only the Hermitian part of the samples once the imaginary part is dropped.
         m = self.mask.to(u.device)

@@ -1,1 +1,2 @@
+"""Pipelines: bundle networks + samplers + physics into generation and reconstruction on real volumes."""
 

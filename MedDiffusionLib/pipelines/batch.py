@@ -123,6 +123,7 @@ class DatasetSpec:
     model_id: str
 
     def settings(self) -> dict[str, Any]:
+        """The settings as JSON values, written beside the dataset so that a resume can check them."""
         d = asdict(self)
         d["anatomies"] = [list(a) for a in self.anatomies]
         d["sizes_xyz"] = [list(s) for s in self.sizes_xyz]
@@ -168,6 +169,7 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
 
 @dataclass(frozen=True)
 class PlannedVolume:
+    """One volume of a dataset plan: index, anatomy, volume and latent sizes, seed and file name."""
     index: int
     anatomy: str
     size_xyz: tuple[int, int, int]
@@ -177,6 +179,7 @@ class PlannedVolume:
 
 
 def plan_dataset(spec: DatasetSpec, pipe: GenerationPipeline) -> list[PlannedVolume]:
+    """The volumes of a dataset in order (anatomies interleaved by weight); the same plan on every rank."""
     names = [name for name, _ in spec.anatomies]
     order = weighted_order([Fraction(w) for _, w in spec.anatomies], spec.count)
     entries = [pipe.bundle.catalog.get(n) for n in names]
@@ -254,6 +257,7 @@ class DatasetFolder:
         self.entries = self.root / ENTRIES_DIR
 
     def entry_path(self, item: PlannedVolume) -> Path:
+        """The completion record of ``item``."""
         return self.entries / f"{item.file}.json"
 
     def check_settings(self, spec: DatasetSpec) -> None:
@@ -273,6 +277,7 @@ class DatasetFolder:
                              "with the folder's settings to resume it, or use a new --out-dir")
 
     def saved_base_seed(self) -> Optional[int]:
+        """The base seed of the settings already in the folder, if any (a resume keeps it)."""
         try:
             return int(json.loads((self.root / SETTINGS_FILE).read_text(encoding="utf-8"))["base_seed"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -293,6 +298,7 @@ class DatasetFolder:
                     tmp.unlink(missing_ok=True)
 
     def is_complete(self, item: PlannedVolume, expected: dict[str, Any]) -> bool:
+        """Whether ``item`` was written with these settings and its file still has the recorded checksum."""
         try:
             entry = json.loads(self.entry_path(item).read_text(encoding="utf-8"))
             volume = self.root / item.file
@@ -303,11 +309,13 @@ class DatasetFolder:
             return False
 
     def record(self, item: PlannedVolume, row: dict[str, Any]) -> None:
+        """Record ``item`` as complete (with its file's checksum and size), atomically."""
         volume = self.root / item.file
         entry = dict(row, sha256=file_sha256(volume), bytes=volume.stat().st_size)
         atomic_write_text(self.entry_path(item), json.dumps(entry) + "\n")
 
     def write_manifest(self, plan: Sequence[PlannedVolume]) -> Path:
+        """Write manifest.csv for the whole plan (atomically); returns its path."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -321,6 +329,7 @@ class DatasetFolder:
 
 @dataclass
 class DatasetReport:
+    """What a dataset run did: volumes in the dataset, skipped as complete, generated here, and the time taken."""
     total: int            # volumes in the dataset
     skipped: int          # already complete when this run started (all ranks)
     generated: int        # written by this rank

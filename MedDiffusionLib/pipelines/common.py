@@ -40,6 +40,7 @@ def normalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torc
 
 
 def denormalize_latent(z: torch.Tensor, latent_range: tuple[float, float]) -> torch.Tensor:
+    """Latents in [-1, 1] back to the codebook's range ``latent_range`` (inverse of normalize_latent)."""
     lo, hi = latent_range
     return (z + 1.0) / 2.0 * (hi - lo) + lo
 
@@ -102,5 +103,6 @@ class BundlePipeline:
 
 @contextlib.contextmanager
 def inference_mode() -> Iterator[None]:
+    """torch.inference_mode as a plain context manager (no autograd bookkeeping while sampling and decoding)."""
     with torch.inference_mode():
         yield

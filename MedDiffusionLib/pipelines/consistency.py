@@ -47,6 +47,7 @@ class LatentDataConsistency:
         return normalize_latent(self.ae.encode(img, self.patch), self.latent_range)
 
     def __call__(self, x_next: torch.Tensor, z0: torch.Tensor, t: int) -> torch.Tensor:
+        """The guidance hook: every ``every`` steps, replace the next latent by the re-noised corrected estimate."""
         i, t_next = self.index[int(t)], self.next_t[int(t)]
         if t_next < 0 or (i + 1) % self.every:
             return x_next

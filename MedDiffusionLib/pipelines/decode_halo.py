@@ -30,6 +30,7 @@ _TILE_COPIES = 4  # a layer's input, its activated copy, its output and the resi
 
 @dataclass
 class HaloPlan:
+    """How to decode the last layers in tiles with overlapping borders (halos) when slabs would not fit."""
     start: int        # the kept tensor the tiles read; layers[start:] run per tile
     core: int         # tile core edge, in that tensor's grid
     halo: int
@@ -72,6 +73,7 @@ def _tiles(spatial: tuple[int, ...], core: int, halo: int) -> list[tuple[Window,
 
 
 def plan_halo(layers: list[TailLayer], tensors: list[TensorPlan], start: int, available: float) -> HaloPlan:
+    """The largest tile core whose working set fits ``available`` bytes, for layers[start:]."""
     spatial = tensors[start].spatial
     halo = math.ceil(_radius(layers, start))
 

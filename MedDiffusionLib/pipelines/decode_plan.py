@@ -50,10 +50,12 @@ class TensorPlan:
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one row (first spatial axis) of the tensor."""
         return BYTES * self.batch * self.channels * self.spatial[1] * self.spatial[2]
 
     @property
     def bytes(self) -> int:
+        """Bytes of the whole tensor."""
         return self.row_bytes * self.spatial[0]
 
 
@@ -69,6 +71,7 @@ class PassPlan:
 
 @dataclass
 class DecodePlan:
+    """The decode schedule: every tail tensor, the passes that compute them slab by slab, and an optional halo stage."""
     tensors: list[TensorPlan]
     passes: list[PassPlan] = field(default_factory=list)
     # When slabs of the last tensors would not fit the budget (their whole-width rows are too large, e.g. 512^3

@@ -32,13 +32,16 @@ class WorldInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that writes shared files)."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world_size > 1
 
     def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
         if self.distributed:
             torch.distributed.barrier()
 
@@ -51,6 +54,7 @@ class WorldInfo:
         return box[0]
 
     def close(self) -> None:
+        """Destroy the process group if this object created it."""
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             self.owns_group = False

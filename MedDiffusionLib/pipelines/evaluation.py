@@ -40,15 +40,18 @@ def native_scores(output: sitk.Image, reference: sitk.Image, modality: str
 
 @dataclass
 class MethodScores:
+    """Per-volume PSNR, SSIM and seconds of one method."""
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
     def mean(self, what: str) -> float:
+        """Mean of ``what`` ("psnr", "ssim" or "seconds"); NaN when empty."""
         values = getattr(self, what)
         return float(np.mean(values)) if values else math.nan
 
     def std(self, what: str) -> float:
+        """Sample standard deviation of ``what``; 0 for fewer than two volumes."""
         values = getattr(self, what)
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
@@ -76,6 +79,7 @@ def compare_methods(run: Callable[..., Any], images: Sequence[sitk.Image], task:
 
 
 def format_table(scores: dict[str, MethodScores]) -> str:
+    """The comparison as a text table: mean +- std of PSNR, SSIM and time per method."""
     lines = [f"{'method':<12} {'PSNR (dB)':>16} {'SSIM':>16} {'time (s)':>9}"]
     for name, s in scores.items():
         lines.append(f"{name:<12} {s.mean('psnr'):>8.2f} +- {s.std('psnr'):<5.2f} {s.mean('ssim'):>8.3f} +- "

@@ -117,6 +117,7 @@ class GenerationPipeline(BundlePipeline):
 
     @staticmethod
     def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[Sequence[float]]) -> sitk.Image:
+        """A generated (Z, X, Y) volume as an image with the anatomy's spacing, in HU when ``hu_range`` is given."""
         arr = volume_zxy.astype(np.float32)
         if hu_range is not None:
             arr = arr * (hu_range[1] - hu_range[0]) + hu_range[0]

@@ -29,6 +29,7 @@ __all__ = ["NativeProblem", "prepare_problem", "solve_model_free", "solve_tv", "
 
 @dataclass
 class NativeProblem:
+    """A reconstruction problem on the scan's own grid: operator, measurements, degraded input and intensity scale."""
     task: str
     modality: str
     scale: IntensityScale

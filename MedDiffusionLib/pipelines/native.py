@@ -34,6 +34,7 @@ class IntensityScale:
 
     @classmethod
     def for_scan(cls, arr: np.ndarray, modality: str) -> "IntensityScale":
+        """The scale of a scan: fixed HU scaling for CT, the 99.5th percentile magnitude for MR."""
         if modality == "CT":
             return cls(_CT_AIR_HU, _CT_HU_PER_UNIT)
         ref = float(np.percentile(np.abs(arr), 99.5)) if arr.size else 0.0
@@ -42,9 +43,11 @@ class IntensityScale:
         return cls(0.0, ref)
 
     def to_physics(self, values: torch.Tensor) -> torch.Tensor:
+        """Scan intensities -> physics units."""
         return (values - self.offset) / self.unit
 
     def from_physics(self, u: torch.Tensor) -> torch.Tensor:
+        """Physics units -> scan intensities."""
         return u * self.unit + self.offset
 
 
@@ -98,7 +101,9 @@ class GridMap:
         return torch.einsum("ij,zxj->zxi", mats[2], v)
 
     def to_model(self, vol: torch.Tensor) -> torch.Tensor:
+        """A volume on the scan's grid resampled to the model's grid."""
         return self._apply(vol, self._down)
 
     def to_native(self, vol: torch.Tensor) -> torch.Tensor:
+        """A volume on the model's grid resampled back to the scan's grid."""
         return self._apply(vol, self._up)

@@ -57,6 +57,7 @@ def baseline_method(task: str) -> str:
 
 
 def check_method(method: str, task: str) -> str:
+    """The method's canonical name; InputError if it is unknown or does not apply to ``task``."""
     m = str(method).strip().lower()
     if m not in METHODS:
         raise InputError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")

@@ -166,6 +166,7 @@ class ReconstructionPipeline(BundlePipeline):
 
     @property
     def tasks(self) -> list[str]:
+        """The tasks this model has a ControlNet for."""
         return sorted(self.controlnets)
 
     def _check_controlnet(self, task: str, net: ControlNet) -> None:

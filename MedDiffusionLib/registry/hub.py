@@ -52,11 +52,13 @@ class RemoteFile:
 
     @property
     def name(self) -> str:
+        """The file name without its folders."""
         return self.path.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
 class RepoListing:
+    """The files of a Hub repository at one commit (what a pull plans from)."""
     repo_id: str
     revision: str             # what was asked for (a branch, tag or commit)
     commit: str | None        # the commit it resolved to (all downloads use it, so files come from one commit)
@@ -256,6 +258,7 @@ def download_file(listing: RepoListing, file: RemoteFile, progress: ByteProgress
 
 # --------------------------------------------------------------------------------------------- hashing
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):

@@ -38,6 +38,7 @@ class KnownModel:
     revision: str = "main"
 
     def to_dict(self) -> dict:
+        """The entry as JSON values (for `models list --json` and the server)."""
         return {"name": self.name, "description": self.description, "repo_id": self.repo_id,
                 "revision": self.revision, "downsample": self.downsample,
                 "bundle_bytes": self.bundle_bytes, "download_bytes_estimate": self.download_bytes_estimate}

@@ -74,6 +74,7 @@ def _drop(name: str) -> None:
 
 @dataclass
 class RemoveResult:
+    """What `remove_model` did: bytes freed from the bundle and the download cache, or the folder it only forgot."""
     name: str
     freed_bundle: int
     freed_download: int

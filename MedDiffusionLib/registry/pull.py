@@ -26,6 +26,7 @@ __all__ = ["PlannedFile", "PullPlan", "PullEvent", "plan_pull", "execute_pull", 
 
 @dataclass(frozen=True)
 class PlannedFile:
+    """One file of a pull: its role, the remote file, and the cached copy if there already is one."""
     role: str                 # "autoencoder" or "denoiser"
     remote: RemoteFile
     cached: Path | None       # already in the Hugging Face cache: nothing to download
@@ -33,6 +34,7 @@ class PlannedFile:
 
 @dataclass(frozen=True)
 class PullPlan:
+    """What a pull will do: which model, from which commit, which files, where to, and how much to download."""
     model: KnownModel
     listing: RepoListing
     files: tuple[PlannedFile, ...]
@@ -45,6 +47,7 @@ class PullPlan:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of all the files of the plan (downloaded or already cached)."""
         return sum(f.remote.size or 0 for f in self.files)
 
     def describe(self) -> list[str]:
@@ -60,6 +63,7 @@ class PullPlan:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON values (for GUIs and `--json`)."""
         return {"model": self.model.name, "repo_id": self.listing.repo_id, "commit": self.listing.commit,
                 "download_bytes": self.download_bytes, "total_bytes": self.total_bytes, "dest": str(self.dest),
                 "files": [{"role": f.role, "path": f.remote.path, "size": f.remote.size,

@@ -33,10 +33,12 @@ _STAGE = re.compile(r"(?:^|[^a-z0-9])(?:s|stage)[-_]?([12])(?:[^a-z0-9]|$)", re.
 
 @dataclass(frozen=True)
 class RoleMatch:
+    """The checkpoint files of a repository chosen as autoencoder and denoiser."""
     autoencoder: RemoteFile
     denoiser: RemoteFile
 
     def items(self) -> tuple[tuple[str, RemoteFile], ...]:
+        """(role, file) pairs, autoencoder first."""
         return (("autoencoder", self.autoencoder), ("denoiser", self.denoiser))
 
 

@@ -91,6 +91,7 @@ class ModelEntry:
     source: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, with_paths: bool = True) -> dict[str, Any]:
+        """The entry as JSON values (paths left out for clients that must not see them)."""
         d = {"name": self.name, "kind": self.kind, "description": self.description, "available": self.available,
              "disk_bytes": self.disk_bytes, "download_bytes": self.download_bytes,
              "expected_bytes": self.expected_bytes, "download_estimate": self.download_estimate}
@@ -131,6 +132,7 @@ def _write_user_models(models: dict[str, dict[str, Any]]) -> None:
 
 
 def register_user_model(name: str, path: Path, description: str = "") -> None:
+    """Remember a user's model folder under ``name`` (the folder stays where it is)."""
     with registry_lock("registry", wait_s=10):
         models = user_models()
         models[name] = {"path": str(Path(path).absolute()), "description": description,
@@ -139,6 +141,7 @@ def register_user_model(name: str, path: Path, description: str = "") -> None:
 
 
 def unregister_user_model(name: str) -> None:
+    """Forget a user's model name (its folder is not touched)."""
     with registry_lock("registry", wait_s=10):
         models = user_models()
         if models.pop(name, None) is not None:

@@ -42,6 +42,7 @@ log = logging.getLogger("meddiffusion.server")
 
 @dataclass
 class ServerConfig:
+    """The server's settings: store folder, model, device, workers and the limits on queue, uploads and sizes."""
     store_dir: Path
     bundle: Optional[ModelBundle] = None  # a loaded ModelBundle; else loaded from model_dir (None = demo model)
     model_dir: Optional[str] = None
@@ -96,10 +97,12 @@ class Services:
     # The first worker's pipelines: what the endpoints validate against (every worker has the same model).
     @property
     def generator(self) -> GenerationPipeline:
+        """The first worker's generation pipeline."""
         return self.generators[0]
 
     @property
     def reconstructor(self) -> Any:
+        """The first worker's reconstruction pipeline."""
         return self.reconstructors[0]
 
     @reconstructor.setter
@@ -128,6 +131,7 @@ class Services:
     # ---- runners (worker thread) ---------------------------------------------------------------------
     def run_generate(self, rec: JobRecord, _input: Optional[Path], progress: ProgressCallback,
                      cancel: threading.Event, worker: int = 0) -> RunOutput:
+        """Run a generation job on worker ``worker``'s pipeline (called on that worker's thread)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # rec.params: the GenerateOptions validated at the request; the pipeline checks them again itself
@@ -137,6 +141,7 @@ class Services:
 
     def run_reconstruct(self, rec: JobRecord, input_path: Optional[Path], progress: ProgressCallback,
                         cancel: threading.Event, worker: int = 0) -> RunOutput:
+        """Run a reconstruction job on its uploaded volume with worker ``worker``'s pipeline."""
         if input_path is None or not input_path.is_file():
             raise InputError("the uploaded volume of this job is missing from the server's store")
         # rec.params: the ReconstructOptions validated at the request; the pipeline checks them again itself
@@ -149,10 +154,12 @@ class Services:
 
     # ---- background purge ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the job workers and the periodic purge of expired results."""
         self.manager.start()
         threading.Thread(target=self._purge_loop, name="meddiffusion-purge", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop the purge and shut the workers down."""
         self._stop_purge.set()
         self.manager.shutdown()
 
@@ -176,6 +183,7 @@ class Services:
                          info=rec.info).to_json()
 
     def record_or_404(self, job_id: str) -> JobRecord:
+        """The job's record, or an HTTP 404 that says how long results are kept."""
         rec = self.store.snapshot(job_id)
         if rec is None:
             raise HTTPException(404, f"unknown job id (results are kept {self.config.result_ttl_hours:g} h after "

@@ -56,6 +56,7 @@ class RequestGuard:
         self.body_idle_s, self.body_grace_s, self.body_min_rate = body_idle_s, body_grace_s, body_min_rate
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        """The ASGI entry point: check size, pace and headers of a request, then pass it on."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -36,6 +36,7 @@ class QueueFull(MedDiffusionError):
 
 @dataclass
 class RunOutput:
+    """What a runner hands back: the output volumes by name and the job's info."""
     images: dict[str, sitk.Image]
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +75,7 @@ class JobManager:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start one thread per worker (once)."""
         if not self._threads:
             for i, w in enumerate(self.workers):
                 t = threading.Thread(target=self._worker, args=(i,), name=f"meddiffusion-{w.name}-{i}", daemon=True)
@@ -94,10 +96,12 @@ class JobManager:
 
     # ---- requests ------------------------------------------------------------------------------------
     def queued_count(self) -> int:
+        """Jobs waiting in the queue."""
         with self._cond:
             return len(self._queue)
 
     def is_full(self) -> bool:
+        """Whether the queue is at its limit (new jobs are refused with 503)."""
         return self.queued_count() >= self.max_queue
 
     def queue_position(self, job_id: str) -> Optional[int]:
@@ -116,11 +120,13 @@ class JobManager:
 
     @property
     def running_ids(self) -> list[str]:
+        """Ids of the running jobs, by worker."""
         with self._cond:
             return [self._running[i] for i in sorted(self._running)]
 
     def submit(self, kind: str, params: dict[str, Any], input_file: Optional[Path] = None,
                input_suffix: str = "") -> JobRecord:
+        """Queue a job (QueueFull when the queue is at its limit); returns its record."""
         if kind not in self.runners:
             raise MedDiffusionError(f"this server cannot run '{kind}' jobs")
         with self._cond:

@@ -56,6 +56,7 @@ class ReconstructParams(BaseModel):
 
 
 class AnatomyInfo(BaseModel):
+    """One anatomy of the loaded model, as /v1/models lists it."""
     name: str
     class_index: int
     modality: str
@@ -65,6 +66,7 @@ class AnatomyInfo(BaseModel):
 
 
 class Limits(BaseModel):
+    """The server's limits, as /v1/models reports them."""
     max_queue: int
     max_upload_mb: float
     max_voxels: int
@@ -73,6 +75,7 @@ class Limits(BaseModel):
 
 
 class ModelsResponse(BaseModel):
+    """/v1/models: the loaded model, its device, downsample factor, anatomies, samplers and limits."""
     model: str
     device: str
     downsample: int
@@ -97,11 +100,13 @@ class RegistryModelInfo(BaseModel):
 
 
 class AvailableModelsResponse(BaseModel):
+    """/v1/models/available: the models of the server's registry and which one is loaded."""
     loaded: str
     models: list[RegistryModelInfo]
 
 
 class HealthResponse(BaseModel):
+    """/health: the server is up, its version, and whether requests need a token."""
     status: Literal["ok"] = "ok"
     version: str
     auth_required: bool

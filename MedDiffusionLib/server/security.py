@@ -37,6 +37,7 @@ class SecurityConfigError(MedDiffusionError):
 
 
 def new_job_id() -> str:
+    """A new unguessable job id (24 random bytes, URL-safe)."""
     return secrets.token_urlsafe(24)
 
 
@@ -57,6 +58,7 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token in a file (whitespace stripped); SecurityConfigError if it cannot be read or is empty."""
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -139,9 +141,11 @@ class TokenVerifier:
 
     @property
     def enabled(self) -> bool:
+        """Whether requests need a token."""
         return self._token is not None
 
     def check(self, authorization: Optional[str]) -> bool:
+        """Whether an Authorization header carries the token (compared in constant time)."""
         if self._token is None:
             return True
         if not authorization:

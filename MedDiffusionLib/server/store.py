@@ -81,6 +81,7 @@ def claim_store_dir(root: str | os.PathLike[str]) -> Path:
 
 @dataclass
 class JobRecord:
+    """A job as the store keeps it in job.json: kind, parameters, state, progress, times, outputs."""
     id: str
     kind: str                      # "generate" | "reconstruct"
     params: dict[str, Any]
@@ -96,10 +97,12 @@ class JobRecord:
     input_name: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
+        """The record as JSON values."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobRecord":
+        """A record from job.json (unknown keys from other versions are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         if values.get("current") is not None:
@@ -167,6 +170,7 @@ class JobStore:
 
     # ---- records -------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
+        """The job's folder; KeyError for an id the server could not have issued (never a path outside the store)."""
         if not is_valid_job_id(job_id):
             raise KeyError(job_id)
         return self.jobs_dir / job_id
@@ -183,6 +187,7 @@ class JobStore:
         self.save(rec)
 
     def save(self, rec: JobRecord) -> None:
+        """Write the record's job.json atomically (skipped when a purge removed the job meanwhile)."""
         with self._lock:
             text = json.dumps(rec.to_json(), indent=1)
         d = self.job_dir(rec.id)
@@ -208,6 +213,7 @@ class JobStore:
                                                                  outputs=list(rec.outputs))
 
     def update(self, job_id: str, persist: bool = False, **changes: Any) -> Optional[JobRecord]:
+        """Change fields of a job's record (saved when ``persist``); returns the record, None for an unknown job."""
         with self._lock:
             rec = self._records.get(job_id)
             if rec is None:
@@ -219,30 +225,36 @@ class JobStore:
         return rec
 
     def records(self) -> Iterator[JobRecord]:
+        """A snapshot of every record."""
         with self._lock:
             return iter(list(self._records.values()))
 
     def count(self, state: str) -> int:
+        """How many jobs are in ``state``."""
         with self._lock:
             return sum(1 for r in self._records.values() if r.state == state)
 
     # ---- files ---------------------------------------------------------------------------------------
     def input_path(self, rec: JobRecord) -> Optional[Path]:
+        """The stored upload of the job, if it has one."""
         return self.job_dir(rec.id) / rec.input_name if rec.input_name else None
 
     def write_output(self, job_id: str, name: str, image: sitk.Image) -> None:
+        """Write an output volume of the job as compressed NRRD."""
         if name not in OUTPUT_NAMES:
             raise ValueError(f"unknown output '{name}'")
         # Compressed NRRD keeps spacing/origin/direction and shrinks transfers through SSH tunnels.
         write_volume(image, self.job_dir(job_id) / f"{name}.nrrd", compress=True)
 
     def output_path(self, rec: JobRecord, name: str) -> Optional[Path]:
+        """The file of a finished output, or None."""
         if name not in rec.outputs:
             return None
         p = self.job_dir(rec.id) / f"{name}.nrrd"
         return p if p.is_file() else None
 
     def finish(self, job_id: str, state: str, error: Optional[str] = None, **changes: Any) -> None:
+        """Mark the job finished in ``state`` (done, failed or cancelled), drop its upload and save."""
         rec = self.update(job_id, state=state, error=error, finished=time.time(), current=None, **changes)
         if rec is not None:
             self._drop_input(rec)
@@ -255,6 +267,7 @@ class JobStore:
 
     # ---- expiry --------------------------------------------------------------------------------------
     def expires_at(self, rec: JobRecord) -> Optional[float]:
+        """When the job's results are purged (POSIX time), None while it has not finished."""
         return rec.finished + self.ttl_s if rec.state in FINISHED_STATES and rec.finished else None
 
     def _expired(self, rec: JobRecord, now: float) -> bool:

@@ -62,12 +62,14 @@ class UploadError(Exception):
 
 @dataclass
 class Upload:
+    """A multipart upload being received: its form fields and the file written so far."""
     fields: dict[str, str] = field(default_factory=dict)
     path: Optional[Path] = None      # the received file (random name, no suffix yet)
     filename: str = ""               # as the client called it: for messages only
     size: int = 0
 
     def discard(self) -> None:
+        """Delete the received file, if any."""
         if self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink()

@@ -252,7 +252,15 @@ def bundle_from_official(autoencoder_path: str | os.PathLike[str], denoiser_path
                          autoencoder_overrides: Mapping[str, Any] | None = None,
                          denoiser_overrides: Mapping[str, Any] | None = None,
                          encode_patch_size: int = 64) -> ModelBundle:
-    """A bundle from the authors' released files (either format also accepts our safetensors files)."""
+    """A bundle from the authors' released files (either format also accepts our safetensors files).
+
+    Args:
+        catalog: the anatomies the denoiser was trained on; default: the authors' table for the autoencoder's
+            downsample factor.
+        map_location: device the weights are loaded to.
+        autoencoder_overrides, denoiser_overrides: config values the checkpoints do not record (e.g. num_groups).
+        encode_patch_size: patch edge (voxels) in which the autoencoder encodes volumes.
+    """
     ae = load_any_autoencoder(autoencoder_path, map_location, overrides=autoencoder_overrides)
     dn = load_any_denoiser(denoiser_path, map_location, overrides=denoiser_overrides)
     downsample = int(ae.config["downsample"])

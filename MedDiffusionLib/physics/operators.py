@@ -227,7 +227,15 @@ def make_mask(kind: str, shape: Sequence[int], acceleration: float, seed: int) -
 def make_operator(task: str, slice_shape: Sequence[int], *, views: int = 30, acceleration: float = 8,
                   mask: str = "gaussian", seed: int = 0, photons: Optional[float] = None, pixel_mm: float = 1.0,
                   iters: int = 8) -> Operator:
-    """The measurement model of ``task`` for axial slices of ``slice_shape`` (X, Y)."""
+    """The measurement model of ``task`` for axial slices of ``slice_shape`` (X, Y).
+
+    Args:
+        views: sparse-ct projection angles over [0, pi).
+        acceleration, mask, seed: mri undersampling factor, mask kind (see `make_mask`) and its random seed.
+        photons: sparse-ct Poisson noise with this many incident photons per ray (None: noise-free).
+        pixel_mm: sparse-ct pixel size in mm, which sets the attenuation along a ray in the Poisson noise model.
+        iters: iterations of the operator's own ``project`` (data-consistency step) when none are given there.
+    """
     if task not in TASKS:
         raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")
     shape = (int(slice_shape[0]), int(slice_shape[1]))

@@ -106,8 +106,9 @@ def test_reconstruct_errors_are_clear(model, ct_file, tmp_path, capsys, case, me
 
 def test_evaluate_prints_the_table(model, tmp_path, capsys):
     report = tmp_path / "eval.json"
+    # An 80 mm field of view: the default 240 mm is a ~192^2 grid at the model's spacing (12 s more of decoding).
     rc = cli_main(["evaluate", "--task", "sparse-ct", "--views", "12", "--count", "1", "--size", "32", "32", "4",
-                   "--seed", "3", "--json", str(report), "--model", str(model), *FAST])
+                   "--spacing", "2.5", "2.5", "3", "--seed", "3", "--json", str(report), "--model", str(model), *FAST])
     assert rc == 0
     out = capsys.readouterr().out
     for row in ("fbp ", "sart ", "tv ", "diffusion "):

@@ -19,7 +19,7 @@ from .errors import InputError
 
 __all__ = [
     "SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SCHEDULE_LENGTH", "TASKS", "MASKS", "SEED_MAX", "METHODS",
-    "DEFAULT_METHOD", "METHOD_TASKS",
+    "DEFAULT_METHOD", "METHOD_TASKS", "MEASUREMENT_METHODS",
     "Bound", "OptionSpec", "TaskOptions", "GenerateOptions", "ReconstructOptions", "parse_size", "format_size",
     "default_steps",
 ]
@@ -41,6 +41,9 @@ METHOD_TASKS: dict[str, tuple[str, ...]] = {
     "fbp": ("sparse-ct",), "zero-filled": ("mri",), "sart": ("sparse-ct",), "tv": ("sparse-ct", "mri"),
     "diffusion": ("sparse-ct", "mri"),
 }
+# Methods that solve against the measurements. An already-degraded MRI input (simulate=False) has none: its
+# sampling mask is unknown (a degraded CT input is re-projected, so CT always has them).
+MEASUREMENT_METHODS: tuple[str, ...] = ("sart", "tv")
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed, which takes a 64-bit integer
 # Exclusive lower bound of the MRI undersampling factor R: R = 1 samples everything (physics.mri uses it too).
 MIN_ACCELERATION = 1.0
@@ -355,6 +358,10 @@ class ReconstructOptions(TaskOptions):
             allowed = [m for m, tasks in METHOD_TASKS.items() if values["task"] in tasks]
             raise InputError(f"method '{values['method']}' does not apply to task '{values['task']}'; choose one "
                              f"of {', '.join(allowed)}")
+        if values["method"] in MEASUREMENT_METHODS and values["task"] == "mri" and not values["simulate"]:
+            raise InputError(f"method '{values['method']}' needs measurements; an already-degraded MRI input has no "
+                             "known sampling mask (simulate from a fully sampled input, or use zero-filled / "
+                             "diffusion)")
         if bundle is not None and values["method"] == "diffusion":  # the model-free methods need no ControlNet
             task = values["task"]
             if task not in bundle.controlnets:

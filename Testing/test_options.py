@@ -53,6 +53,8 @@ def test_one_steps_table() -> None:
     (ReconstructOptions(tv_weight=-1.0), "tv_weight"),
     (ReconstructOptions(method="magic"), "method"),
     (ReconstructOptions(task="mri", method="sart"), "does not apply to task 'mri'"),
+    # No measurements to solve against: refused up front, not after the upload in the worker.
+    (ReconstructOptions(task="mri", method="tv", simulate=False), "'tv' needs measurements"),
     (ReconstructOptions(dc_every=-1), "dc_every"),
     (ReconstructOptions(noise_photons=0), "noise_photons"),
     (ReconstructOptions(seed=-1), "seed"),

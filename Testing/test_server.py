@@ -352,6 +352,7 @@ def test_upload_rejections(stub_server, tmp_path):
 @pytest.mark.parametrize("fields", [
     {"acceleration": 1}, {"acceleration": 64.5}, {"steps": 0}, {"steps": 1001}, {"sampler": "euler"},
     {"views": 2049}, {"views": 0}, {"mask": "radial"}, {"task": "pet"}, {"seed": -1},
+    {"task": "mri", "method": "tv", "simulate": False},
 ])
 def test_server_refuses_what_the_library_refuses(stub_server, tmp_path, fields):
     """One rule, one message: the upload is refused with exactly the library's ReconstructOptions message."""

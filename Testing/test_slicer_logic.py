@@ -258,6 +258,22 @@ def test_local_reconstruct_keeps_geometry_and_honours_anatomy(scene, local_backe
     assert logic.local.client().status(job).params["anatomy"] == anatomy.name
 
 
+def test_reconstruct_refuses_what_the_library_refuses_before_reading_the_volume(scene, tiny_bundle):
+    """The panel applies the library's reconstruction rules when the user clicks, not after the upload: an
+    already-degraded MRI (simulate off) has no measurements for tv."""
+    logic = MedDiffusionLogic(scene)
+    image = selfchecks.make_test_image((16, 16, 8), dtype=np.float32)
+    source = mrml_volumes.image_to_volume_node(image, scene, "input MR")
+    params = _local_params(tiny_bundle, task="mri", method="tv", simulate=False, input_volume_id=source.GetID())
+    with pytest.raises(InputError, match="'tv' needs measurements"):
+        logic.start_reconstruct(params)
+    assert not logic.is_running and logic.job is None
+    logic.start_reconstruct(params.replace(simulate=True))  # the same with measurements starts
+    assert logic.is_running
+    logic.cancel()
+    assert logic.poll().state == "cancelled"
+
+
 def test_anatomy_is_suggested_from_the_input_volume():
     from MedDiffusionLogic.backends import AnatomyChoice
 

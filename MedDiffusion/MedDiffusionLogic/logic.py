@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
+from MedDiffusionLib.options import ReconstructOptions
 from MedDiffusionLib.progress import CANCELLED, DONE, FAILED, IDLE, RUNNING, JobStatus
 from MedDiffusionLib.results import GenerationResult, ReconstructionResult
 
@@ -170,16 +171,17 @@ class MedDiffusionLogic:
         """Start reconstructing `input_node` (default: the parameters' input volume); returns the seed used."""
         self._check_idle()
         params = params.validated()
+        request = {"task": params.task, "anatomy": params.recon_anatomy or None, "views": params.views,
+                   "acceleration": params.acceleration, "mask": params.mask, "simulate": params.simulate,
+                   "sampler": params.sampler, "steps": params.steps, "seed": self._seed(params),
+                   "data_consistency": params.data_consistency, "method": params.method}
+        # The library's rules (those the server applies), before the volume is read and uploaded.
+        ReconstructOptions.from_mapping(request).validate()
         if input_node is None and params.input_volume_id and self.scene is not None:
             input_node = self.scene.GetNodeByID(params.input_volume_id)
         volume = mrml_volumes.volume_node_to_array(input_node)  # main thread: reads MRML (a view, no copy)
         name, made_with = input_node.GetName() or "", input_node.GetAttribute("MedDiffusion.anatomy") or ""
         self._input_id = input_node.GetID() or ""
-        seed = self._seed(params)
-        request = {"task": params.task, "anatomy": params.recon_anatomy or None, "views": params.views,
-                   "acceleration": params.acceleration, "mask": params.mask, "simulate": params.simulate,
-                   "sampler": params.sampler, "steps": params.steps, "seed": seed,
-                   "data_consistency": params.data_consistency, "method": params.method}
 
         def complete(job: PanelJob, summary: ModelSummary) -> None:
             if not job.request["anatomy"] and params.method == "diffusion":  # only the prior has an anatomy
@@ -188,7 +190,7 @@ class MedDiffusionLogic:
         self._job = PanelJob("reconstruct", params, self.backend(params, token), request, volume=volume,
                              modality=TASK_MODALITY[params.task], complete=complete,
                              max_voxels=int(volume.array.size))  # outputs are on the input's grid
-        return seed
+        return int(request["seed"])
 
     def poll(self) -> JobStatus:
         """Advance the job by one short step and return its status (call it from a timer); idle without a job."""

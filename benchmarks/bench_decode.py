@@ -3,9 +3,9 @@ same run.
 
 The official 8x decoder with random weights (time and memory do not depend on the values). Each decode runs in a
 fresh subprocess so its peak RSS is its own. Right before each decode the child times a pure conv3d of known FLOPs
-(the decoder's most common shape: 48 -> 48 channels, 3x3x3, on a 256^2 slab) and reports the decode's arithmetic
-divided by that rate ("FLOP time"), so the ratio decode / FLOP time stays meaningful on a loaded machine; the load
-average is printed with it. The breakdown splits the time by operator (torch.profiler: convolutions, transposed
+(the decoder's most common shape: 48 -> 48 channels, 3x3x3, on a 256^2 slab), again right after it, and reports
+the decode's arithmetic divided by the mean of the two rates ("FLOP time"), so the ratio decode / FLOP time stays
+meaningful on a shared machine whose load drifts; both rates and the load average are printed with it. The breakdown splits the time by operator (torch.profiler: convolutions, transposed
 convolutions, statistics, normalisation + SiLU, residual adds, copies) and counts the convolution work recomputed
 in halos or for tensors not kept whole.
 
@@ -129,6 +129,8 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool, 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    rate_after = reference_rate() if dev.type == "cpu" else float("nan")
+    rate_before, rate = rate, (rate + rate_after) / 2
     error = None
     if precision != "fp32":  # the same latent in the non-exact precision, against the exact volume
         with torch.inference_mode():
@@ -160,7 +162,8 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool, 
         if report.plan.halo is not None and len(report.pass_seconds) > len(report.plan.passes):
             passes.append(("3-D halo tiles", report.pass_seconds[-1]))
     out = dict(seconds=seconds, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               tflop=flops / 1e12, ref_gflops=rate, flop_seconds=flops / rate / 1e9 if rate == rate else None,
+               tflop=flops / 1e12, ref_gflops=rate, ref_before_after=(rate_before, rate_after),
+               flop_seconds=flops / rate / 1e9 if rate == rate else None,
                recomputed_tflop=(executed - minimal) / 1e12, head_seconds=report.head_seconds,
                passes=len(report.pass_seconds), pass_seconds=passes, load=f"{load_before} -> {_loadavg()}",
                categories=dict(categories),
@@ -207,7 +210,8 @@ def main() -> None:
             rows.append(r)
             print(f"\n{latent * 8}^3 (latent {latent}^3), budget {b} GB{' (probe: memory only)' if args.probe else ''}: "
                   f"{r['seconds']:.1f} s, peak {'GPU %.2f' % r['peak_gpu_gb'] if 'peak_gpu_gb' in r else 'RSS %.2f' % r['peak_rss_gb']} GB; "
-                  f"{r['tflop']:.1f} TFLOP at the reference {r['ref_gflops']:.0f} GFLOP/s = {r['flop_seconds'] or 0:.1f} s FLOP time"
+                  f"{r['tflop']:.1f} TFLOP at the reference {r['ref_gflops']:.0f} GFLOP/s (before %.0f, after %.0f) " % tuple(r['ref_before_after']) +
+                  f"= {r['flop_seconds'] or 0:.1f} s FLOP time"
                   + (f" -> ratio {ratio:.2f}" if ratio else "") + f"; load {r['load']}")
             stats_only = sum(sec for label, sec in r["pass_seconds"] if "statistics" in label)
             recompute = r["recomputed_tflop"] * 1e3 / r["ref_gflops"] if r["ref_gflops"] == r["ref_gflops"] else 0.0

@@ -253,7 +253,9 @@ def _walk(layers: list[TailLayer], head_shape: tuple[int, ...], budget_bytes: fl
         if k < n:
             t.materialized = True  # tentatively, to see what dies with this pass
             dead = live - _needed_after(layers, tensors, k)
-            donors = [j for j in _inputs(layers, k) if j in dead and tensors[j].materialized
+            # the residual first: its rows are read by the same output rows only, so overwriting it carries no
+            # rows aside and later slabs read plain views (over the conv's input, halo rows are carried and joined)
+            donors = [j for j in reversed(_inputs(layers, k)) if j in dead and tensors[j].materialized
                       and (tensors[j].channels, tensors[j].spatial) == (t.channels, t.spatial)]
             extra = 0 if donors else t.bytes
             live_bytes = sum(tensors[j].bytes for j in live) + extra

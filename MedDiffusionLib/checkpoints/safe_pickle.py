@@ -123,7 +123,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def _load_build_checked(self) -> None:
         _check_build(self.stack[-2], self.stack[-1])
-        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]  # typeshed omits the opcode handlers
 
     def _charge_opcode(self, cost: int) -> None:
         self._object_bytes -= cost

@@ -156,6 +156,7 @@ class ControlNet(nn.Module):
                 res: Union[Tensor, Sequence[float]], condition: Optional[Tensor] = None,
                 hint: Optional[Tensor] = None) -> ControlResiduals:
         """Residuals for ``denoiser(x, t, y, res, control=...)``; give the condition image or a precomputed hint."""
+        # BiFlowNet's methods on self: a ControlNet has the attributes they read (see __init__), duck-typed.
         BiFlowNet.check_latent(self, x)  # type: ignore[arg-type]
         if hint is None:
             if condition is None:

@@ -224,7 +224,9 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
     A known model that is not downloaded yet is an error that says how to get it (never a silent download).
     """
     if spec is None:
-        return model_entry(DEMO_MODEL_NAME).path  # type: ignore[return-value]
+        from ..bundle_summary import demo_bundle_dir
+
+        return demo_bundle_dir()  # the demo entry's folder
     text = os.fspath(spec)
     if isinstance(spec, os.PathLike) or _looks_like_path(text):
         return Path(text).expanduser()

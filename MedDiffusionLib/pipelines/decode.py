@@ -200,9 +200,13 @@ class _Executor:
         n = t.spatial[0]
         last = k == len(self.tensors) - 1
         self.cache.clear()
-        donor = self.buffers[t.inplace_of] if t.inplace_of is not None else None
+        # a single slab is the whole tensor: kept as computed, neither copied into a new buffer nor over its donor
+        # (the slab's working set, which the plan counts, is that tensor; the donor is dropped right after)
+        whole = t.materialized and not last and p.slabs == 1 and self.probe_slabs != 0
+        kept: Optional[torch.Tensor] = None
+        donor = self.buffers[t.inplace_of] if t.inplace_of is not None and not whole else None
         target = None
-        if t.materialized and not last and donor is None:
+        if t.materialized and not last and donor is None and not whole:
             target = torch.empty((t.batch, t.channels) + t.spatial, device=self.device)
             if self.probe_slabs is not None:
                 target.zero_()  # commit the pages a full run would write
@@ -216,6 +220,8 @@ class _Executor:
                 stats.add(y)
             if last:
                 self.out[:, :, a:b] = y.to(self.out.device, torch.float32)
+            elif whole:
+                kept = y.contiguous()
             elif donor is not None:
                 assert t.inplace_of is not None  # donor is that buffer
                 acc: dict[int, tuple[int, int]] = {}
@@ -227,7 +233,11 @@ class _Executor:
             del y
             self.tracker.advance()
         self.cache.clear()
-        if donor is not None:
+        if kept is not None:
+            if t.inplace_of is not None:
+                del self.buffers[t.inplace_of]
+            self.buffers[k] = _Buffer(kept)
+        elif donor is not None:
             assert t.inplace_of is not None
             del self.buffers[t.inplace_of]
             self.buffers[k] = _Buffer(donor.data)

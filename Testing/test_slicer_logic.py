@@ -274,6 +274,20 @@ def test_reconstruct_refuses_what_the_library_refuses_before_reading_the_volume(
     assert logic.poll().state == "cancelled"
 
 
+def test_local_server_that_cannot_load_the_model_fails_the_job_with_its_log(scene, tmp_path):
+    """The child exits at once (no model there): the job fails naming the problem, it is not restarted forever."""
+    logic = MedDiffusionLogic(scene, LocalBackend())
+    logic.local.server.extra_env.update(OMP_NUM_THREADS="1")
+    try:
+        logic.start_generate(_local_params(tmp_path / "no-model-here", ct_hu_range="off"))
+        state = _poll_until_finished(logic, 120)[-1]
+        assert state.state == "failed" and "Model bundle not found" in state.error, state.error
+        assert "Fatal Python error" not in state.error and "exit code 2" in state.error, state.error
+        assert logic.local.server.state == "failed" and logic.finish() == []
+    finally:
+        logic.stop_server()
+
+
 def test_anatomy_is_suggested_from_the_input_volume():
     from MedDiffusionLogic.backends import AnatomyChoice
 

@@ -116,10 +116,12 @@ class LocalServer:
 
     # ---------------------------------------------------------------- lifetime
     def ensure(self, spec: ServerSpec) -> None:
-        """Start a server for `spec` unless one is starting or ready for it (a dead or different one is
-        replaced). Returns at once; `poll_ready()` says when it answers."""
-        if self.proc is not None and self.spec == spec and self.proc.poll() is None and \
-                self.state in ("starting", "ready"):
+        """Start a server for `spec` unless one is starting or ready for it (a different one, or a ready one
+        that died since, is replaced). Returns at once; `poll_ready()` says when it answers. A child that dies
+        while starting is left for `poll_ready()` to report with its log: restarting it would retry a bad model
+        forever while the panel only ever says 'starting'."""
+        if self.proc is not None and self.spec == spec and (
+                self.state == "starting" or (self.state == "ready" and self.proc.poll() is None)):
             return
         self.stop()
         self._start(spec)
@@ -213,7 +215,10 @@ class LocalServer:
         if code is not None:
             tail = self.log_tail()
             self.state, self.message = "failed", f"exited with code {code}"
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
             self.proc = None
+            self._close_log()
             raise ServerStartError(f"the local MedDiffusion server stopped (exit code {code}). End of its log "
                                    f"({self.log_path}):\n{tail}")
         if self.state == "ready":

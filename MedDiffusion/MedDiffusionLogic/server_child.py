@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import traceback
 
 
 def _exit_when_parent_goes() -> None:
@@ -36,5 +37,21 @@ def main(argv: list[str]) -> int:
     return int(cli_main(args) or 0)
 
 
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = _run(sys.argv[1:])
+    # Not sys.exit: the watcher thread is blocked reading stdin, and interpreter shutdown then aborts on that
+    # stream's lock (exit -6, a fatal-error dump in place of the CLI's message at the end of the log, which is
+    # what the panel shows). Nothing else needs finalising once the streams are flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

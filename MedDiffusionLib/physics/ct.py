@@ -39,13 +39,51 @@ FBP_WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hann", "hamming")
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
+# Pixels per column block of the CPU forward projector (see _ColumnBlocks): with 64 slices in a batch a block's
+# input rows are 2 MB, which stay in a core's L2 cache while every view's rays cross them.
+_BLOCK_PIXELS = 8192
+
+
+class _ColumnBlocks:
+    """A = [A_1 ... A_K] split by column (pixel) ranges, each a CSR matrix: A x = sum_k A_k x_k.
+
+    On CPU the forward product A x reads the input rows (pixels) in ray order, once per view: for a 512^2 x 64
+    batch that streams 64 MB from memory 30 times at 30 views, ~3x slower than the adjoint, whose input (the
+    sinograms) fits in cache. Summed over pixel blocks that fit in cache the forward ran ~3x faster there
+    (0.45 s instead of 1.4 s on 2 cores); the summation order differs, so results agree to float rounding."""
+
+    def __init__(self, adjoint: torch.Tensor) -> None:
+        n_in, self.n_out = adjoint.shape
+        crow, col, val = adjoint.crow_indices(), adjoint.col_indices(), adjoint.values()
+        self.blocks: list[tuple[int, int, torch.Tensor]] = []
+        for a in range(0, n_in, _BLOCK_PIXELS):
+            b = min(a + _BLOCK_PIXELS, n_in)
+            c0, c1 = int(crow[a]), int(crow[b])
+            rows = torch.sparse_csr_tensor(crow[a:b + 1] - crow[a], col[c0:c1], val[c0:c1], (b - a, self.n_out),
+                                           check_invariants=False)  # rows a..b of A^T = columns a..b of A
+            self.blocks.append((a, b, _transpose_csr(rows)))
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((self.n_out, x.shape[1]), dtype=x.dtype, device=x.device)
+        for a, b, block in self.blocks:
+            out.addmm_(block, x[a:b])
+        return out
+
+
+_Matrix = Union[torch.Tensor, _ColumnBlocks]
+
+
+def _mm(mat: _Matrix, x: torch.Tensor) -> torch.Tensor:
+    return mat.mm(x) if isinstance(mat, _ColumnBlocks) else torch.sparse.mm(mat, x)
+
+
 class _SparseLinear(torch.autograd.Function):
     """y = M @ x with dL/dx = M^T @ dL/dy; the backward reuses this Function so higher-order grads work."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, mat: _Matrix, mat_t: _Matrix) -> torch.Tensor:
         ctx.mats = (mat, mat_t)
-        return torch.sparse.mm(mat, x)
+        return _mm(mat, x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -210,6 +248,7 @@ class ParallelBeamProjector(torch.nn.Module):
         self.default_device = torch.device(device) if device is not None else None
         self._cpu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._cache: Dict[Tuple[str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._blocks: Dict[torch.dtype, _ColumnBlocks] = {}  # CPU forward operators (see _ColumnBlocks)
 
     def extra_repr(self) -> str:
         """Geometry, for print(projector)."""
@@ -255,7 +294,14 @@ class ParallelBeamProjector(torch.nn.Module):
         lead = x.shape[:-2]
         work_dtype = x.dtype if x.dtype in _SPARSE_DTYPES else torch.float32
         fwd, adj = self.matrices(x.device, work_dtype)
-        mat, mat_t = (adj, fwd) if transpose else (fwd, adj)
+        forward: _Matrix = fwd
+        if x.device.type == "cpu" and self.image_size[0] * self.image_size[1] > _BLOCK_PIXELS:
+            if work_dtype not in self._blocks:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+                    self._blocks[work_dtype] = _ColumnBlocks(adj)
+            forward = self._blocks[work_dtype]
+        mat, mat_t = (adj, forward) if transpose else (forward, adj)
         # (B, n_in) -> (n_in, B): one sparse x dense product handles every slice of the batch.
         cols = x.to(work_dtype).reshape(-1, in_shape[0] * in_shape[1]).t().contiguous()
         out = _SparseLinear.apply(cols, mat, mat_t)

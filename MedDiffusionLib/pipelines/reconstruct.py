@@ -256,7 +256,8 @@ class ReconstructionPipeline(BundlePipeline):
             vol = decode_latent(self.autoencoder, z_q, self.decode_budget_gb, self.device, progress, cancel)
             prior = prior_model.to_native(vol[0, 0].to(self.device).clamp(-1.0, 1.0))
             # CG from the prior first (fast, keeps what the prior put where the data are silent), then TV.
-            iters = rules.DC_CG_ITERS + (rules.TV_ITERS + rules.DEBIAS_CG_ITERS if beta > 0 else 0)
+            cg_iters = rules.TV_WARM_CG_ITERS if beta > 0 else rules.DC_CG_ITERS
+            iters = cg_iters + (rules.TV_ITERS + rules.DEBIAS_CG_ITERS if beta > 0 else 0)
             final = ProgressTracker(iters if use_dc else 1, progress, cancel,
                                     "data consistency" if use_dc else "finishing")
             final.begin()
@@ -265,7 +266,7 @@ class ReconstructionPipeline(BundlePipeline):
                 final.advance()
             else:
                 u_out = cg_regularised(problem.op, measured, prior, rules.PRIOR_WEIGHT,
-                                       rules.DC_CG_ITERS, step=lambda i: final.advance(), rhs=rhs)
+                                       cg_iters, step=lambda i: final.advance(), rhs=rhs)
                 if beta > 0:
                     u_out = solve_tv(problem, beta, u_out.clamp_min(0.0), prior=prior, lam=rules.PRIOR_WEIGHT,
                                      step=lambda i: final.advance())

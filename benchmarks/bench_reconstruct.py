@@ -12,8 +12,9 @@ MRI cases with the CLI's default 1D variable-density line masks. Each case inser
 inside - mean of a surrounding shell) survives. Methods: the conventional reconstruction (FBP / zero-filled), SART (10 ordered-subset passes), scikit-image's
 ``iradon_sart`` with 10 iterations on its own projector (the model-free reference), TV, the diffusion method, the
 diffusion method without TV in the final solve (prior + CG only), and the prior alone (no data consistency). PSNR /
-SSIM are on the input grid against the input (CT window [-1000, 1000] HU). ``--timing`` runs a 512 x 512 x 64
-chest CT phantom at 30 views with the diffusion method in a fresh process and reports wall time and peak memory.
+SSIM are on the input grid against the input (CT window [-1000, 1000] HU). ``--timing`` (or ``--timing-only``) runs
+``meddiffusion reconstruct`` on a 512 x 512 x 64 head CT (the invesalius scan's middle 64 slices resampled to 512^2)
+at 30 views with the diffusion method in a fresh process and reports wall time and peak RSS.
 """
 from __future__ import annotations
 
@@ -161,17 +162,44 @@ def run_case(pipe, name: str, img: sitk.Image, task: str, level: dict, lesion_de
     return rows
 
 
-def timing(model: Optional[str], steps: Optional[int]) -> None:
-    """512 x 512 x 64 chest CT phantom (0.7 x 0.7 x 5 mm) at 30 views, diffusion method, this process only."""
-    img = sitk.Cast(make_phantom("ct-chest-abdomen", (512, 512, 64), (0.7, 0.7, 5.0), 3), sitk.sitkInt16)
-    pipe = ReconstructionPipeline(load_bundle(model), device="auto")
-    t = time.perf_counter()
-    r = pipe(img, task="sparse-ct", views=30, seed=0, steps=steps)
-    wall = time.perf_counter() - t
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"TIMING 512x512x64 CT, 30 views, diffusion ({r.sampler} {r.steps} steps, anatomy {r.anatomy}) on "
-          f"{pipe.device}, {torch.get_num_threads()} threads: {wall:.0f} s, peak RSS {peak_gb:.2f} GB, "
-          f"PSNR {r.psnr:.2f} dB (FBP {r.degraded_psnr:.2f} dB); load average {os.getloadavg()[0]:.1f}")
+def head_ct_512(path: Path, slices: int = 64) -> Optional[sitk.Image]:
+    """The invesalius head CT (256 x 256 at 0.96 mm) as a 512 x 512 x ``slices`` volume: the middle slices, each
+    resampled to 0.48 mm in plane by linear interpolation (real anatomy on a clinical 512^2 matrix)."""
+    head = invesalius_head(path, slices)
+    if head is None:
+        return None
+    sx, sy, sz = head.GetSpacing()
+    grid = sitk.Image(512, 512, head.GetSize()[2], sitk.sitkInt16)
+    grid.SetSpacing((sx / 2, sy / 2, sz))
+    grid.SetOrigin((head.GetOrigin()[0] - sx / 4, head.GetOrigin()[1] - sy / 4, head.GetOrigin()[2]))
+    return sitk.Resample(head, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
+
+
+def timing(model: Optional[str], steps: Optional[int], invesalius: Path) -> None:
+    """512 x 512 x 64 head CT at 30 views, diffusion method, end to end through the CLI in a fresh process."""
+    import json
+    import tempfile
+
+    img = head_ct_512(invesalius)
+    if img is None:
+        raise SystemExit(f"invesalius head CT not found at {invesalius} (apt-get install invesalius-examples)")
+    with tempfile.TemporaryDirectory(prefix="meddiffusion-timing-") as folder:
+        src, out, report = (Path(folder) / name for name in ("head512.nrrd", "recon.nrrd", "run.json"))
+        sitk.WriteImage(img, str(src), True)
+        cmd = [sys.executable, "-m", "MedDiffusionLib", "reconstruct", "--task", "sparse-ct", "--views", "30",
+               "--input", str(src), "--out", str(out), "--seed", "0", "--json", str(report), "--quiet"]
+        cmd += (["--model", model] if model else []) + (["--steps", str(steps)] if steps else [])
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+        wall = time.perf_counter() - t
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child: the CLI
+        r = json.loads(report.read_text())
+    shown = " ".join(c if not c.startswith(folder) else Path(c).name for c in cmd[1:])
+    print(f"TIMING 512x512x64 head CT (invesalius, 0.48 x 0.48 x 1.5 mm), 30 views, diffusion "
+          f"({r.get('sampler')} {r.get('steps')} steps, anatomy {r.get('anatomy')}), {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} after the run: {wall:.0f} s wall, peak RSS {peak_gb:.2f} GB, "
+          f"PSNR {r.get('psnr', float('nan')):.2f} dB (FBP {r.get('degraded_psnr', float('nan')):.2f} dB)\n"
+          f"  command: python {shown}")
 
 
 def main() -> None:
@@ -181,10 +209,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="sampler steps (default: the sampler's default)")
     ap.add_argument("--invesalius", type=Path, default=INVESALIUS, help="the Cranium.inv3 file")
     ap.add_argument("--timing", action="store_true", help="also time the 512x512x64 case in a fresh process")
-    ap.add_argument("--timing-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--timing-only", action="store_true", help="only time the 512x512x64 case (the CLI, end to end)")
     args = ap.parse_args()
     if args.timing_only:
-        timing(args.model, args.steps)
+        timing(args.model, args.steps, args.invesalius)
         return
     slices = 8 if args.quick else SLAB
     pipe = ReconstructionPipeline(load_bundle(args.model), device="auto")
@@ -261,7 +289,8 @@ def main() -> None:
         checks.append(f"prior alone {got['prior only']['psnr']:.2f} dB, TV alone {got['tv']['psnr']:.2f} dB")
         print(f"  {name}: " + "; ".join(checks))
     if args.timing:
-        cmd = [sys.executable, __file__, "--timing-only"] + (["--model", args.model] if args.model else []) + \
+        cmd = [sys.executable, __file__, "--timing-only", "--invesalius", str(args.invesalius)] + \
+              (["--model", args.model] if args.model else []) + \
               (["--steps", str(args.steps)] if args.steps else [])
         subprocess.run(cmd, check=True)
 

@@ -37,11 +37,13 @@ from slicer.util import VTKObservationMixin  # noqa: E402
 
 from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
 from MedDiffusionLogic.backends import AnatomyChoice  # noqa: E402
-from MedDiffusionLogic.logic import MedDiffusionLogic, suggest_anatomy  # noqa: E402
+from MedDiffusionLogic.logic import MedDiffusionLogic  # noqa: E402
 from MedDiffusionLogic.parameters import (  # noqa: E402
-    DEVICES, MASKS, MODALITIES, SAMPLERS, TASK_MODALITY, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
-    format_size, methods_for_task)
+    DEVICES, MASKS, MODALITIES, SAMPLERS, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
+    format_size)
 from MedDiffusionLogic.tokens import ServerTrust, TokenStore  # noqa: E402
+from MedDiffusionWidgets.choice_lists import (  # noqa: E402
+    fill_anatomies, fill_methods, fill_recon_anatomies, fill_sizes)
 from MedDiffusionWidgets.model_chooser import CUSTOM_MODEL, ModelChooser  # noqa: E402
 
 try:
@@ -229,8 +231,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.autoencoderPathLineEdit.currentPath = p.autoencoder_path
             ui.denoiserPathLineEdit.currentPath = p.denoiser_path
             ui.modalityComboBox.currentIndex = MODALITIES.index(p.modality)
-            self._fillAnatomies(p)
-            self._fillSizes(p)
+            fill_anatomies(ui.anatomyComboBox, self._anatomies, p)
+            fill_sizes(ui.sizeComboBox, self._anatomies, p)
             ui.samplerComboBox.currentIndex = SAMPLERS.index(p.sampler)
             ui.stepsSpinBox.value = p.steps
             ui.seedSpinBox.value = p.seed
@@ -238,8 +240,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.huRangeLineEdit.text = p.ct_hu_range
             ui.inputVolumeSelector.setCurrentNode(self._parameterNode.input_volume)
             ui.taskComboBox.currentIndex = TASKS.index(p.task)
-            self._fillMethods(p)
-            self._fillReconAnatomies(p)
+            fill_methods(ui.methodComboBox, p)
+            fill_recon_anatomies(ui.reconAnatomyComboBox, self._anatomies, p, self._parameterNode.input_volume)
             ui.viewsSpinBox.value = p.views
             ui.accelerationSpinBox.value = p.acceleration
             ui.maskComboBox.currentIndex = MASKS.index(p.mask)
@@ -414,50 +416,6 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Model {name}: {count} anatomies.").format(
                 name=summary.name or "-", count=len(self._anatomies))
         self.updateGUIFromParameterNode()
-
-    def _fillAnatomies(self, p: MedDiffusionParameters) -> None:
-        combo = self.ui.anatomyComboBox
-        names = [a.name for a in self._anatomies if a.modality == p.modality]
-        if p.anatomy and p.anatomy not in names:
-            names.append(p.anatomy)  # keep a value from a saved scene visible even if this model lacks it
-        combo.clear()
-        for name in names:
-            combo.addItem(name)
-        combo.currentIndex = names.index(p.anatomy) if p.anatomy in names else (0 if names else -1)
-
-    def _fillSizes(self, p: MedDiffusionParameters) -> None:
-        combo = self.ui.sizeComboBox
-        combo.clear()
-        combo.addItem(_("Default"), "")
-        anatomy = next((a for a in self._anatomies if a.name == p.anatomy), None)
-        sizes = [format_size(s) for s in anatomy.sizes_xyz] if anatomy else []
-        if p.size and p.size not in sizes:
-            sizes.append(p.size)
-        for size in sizes:
-            combo.addItem(size, size)
-        combo.currentIndex = sizes.index(p.size) + 1 if p.size in sizes else 0
-
-    def _fillMethods(self, p: MedDiffusionParameters) -> None:
-        """The library's methods that apply to the task (options.METHODS, in its order)."""
-        combo = self.ui.methodComboBox
-        combo.clear()
-        methods = methods_for_task(p.task)
-        for method in methods:
-            combo.addItem(method, method)
-        combo.currentIndex = methods.index(p.method) if p.method in methods else 0
-
-    def _fillReconAnatomies(self, p: MedDiffusionParameters) -> None:
-        combo = self.ui.reconAnatomyComboBox
-        combo.clear()
-        names = [a.name for a in self._anatomies if a.modality == TASK_MODALITY[p.task]]
-        node = self._parameterNode.input_volume if self._parameterNode is not None else None
-        suggested = suggest_anatomy(node.GetName() if node else "",
-                                    (node.GetAttribute("MedDiffusion.anatomy") or "") if node else "",
-                                    p.task, self._anatomies)
-        combo.addItem(_("Suggested: {name}").format(name=suggested) if suggested else _("Model default"), "")
-        for name in names:
-            combo.addItem(name, name)
-        combo.currentIndex = names.index(p.recon_anatomy) + 1 if p.recon_anatomy in names else 0
 
     def onLoadModel(self) -> None:
         self.updateParameterNodeFromGUI()

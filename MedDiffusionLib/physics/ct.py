@@ -246,7 +246,8 @@ class ParallelBeamProjector(torch.nn.Module):
         if self.n_detectors < 1:
             raise InputError(f"n_detectors must be >= 1, got {n_detectors}")
         self.default_device = torch.device(device) if device is not None else None
-        self._cpu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._adjoint_cpu: Optional[torch.Tensor] = None  # A^T, float32 CSR, built once
+        self._adjoints: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
         self._cache: Dict[Tuple[str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._blocks: Dict[torch.dtype, _ColumnBlocks] = {}  # CPU forward operators (see _ColumnBlocks)
 
@@ -259,23 +260,38 @@ class ParallelBeamProjector(torch.nn.Module):
         """(views, detectors) of one slice's sinogram."""
         return (self.n_views, self.n_detectors)
 
-    def matrices(self, device: Union[str, torch.device, None] = None,
-                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(A, A^T) as CSR matrices on `device` in `dtype`; built on CPU once, then copied and cached."""
+    def _device(self, device: Union[str, torch.device, None]) -> torch.device:
         dev = torch.device(device) if device is not None else (self.default_device or torch.device("cpu"))
         if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" must share one cache entry
             # torch's stub types device.index as int, but it is None for a bare "cuda".
             dev = torch.device("cuda", torch.cuda.current_device())  # type: ignore[unreachable]
+        return dev
+
+    def adjoint_matrix(self, device: Union[str, torch.device, None] = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A^T as a CSR matrix on `device` in `dtype`; built on CPU once, then copied and cached."""
+        dev = self._device(device)
         key = (str(dev), dtype)
-        if key not in self._cache:
+        if key not in self._adjoints:
             with warnings.catch_warnings():
                 # torch warns once that sparse CSR is "beta"; the ops used here are stable since torch 2.0.
                 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-                if self._cpu is None:
-                    adj = _build_adjoint_csr(self.image_size, self.angles, self.n_detectors)
-                    self._cpu = (_transpose_csr(adj), adj)
-                fwd, adj = self._cpu
-                self._cache[key] = (fwd.to(device=dev, dtype=dtype), adj.to(device=dev, dtype=dtype))
+                if self._adjoint_cpu is None:
+                    self._adjoint_cpu = _build_adjoint_csr(self.image_size, self.angles, self.n_detectors)
+                self._adjoints[key] = self._adjoint_cpu.to(device=dev, dtype=dtype)
+        return self._adjoints[key]
+
+    def matrices(self, device: Union[str, torch.device, None] = None,
+                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A, A^T) as CSR matrices on `device` in `dtype`; built on CPU once, then copied and cached. (On CPU the
+        projector itself uses A^T and the column blocks of A, so A is only built when asked for here.)"""
+        dev = self._device(device)
+        key = (str(dev), dtype)
+        if key not in self._cache:
+            adj = self.adjoint_matrix(dev, dtype)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+                self._cache[key] = (_transpose_csr(adj), adj)
         return self._cache[key]
 
     def _check_last(self, t: torch.Tensor, shape: Tuple[int, int], what: str) -> None:
@@ -293,14 +309,16 @@ class ParallelBeamProjector(torch.nn.Module):
             return self._linear(x.cpu(), in_shape, out_shape, transpose).to(x.device)
         lead = x.shape[:-2]
         work_dtype = x.dtype if x.dtype in _SPARSE_DTYPES else torch.float32
-        fwd, adj = self.matrices(x.device, work_dtype)
-        forward: _Matrix = fwd
+        forward: _Matrix
         if x.device.type == "cpu" and self.image_size[0] * self.image_size[1] > _BLOCK_PIXELS:
+            adj = self.adjoint_matrix(x.device, work_dtype)
             if work_dtype not in self._blocks:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
                     self._blocks[work_dtype] = _ColumnBlocks(adj)
             forward = self._blocks[work_dtype]
+        else:
+            forward, adj = self.matrices(x.device, work_dtype)
         mat, mat_t = (adj, forward) if transpose else (forward, adj)
         # (B, n_in) -> (n_in, B): one sparse x dense product handles every slice of the batch.
         cols = x.to(work_dtype).reshape(-1, in_shape[0] * in_shape[1]).t().contiguous()

@@ -42,18 +42,12 @@ from MedDiffusionLogic.parameters import (  # noqa: E402
     DEVICES, MASKS, MODALITIES, SAMPLERS, TASKS, MedDiffusionParameterNode, MedDiffusionParameters,
     format_size)
 from MedDiffusionLogic.tokens import ServerTrust, TokenStore  # noqa: E402
+from MedDiffusionWidgets import tr as _  # noqa: E402
 from MedDiffusionWidgets.choice_lists import (  # noqa: E402
     fill_anatomies, fill_methods, fill_recon_anatomies, fill_sizes)
+from MedDiffusionWidgets.job_runner import JobRunner  # noqa: E402
 from MedDiffusionWidgets.model_chooser import CUSTOM_MODEL, ModelChooser  # noqa: E402
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4
-    def _(text: str) -> str:
-        return text
-
-# The timer drives jobs: each tick is one short step (a status request, or ~0.1 s of transfer).
-POLL_INTERVAL_MS = 100
 
 
 class MedDiffusion(ScriptedLoadableModule):
@@ -85,8 +79,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = False
         self._importing = False
         self._anatomies: list[AnatomyChoice] = []
-        self._runningButton = None
-        self._timer = None
+        self._jobs: JobRunner | None = None
         self._tokens: TokenStore | None = None
         self._trust: ServerTrust | None = None
         self._models: ModelChooser | None = None
@@ -104,9 +97,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tokens = TokenStore(qt.QSettings())
         self._trust = ServerTrust(qt.QSettings())
 
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self._onPoll)
+        self._jobs = JobRunner(self.ui, self.logic, self._updateServerStatus, lambda: self._updateEnabledState(
+            self._parameterNode.read() if self._parameterNode else MedDiffusionParameters()))
         self._models = ModelChooser(self.ui, lambda: self._parameterNode,
                                     lambda: self._updateEnabledState(self._parameterNode.read()),
                                     self._onDownloadFinished)
@@ -154,8 +146,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._timer is not None:
-            self._timer.stop()
+        if self._jobs is not None:
+            self._jobs.stop()
         if self._models is not None:
             self._models.stop()
         if self.logic is not None:
@@ -189,10 +181,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refreshModelLists(quiet=True)
 
     def onReload(self) -> None:
-        """Developer 'Reload': also reload the logic package, not just this file."""
+        """Developer 'Reload': also reload the logic and widget packages, not just this file."""
         if self.logic is not None:
             self.logic.stop_server()
-        for name in [n for n in sys.modules if n == "MedDiffusionLogic" or n.startswith("MedDiffusionLogic.")]:
+        packages = ("MedDiffusionLogic", "MedDiffusionWidgets")
+        for name in [n for n in sys.modules if n.split(".")[0] in packages]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -269,10 +262,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Only the diffusion method uses the model: the prior's anatomy and the data-consistency switch.
         ui.reconAnatomyComboBox.enabled = ui.dataConsistencyCheckBox.enabled = p.method == "diffusion"
         running = self.logic is not None and self.logic.is_running
-        ui.generateButton.enabled = not running or self._runningButton is ui.generateButton
+        ui.generateButton.enabled = not running or self._jobs.button is ui.generateButton
         ui.loadModelButton.enabled = not running
         has_input = self._parameterNode is not None and self._parameterNode.input_volume is not None
-        ui.reconstructButton.enabled = self._runningButton is ui.reconstructButton if running else has_input
+        ui.reconstructButton.enabled = self._jobs.button is ui.reconstructButton if running else has_input
         if not running:
             ui.reconstructButton.toolTip = (_("Reconstruct the input volume. While running, the button cancels.")
                                             if ui.reconstructButton.enabled else _("Select an input volume first."))
@@ -436,7 +429,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStopServer(self) -> None:
         if self.logic.is_running and self.logic.job.backend is self.logic.local:
-            self._cancel()
+            self._jobs.cancel()
         self.logic.stop_server()
         self._updateServerStatus()
 
@@ -448,11 +441,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.infoDisplay(_("The local server has not been started in this session."),
                                     windowTitle=_("MedDiffusion"))
 
-    # ------------------------------------------------------------------ running jobs
+    # ------------------------------------------------------------------ running jobs (job_runner.py)
 
     def _start(self, button, start) -> None:
         if self.logic.is_running:
-            self._cancel()
+            self._jobs.cancel()
             return
         self.updateParameterNodeFromGUI()
         params = self._parameterNode.read()
@@ -463,7 +456,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._anatomies:  # the lists need PyYAML, which the first run may just have installed
                 self._refreshModelLists(quiet=True)
             start(params)
-            self._onStarted(button)
+            self._jobs.started(button)
+            self._updateEnabledState(self._parameterNode.read())
 
     def onGenerateButton(self) -> None:
         self._start(self.ui.generateButton, lambda p: self.logic.start_generate(p, self._token(p)))
@@ -471,49 +465,6 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReconstructButton(self) -> None:
         self._start(self.ui.reconstructButton, lambda p: self.logic.start_reconstruct(
             p, self._token(p), self._parameterNode.input_volume))
-
-    def _onStarted(self, button) -> None:
-        self._runningButton = button
-        button.text = _("Cancel")
-        self.ui.progressCollapsibleButton.collapsed = False
-        self.ui.progressBar.setRange(0, 0)  # busy indicator until the first step is reported
-        self.ui.statusLabel.text = _("Starting...")
-        self._updateEnabledState(self._parameterNode.read())
-        self._timer.start()
-
-    def _cancel(self) -> None:
-        self.logic.cancel()
-        self.ui.statusLabel.text = _("Cancelling...")
-        if self._runningButton is not None:
-            self._runningButton.enabled = False  # one click is enough; re-enabled when the job has stopped
-
-    def _onPoll(self) -> None:
-        """Every POLL_INTERVAL_MS on the GUI thread: one short job step; mirror progress; collect the result."""
-        state = self.logic.poll()
-        bar = self.ui.progressBar
-        if state.running:
-            if state.total > 0:
-                bar.setRange(0, state.total)
-                bar.setValue(state.step)
-            else:
-                bar.setRange(0, 0)
-            self.ui.statusLabel.text = state.describe()
-            self._updateServerStatus()
-            return
-        self._timer.stop()
-        nodes = self.logic.finish()
-        bar.setRange(0, max(state.total, 1))
-        bar.setValue(state.total if state.state == "done" else 0)
-        text = state.describe()
-        if nodes:
-            text += " " + _("Created: {names}").format(names=", ".join(n.GetName() for n in nodes))
-        self.ui.statusLabel.text = text
-        self.ui.generateButton.text = _("Generate")
-        self.ui.reconstructButton.text = _("Reconstruct")
-        self._runningButton = None
-        self._updateEnabledState(self._parameterNode.read() if self._parameterNode else MedDiffusionParameters())
-        if state.state == "failed":
-            slicer.util.errorDisplay(state.error or "", windowTitle=_("MedDiffusion"))
 
 
 class MedDiffusionTest(ScriptedLoadableModuleTest):

@@ -228,7 +228,8 @@ class WidgetHarness:
             if path not in sys.path:
                 sys.path.insert(0, path)
         sys.modules.pop("MedDiffusion", None)
-        sys.modules.pop("MedDiffusionWidgets.model_chooser", None)
+        for name in [n for n in sys.modules if n.split(".")[0] == "MedDiffusionWidgets"]:
+            sys.modules.pop(name)  # they import qt: again, with the stand-in
         self.module = importlib.import_module("MedDiffusion")
         parent = types.SimpleNamespace(isEntered=True)
         self.widget = self.module.MedDiffusionWidget(parent)
@@ -290,7 +291,7 @@ class WidgetHarness:
         """Tick the panel's job timer until the panel stops it (the job ended and its result was collected)."""
         import time
 
-        timer = self.widget._timer
+        timer = self.widget._jobs.timer
         deadline = time.monotonic() + timeout_s
         while timer.active:
             assert time.monotonic() < deadline, f"the job did not end: {self.ui.statusLabel.text}"

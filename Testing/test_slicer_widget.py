@@ -47,7 +47,7 @@ def test_panel_generates_cancels_and_reconstructs_with_the_demo_model(panel):
     ui.randomSeedCheckBox.checked = False
     ui.seedSpinBox.value = 7
     ui.generateButton.click()
-    assert panel.widget._timer.active and ui.generateButton.text == "Cancel", panel.errors
+    assert panel.widget._jobs.timer.active and ui.generateButton.text == "Cancel", panel.errors
     panel.run_job()
     assert panel.errors == [] and ui.statusLabel.text.startswith("Done in"), ui.statusLabel.text
     name = f"MedDiffusion CT {ui.anatomyComboBox.currentText.split('-', 1)[1]} seed 7 ddim"
@@ -62,7 +62,7 @@ def test_panel_generates_cancels_and_reconstructs_with_the_demo_model(panel):
     ui.generateButton.click()
     deadline = time.monotonic() + 120
     while "sampling" not in ui.statusLabel.text and time.monotonic() < deadline:
-        for slot in widget._timer.slots:
+        for slot in widget._jobs.timer.slots:
             slot()
         time.sleep(0.02)
     assert "sampling: step" in ui.statusLabel.text, ui.statusLabel.text
@@ -96,7 +96,7 @@ def test_panel_shows_refusals_and_failed_jobs(panel, tmp_path):
     ui.degradedRadioButton.checked = True
     ui.simulateRadioButton.checked = False
     ui.reconstructButton.click()
-    assert not widget._timer.active and len(panel.errors) == 1 and "'tv' needs measurements" in panel.errors[0]
+    assert not widget._jobs.timer.active and len(panel.errors) == 1 and "'tv' needs measurements" in panel.errors[0]
 
     # A job that fails (no model in the chosen folder): the status line and an error box say why.
     panel.errors.clear()

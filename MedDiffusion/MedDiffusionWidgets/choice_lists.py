@@ -12,11 +12,7 @@ from MedDiffusionLogic.backends import AnatomyChoice
 from MedDiffusionLogic.logic import suggest_anatomy
 from MedDiffusionLogic.parameters import TASK_MODALITY, MedDiffusionParameters, format_size, methods_for_task
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4
-    def _(text: str) -> str:
-        return text
+from . import tr as _
 
 __all__ = ["fill_anatomies", "fill_sizes", "fill_methods", "fill_recon_anatomies"]
 

@@ -15,11 +15,7 @@ from MedDiffusionLogic import dependencies
 from MedDiffusionLogic.model_downloads import DownloadFlow, ModelChoice, launcher, model_choices
 from MedDiffusionLogic.parameters import MedDiffusionParameterNode, MedDiffusionParameters
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4
-    def _(text: str) -> str:
-        return text
+from . import tr as _
 
 __all__ = ["ModelChooser", "CUSTOM_MODEL", "LAST_MODEL_SETTING"]
 
@@ -70,6 +66,7 @@ class ModelChooser:
         return str(data) if data is not None else CUSTOM_MODEL
 
     def current(self) -> Optional[ModelChoice]:
+        """The selected registry entry (None for 'Custom' or a name this computer does not know)."""
         name = self.name()
         return next((c for c in self.choices if c.name == name), None)
 
@@ -102,6 +99,7 @@ class ModelChooser:
             qt.QSettings().setValue(LAST_MODEL_SETTING, name)
 
     def update_state(self, remote: bool) -> None:
+        """Enable the list and the Download button, and describe the selected model (``remote``: not used)."""
         self.ui.modelComboBox.enabled = not remote and self.download is None
         choice = self.current()
         self.ui.downloadModelButton.enabled = self.download is not None or (

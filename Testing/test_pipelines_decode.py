@@ -10,7 +10,7 @@ import torch
 
 from MedDiffusionLib.models.autoencoder import PatchVolumeAutoencoder
 from MedDiffusionLib.pipelines import decode, decode_conv, decode_plan
-from MedDiffusionLib.pipelines.decode import DecodeReport, decode_latent, plan_decode
+from MedDiffusionLib.pipelines.decode import DecodeReport, decode_latent, plan_decode, plan_tail
 
 OFFICIAL_8X = dict(n_hiddens=48, downsample=8, embedding_dim=8, n_codes=8192, num_groups=24)
 
@@ -50,6 +50,7 @@ CASES = {  # path -> (latent shape, budget GB) that forces it on the tiny decode
     "slabs, in place with carried rows, batch of two": ((2, 4, 7, 9, 5), 0.008),
     "statistics-only tensors recomputed by their consumers": ((1, 4, 12, 8, 8), 0.004),
     "3-D halo tiles after the last kept tensor": ((1, 4, 10, 12, 12), 0.008),
+    "a ResBlock adds its up-sampled input through a skip folded into the up-sampling": ((2, 4, 7, 9, 5), 0.006),
 }
 
 
@@ -60,7 +61,8 @@ def test_every_plan_equals_the_whole_decode(tiny_ae, path):
     with torch.no_grad():
         z_q = _latent(tiny_ae, shape, 3)
         full = tiny_ae.decode(z_q)
-        plan = plan_decode(tiny_ae.decoder.tail(), (shape[0], 16) + shape[2:], budget_gb * 2**30)
+        tail = tiny_ae.decoder.tail()
+        layers, plan = plan_tail(tail, (shape[0], 16) + shape[2:], budget_gb * 2**30)
         report, steps = DecodeReport(), []
         tiled = decode_latent(tiny_ae, z_q, budget_gb=budget_gb, progress=steps.append, report=report)
     assert report.plan == plan
@@ -72,8 +74,12 @@ def test_every_plan_equals_the_whole_decode(tiny_ae, path):
         recomputed = [k for k, t in enumerate(plan.tensors) if not t.materialized]
         assert recomputed and plan.halo is None
         assert all(report.rows_computed[k] > plan.tensors[k].spatial[0] for k in recomputed)  # one per consumer
-    else:
+    elif path.startswith("3-D"):
         assert plan.halo is not None and plan.halo.tiles > 1
+    else:  # the up-sampled tensor is not kept and the ResBlock's skip reads the up-sampling's input instead
+        folded = [i for i, (a, b) in enumerate(zip(tail, layers)) if a.residual != b.residual]
+        assert folded and all(not plan.tensors[tail[i].residual].materialized for i in folded)
+        assert all(isinstance(layers[i].skip, torch.nn.ConvTranspose3d) for i in folded)
     torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)
 
 
@@ -90,6 +96,13 @@ def test_official_256_plan_recomputes_only_the_upsampled_tensor_within_the_cpu_b
     assert sum(t.inplace_of is None for t in full_res[1:]) == 2
     # every pass but the statistics-only one produces a kept tensor: far fewer passes than norms x tiles
     assert len(plan.passes) == len(plan.tensors) - 1
+    # the decode adds that tensor to the next ResBlock through a skip folded into its up-sampling: it is then
+    # recomputed once (for the 96 -> 48 ResBlock's first half), not twice
+    layers, folded = plan_tail(official_meta.decoder.tail(), (1, 192, 32, 32, 32), budget)
+    assert layers[16].residual == 14 and isinstance(layers[16].skip, torch.nn.ConvTranspose3d)
+    tail = official_meta.decoder.tail()
+    assert decode_plan._flops(layers, folded) < decode_plan._flops(tail, plan) - 1e12
+    assert folded.halo is None and folded.peak_bytes <= budget
 
 
 @pytest.mark.parametrize("budget_gb", [7.25, 7.75])
@@ -123,7 +136,7 @@ def test_probe_runs_two_slabs_per_pass_and_keeps_the_shape(tiny_ae):
         z_q = _latent(tiny_ae, (1, 4, 8, 12, 8), 0)
         steps = []
         probed = decode_latent(tiny_ae, z_q, budget_gb=0.005, probe_slabs=2, progress=steps.append)
-        plan = plan_decode(tiny_ae.decoder.tail(), (1, 16, 8, 12, 8), 0.005 * 2**30)
+        _, plan = plan_tail(tiny_ae.decoder.tail(), (1, 16, 8, 12, 8), 0.005 * 2**30)
     expected = sum(min(p.slabs, 2) for p in plan.passes) + (min(plan.halo.tiles, 2) * plan.halo.passes
                                                              if plan.halo else 0)
     assert steps[-1].total == expected < plan.steps

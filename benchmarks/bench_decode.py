@@ -151,7 +151,8 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool, 
                     break
             else:
                 categories["other"] += event.self_cpu_time_total / 1e6
-    executed = sum(per_row[k] * rows for k, rows in report.rows_computed.items())
+    executed = report.pass_flops if report.plan is not None and report.plan.halo is None else \
+        sum(per_row[k] * rows for k, rows in report.rows_computed.items())
     minimal = sum(per_row[k] * report.plan.tensors[k].spatial[0] for k in range(1, len(per_row))) \
         if report.plan is not None else 0.0
     passes = []  # (label, seconds) per pass: what each pass over the slabs cost

@@ -15,6 +15,9 @@ statistics and attention context, so seams show. Here the decoder is driven thro
    mean/variance merged exactly), so the next layer normalises with global statistics without extra passes. Only
    a tensor too large to keep needs a statistics-only pass, and it is recomputed by its consumers.
 
+A ResBlock that adds an up-sampled tensor the plan does not keep through a 1x1x1 skip reads it one tensor earlier,
+through the skip folded into the up-sampling (`plan_tail`), so that tensor is recomputed for fewer passes.
+
 A layer whose input dies with it writes its output over that input, row by row (the rows a later slab still needs
 are carried aside), so at 256^3 the two 48-channel tensors of a ResBlock share one buffer.
 
@@ -35,10 +38,10 @@ from torch import nn
 
 from ..models.ae_blocks import AttentionBlock, TailLayer
 from ..models.autoencoder import PatchVolumeAutoencoder
-from .decode_conv import conv_rows
+from .decode_conv import can_fold, conv_rows, fold_upsampled_skips, residual_rows
 from .decode_halo import run_halo
-from .decode_plan import (BYTES, DecodePlan, PassPlan, TensorPlan, _input_rows, _needed_after, _rows_touched,
-                          plan_decode)
+from .decode_plan import (BYTES, DecodePlan, PassPlan, TensorPlan, _flops, _input_rows, _needed_after,
+                          _rows_touched, plan_decode)
 from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
 __all__ = ["PRECISIONS", "DecodePlan", "DecodeReport", "PassPlan", "TensorPlan", "decode_latent",
@@ -67,11 +70,30 @@ def default_budget_gb(device: torch.device) -> float:
 @dataclass
 class DecodeReport:
     """What a decode did, filled in by `decode_latent(..., report=...)`: its plan, seconds in the head and per
-    pass, and the rows computed per tail tensor (recomputed tensors count once per pass that computes them)."""
+    pass, the rows computed per tail tensor (recomputed tensors count once per pass that computes them) and the
+    convolution FLOPs of the slab passes (with the layers as run, folded skips included; 3-D halo tiles not)."""
     plan: Optional[DecodePlan] = None
     head_seconds: float = 0.0
     pass_seconds: list[float] = field(default_factory=list)
     rows_computed: dict[int, int] = field(default_factory=dict)
+    pass_flops: float = 0.0
+
+
+def plan_tail(layers: list[TailLayer], head_shape: tuple[int, ...],
+              budget_bytes: float) -> tuple[list[TailLayer], DecodePlan]:
+    """The decoder tail as the decode runs it, and its plan: up-sampled ResBlock inputs that the plan does not
+    keep are added through a composed skip from the tensor before them (`fold_upsampled_skips`) when that plan
+    computes fewer FLOPs and needs no 3-D halo tiles (those run the decoder's own layers)."""
+    plan = plan_decode(layers, head_shape, budget_bytes)
+    foldable = {layer.residual for i, layer in enumerate(layers) if can_fold(layers, i)}
+    residuals = {r for r in foldable if r is not None and not plan.tensors[r].materialized}
+    if plan.halo is not None or not residuals:
+        return layers, plan
+    folded = fold_upsampled_skips(layers, residuals)
+    trial = plan_decode(folded, head_shape, budget_bytes)
+    if trial.halo is None and _flops(folded, trial) < _flops(layers, plan):
+        return folded, trial
+    return layers, plan
 
 
 # ----------------------------------------------------------------------------------------------- the executor
@@ -192,7 +214,12 @@ class _Executor:
         y = conv_rows(layer, x, lo, hi, n_in, a, b)
         del x
         if layer.residual is not None:
-            y = layer.post(y, self.rows(layer.residual, a, b))
+            r, n_r = layer.residual, self.tensors[layer.residual].spatial[0]
+            if isinstance(layer.skip, nn.ConvTranspose3d):  # a folded skip reads the residual's input rows
+                lo, hi = residual_rows(layer, a, b, n_r)
+                y = conv_rows(TailLayer(layer.skip), self.rows(r, lo, hi), lo, hi, n_r, a, b) + y
+            else:
+                y = layer.post(y, self.rows(r, a, b))
         return y
 
     def run_pass(self, p: PassPlan) -> None:
@@ -293,8 +320,7 @@ def _decode(autoencoder: PatchVolumeAutoencoder, z_q: torch.Tensor, budget: floa
     attn = decoder.head_attention
     chunk = _query_chunk(attn, attn.norm.num_channels, math.prod(z_q.shape[2:]), batch, budget)
     head = decoder.head(autoencoder.post_vq_conv(z_q.to(device)), query_chunk=chunk)
-    layers = decoder.tail()
-    plan = plan_decode(layers, tuple(head.shape), budget)
+    layers, plan = plan_tail(decoder.tail(), tuple(head.shape), budget)
     volume = plan.tensors[-1]
     # zeros, not empty: the host buffer is committed up front, so peak RSS does not depend on the slab order
     out = torch.zeros((batch, volume.channels) + volume.spatial)
@@ -307,6 +333,7 @@ def _decode(autoencoder: PatchVolumeAutoencoder, z_q: torch.Tensor, budget: floa
     del head
     if report is not None:
         report.plan, report.head_seconds = plan, time.perf_counter() - start
+        report.pass_flops = _flops(layers, plan)
     for p in plan.passes:
         start = time.perf_counter()
         executor.run_pass(p)

@@ -15,6 +15,7 @@ from typing import Optional
 from torch import nn
 
 from ..models.ae_blocks import TailLayer
+from .decode_conv import residual_rows
 from .decode_halo import HaloPlan, plan_halo
 
 BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)
@@ -152,7 +153,8 @@ def _rows_touched(layers: list[TailLayer], tensors: list[TensorPlan], k: int, a:
     lo, hi = _input_rows(layer, a, b, tensors[k - 1].spatial[0])
     _rows_touched(layers, tensors, k - 1, lo, hi, acc, root=False)
     if layer.residual is not None:
-        _rows_touched(layers, tensors, layer.residual, a, b, acc, root=False)
+        lo, hi = residual_rows(layer, a, b, tensors[layer.residual].spatial[0])
+        _rows_touched(layers, tensors, layer.residual, lo, hi, acc, root=False)
 
 
 def _pass_work(layers: list[TailLayer], tensors: list[TensorPlan], k: int, rows: int) -> int:
@@ -226,11 +228,16 @@ def _flops(layers: list[TailLayer], plan: DecodePlan) -> float:
         for j, (lo, hi) in acc.items():
             if j == p.tensor or (j > 0 and not plan.tensors[j].materialized):
                 layer, t = layers[j - 1], plan.tensors[j]
-                skip_in = layer.skip.in_channels if isinstance(layer.skip, nn.Conv3d) else 0
-                per_voxel = (layer.in_channels * layer.out_channels * math.prod(layer.conv.kernel_size)
-                             / layer.upsampling ** 3 + skip_in * layer.out_channels)
+                per_voxel = _per_voxel(layer.conv) + (_per_voxel(layer.skip) if layer.skip is not None else 0.0)
                 total += 2 * per_voxel * t.batch * (hi - lo) * t.spatial[1] * t.spatial[2]
     return total
+
+
+def _per_voxel(conv: nn.Module) -> float:
+    """Multiply-adds per output voxel of a convolution (a transposed one: per input voxel, over s^3 outputs)."""
+    assert isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d))
+    macs = conv.in_channels * conv.out_channels * math.prod(conv.kernel_size)
+    return macs / conv.stride[0] ** 3 if isinstance(conv, nn.ConvTranspose3d) else float(macs)
 
 
 def _walk(layers: list[TailLayer], head_shape: tuple[int, ...], budget_bytes: float,

@@ -300,7 +300,5 @@ def apply_display_preset(node: Any, modality: str, anatomy: str = "") -> tuple[f
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None:
-        display.SetAutoWindowLevel(False)
-        display.SetWindowLevel(window, level)
-        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        mrml_volumes.set_grey_window_level(display, (window, level))
     return window, level

@@ -24,6 +24,7 @@ __all__ = [
     "volume_node_to_array",
     "array_to_volume_node",
     "display_sample",
+    "set_grey_window_level",
 ]
 
 # Its own inverse: the same matrix maps RAS -> LPS.
@@ -68,16 +69,12 @@ def ras_geometry_from_image(image: sitk.Image) -> tuple[tuple[float, ...], np.nd
 def update_volume_node_from_image(node: Any, image: sitk.Image) -> Any:
     """Replace the voxels and geometry of an existing scalar volume node with those of `image`."""
     import slicer
-    import vtk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components")
     spacing, origin_ras, direction_ras = ras_geometry_from_image(image)
     arr = _slicer_compatible_array(sitk.GetArrayFromImage(image))  # (Z, Y, X) == Slicer's (K, J, I)
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(3):
-        for c in range(3):
-            matrix.SetElement(r, c, float(direction_ras[r, c]))
+    matrix = _vtk_direction(direction_ras)
     # Geometry first, voxels last: updateVolumeFromArray sends the "image data modified" events that views
     # react to, and they should see the final geometry.
     was_modifying = node.StartModify()
@@ -89,6 +86,24 @@ def update_volume_node_from_image(node: Any, image: sitk.Image) -> Any:
     finally:
         node.EndModify(was_modifying)
     return node
+
+
+def _vtk_direction(direction_ras: np.ndarray) -> Any:
+    """The 3x3 IJK-to-RAS direction as the vtkMatrix4x4 a volume node takes."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, float(direction_ras[r, c]))
+    return matrix
+
+
+def set_grey_window_level(display: Any, window_level: tuple[float, float]) -> None:
+    """A fixed (window, level) and the grey colormap on a scalar volume display node."""
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(float(window_level[0]), float(window_level[1]))
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
 
 
 def image_to_volume_node(image: sitk.Image, scene: Any, name: str = "Volume", node: Any = None) -> Any:
@@ -187,15 +202,10 @@ def array_to_volume_node(volume: Any, scene: Any, name: str = "Volume",
         lo, hi = (float(sample.min()), float(sample.max())) if sample.size else (0.0, 1.0)
         window_level = (max(hi - lo, 1e-6), (hi + lo) / 2.0)
     display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevel(float(window_level[0]), float(window_level[1]))
-    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    set_grey_window_level(display, window_level)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     node.SetAndObserveDisplayNodeID(display.GetID())
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(3):
-        for c in range(3):
-            matrix.SetElement(r, c, float(direction_ras[r, c]))
+    matrix = _vtk_direction(direction_ras)
     image_data = vtk.vtkImageData()
     image_data.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
     # deep=False: VTK borrows the numpy buffer; numpy_support keeps a reference to the array on the VTK array.

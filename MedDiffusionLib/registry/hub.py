@@ -259,17 +259,18 @@ def download_file(listing: RepoListing, file: RemoteFile, progress: ByteProgress
 # --------------------------------------------------------------------------------------------- hashing
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return _digest(hashlib.sha256(), path)
 
 
 def git_blob_sha1(path: str | os.PathLike[str]) -> str:
     """The id git gives the file's content (what the Hub lists for files not stored in LFS)."""
     h = hashlib.sha1(usedforsecurity=False)
     h.update(f"blob {os.path.getsize(path)}\0".encode())
+    return _digest(h, path)
+
+
+def _digest(h: "hashlib._Hash", path: str | os.PathLike[str]) -> str:
+    """``h`` fed with the file's bytes, read in chunks; its hex digest."""
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)

@@ -229,7 +229,7 @@ class LocalServer:
         self._next_check = now + 0.25
         try:
             self.client(HEALTH_TIMEOUT_S).models()  # with the token: proves it is our server, not another one
-        except Exception:
+        except MedDiffusionError:  # no answer yet, or not ours (a bug here is not 'still starting')
             if now - self.started_at > START_TIMEOUT_S:
                 self.stop()
                 self.state = "failed"
@@ -249,7 +249,7 @@ class LocalServer:
             return False
         try:
             self.client(HEALTH_TIMEOUT_S).health()
-        except Exception:
+        except MedDiffusionError:
             self.state = "failed"
             return False
         return True

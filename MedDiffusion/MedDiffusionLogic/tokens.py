@@ -65,7 +65,7 @@ class TokenStore:
     def get(self, url: str) -> str:
         try:
             origin = origin_of(url)
-        except Exception:
+        except InputError:  # not a server URL: no token for it
             return ""
         return str(self.settings.value(_key(origin), "") or "")
 
@@ -89,7 +89,7 @@ class ServerTrust:
     def is_trusted(self, url: str) -> bool:
         try:
             origin = origin_of(url)
-        except Exception:
+        except InputError:  # not a server URL: not trusted
             return False
         return origin in self._trusted()
 

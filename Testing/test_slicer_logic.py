@@ -288,6 +288,21 @@ def test_local_server_that_cannot_load_the_model_fails_the_job_with_its_log(scen
         logic.stop_server()
 
 
+def test_local_server_start_timeout_quotes_its_log(scene, monkeypatch):
+    """A server that does not answer in time is stopped (its folder and log deleted): the error quotes the log."""
+    from MedDiffusionLogic import local_server
+
+    monkeypatch.setattr(local_server, "START_TIMEOUT_S", 0.5)  # loading torch alone takes longer
+    logic = MedDiffusionLogic(scene, LocalBackend())
+    try:
+        logic.start_generate(MedDiffusionParameters(random_seed=False, ct_hu_range="off"))
+        state = _poll_until_finished(logic, 60)[-1]
+        assert state.state == "failed" and "did not answer within 0.5 s" in state.error, state.error
+        assert "End of its log:\nmeddiffusion: loading PyTorch" in state.error, state.error
+    finally:
+        logic.stop_server()
+
+
 def test_anatomy_is_suggested_from_the_input_volume():
     from MedDiffusionLogic.backends import AnatomyChoice
 

@@ -231,10 +231,11 @@ class LocalServer:
             self.client(HEALTH_TIMEOUT_S).models()  # with the token: proves it is our server, not another one
         except MedDiffusionError:  # no answer yet, or not ours (a bug here is not 'still starting')
             if now - self.started_at > START_TIMEOUT_S:
+                tail = self.log_tail()  # stop() deletes the server's folder, its log included
                 self.stop()
                 self.state = "failed"
-                raise ServerStartError(f"the local MedDiffusion server did not answer within {START_TIMEOUT_S:g} s "
-                                       f"(see its log, {self.log_path})") from None
+                raise ServerStartError(f"the local MedDiffusion server did not answer within {START_TIMEOUT_S:g} s. "
+                                       f"End of its log:\n{tail}") from None
             last = self.log_tail(200).splitlines()
             self.message = f"starting the local server ({now - self.started_at:.0f} s)" + \
                 (f": {last[-1][-120:]}" if last else "")

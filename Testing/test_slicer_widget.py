@@ -107,3 +107,43 @@ def test_panel_shows_refusals_and_failed_jobs(panel, tmp_path):
     assert ui.statusLabel.text.startswith("Failed: "), ui.statusLabel.text
     assert panel.errors and panel.errors[-1] == ui.statusLabel.text[len("Failed: "):]
     assert ui.generateButton.text == "Generate" and not widget.logic.is_running
+
+
+def test_panel_runs_a_job_on_a_remote_server_with_its_token(panel, tmp_path):
+    """The remote settings as a user fills them in: address and token typed (stored per server origin in the
+    settings, never in the scene), the model's lists from the server, a generation with the token."""
+    import secrets
+
+    from server_fixture import REPO, ServerProcess
+
+    token = secrets.token_urlsafe(32)
+    server = ServerProcess(REPO / "models" / "demo", tmp_path / "store", tmp_path / "server.log", token=token)
+    try:
+        ui, widget = panel.ui, panel.widget
+        ui.remoteRadioButton.checked = True
+        ui.serverUrlLineEdit.text = server.url
+        ui.serverUrlLineEdit.emit("editingFinished()")
+        ui.tokenLineEdit.text = token
+        ui.tokenLineEdit.emit("editingFinished()")
+        assert widget._parameterNode.read().server_url == server.url
+        assert token not in "".join(widget._parameterNode.node.GetParameter(n) for n in
+                                    widget._parameterNode.node.GetParameterNames())
+        ui.loadModelButton.click()  # the lists now come from the server's /v1/models
+        assert panel.errors == [] and ui.statusLabel.text.startswith("Model demo:"), ui.statusLabel.text
+        ui.samplerComboBox.currentIndex = 1
+        ui.stepsSpinBox.value = 2
+        ui.generateButton.click()
+        panel.run_job()
+        assert panel.errors == [] and ui.statusLabel.text.startswith("Done in"), ui.statusLabel.text
+        node = widget._parameterNode.output("Output")  # the result node the panel created
+        assert node.GetAttribute("MedDiffusion.backend") == "remote"
+        assert node.GetAttribute("MedDiffusion.server") == server.url
+        # A wrong token: the failure says so in the status line and an error box.
+        ui.tokenLineEdit.text = "wrong-" + token
+        ui.tokenLineEdit.emit("editingFinished()")
+        ui.generateButton.click()
+        panel.run_job(60)
+        assert ui.statusLabel.text.startswith("Failed: ") and "rejected the access token" in ui.statusLabel.text
+        assert panel.errors and "rejected the access token" in panel.errors[-1]
+    finally:
+        server.stop()

@@ -274,35 +274,6 @@ def test_reconstruct_refuses_what_the_library_refuses_before_reading_the_volume(
     assert logic.poll().state == "cancelled"
 
 
-def test_local_server_that_cannot_load_the_model_fails_the_job_with_its_log(scene, tmp_path):
-    """The child exits at once (no model there): the job fails naming the problem, it is not restarted forever."""
-    logic = MedDiffusionLogic(scene, LocalBackend())
-    logic.local.server.extra_env.update(OMP_NUM_THREADS="1")
-    try:
-        logic.start_generate(_local_params(tmp_path / "no-model-here", ct_hu_range="off"))
-        state = _poll_until_finished(logic, 120)[-1]
-        assert state.state == "failed" and "Model bundle not found" in state.error, state.error
-        assert "Fatal Python error" not in state.error and "exit code 2" in state.error, state.error
-        assert logic.local.server.state == "failed" and logic.finish() == []
-    finally:
-        logic.stop_server()
-
-
-def test_local_server_start_timeout_quotes_its_log(scene, monkeypatch):
-    """A server that does not answer in time is stopped (its folder and log deleted): the error quotes the log."""
-    from MedDiffusionLogic import local_server
-
-    monkeypatch.setattr(local_server, "START_TIMEOUT_S", 0.5)  # loading torch alone takes longer
-    logic = MedDiffusionLogic(scene, LocalBackend())
-    try:
-        logic.start_generate(MedDiffusionParameters(random_seed=False, ct_hu_range="off"))
-        state = _poll_until_finished(logic, 60)[-1]
-        assert state.state == "failed" and "did not answer within 0.5 s" in state.error, state.error
-        assert "End of its log:\nmeddiffusion: loading PyTorch" in state.error, state.error
-    finally:
-        logic.stop_server()
-
-
 def test_anatomy_is_suggested_from_the_input_volume():
     from MedDiffusionLogic.backends import AnatomyChoice
 

@@ -35,6 +35,7 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin  # noqa: E402
 
+from MedDiffusionLib.errors import InputError  # noqa: E402
 from MedDiffusionLogic import dependencies, selfchecks  # noqa: E402
 from MedDiffusionLogic.backends import AnatomyChoice  # noqa: E402
 from MedDiffusionLogic.logic import MedDiffusionLogic  # noqa: E402
@@ -346,7 +347,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and url and url != self._parameterNode.read().server_url:
             try:
                 self._trust.trust(url)  # typed by the user: agreed
-            except Exception as exc:
+            except InputError as exc:  # not a server URL: say so (Generate refuses it too)
                 self.ui.statusLabel.text = str(exc)
         self.updateParameterNodeFromGUI()
         self.ui.tokenLineEdit.text = self._tokens.get(url)  # the token entered for this server, if any
@@ -355,7 +356,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         url = self.ui.serverUrlLineEdit.text.strip()
         try:
             self._tokens.set(url, self.ui.tokenLineEdit.text)
-        except Exception as exc:
+        except InputError as exc:  # no server URL to keep the token for
             self.ui.statusLabel.text = str(exc)
 
     def onModelChanged(self, *args) -> None:

@@ -121,6 +121,9 @@ def test_panel_runs_a_job_on_a_remote_server_with_its_token(panel, tmp_path):
     try:
         ui, widget = panel.ui, panel.widget
         ui.remoteRadioButton.checked = True
+        ui.serverUrlLineEdit.text = "ftp://example.org"  # not a server URL: said at once, nothing stored for it
+        ui.serverUrlLineEdit.emit("editingFinished()")
+        assert "server URL must look like http://host:port" in ui.statusLabel.text, ui.statusLabel.text
         ui.serverUrlLineEdit.text = server.url
         ui.serverUrlLineEdit.emit("editingFinished()")
         ui.tokenLineEdit.text = token

@@ -55,8 +55,16 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+)\s*[xX\u00d7,\s]\s*(\d+
 def parse_size(size: Union[str, Sequence[int]]) -> SizeXYZ:
     """A volume size 'XxYxZ' voxels (e.g. '256x256x128') or a 3-sequence of ints -> (X, Y, Z).
 
-    Raises InputError unless there are exactly three positive whole numbers. 'x' may also be written 'X', 'x'
-    with spaces around it, a comma or a multiplication sign.
+    Args:
+        size: 'XxYxZ' text ('x' may also be written 'X', 'x' with spaces around it, a comma or a multiplication
+            sign), or three whole numbers in X, Y, Z order (floats such as 64.0 are accepted, 64.5 and booleans
+            are not).
+
+    Returns:
+        (X, Y, Z) in voxels, each >= 1.
+
+    Raises:
+        InputError: unless there are exactly three positive whole numbers.
     """
     if isinstance(size, str):
         m = _SIZE_RE.match(size)
@@ -92,7 +100,15 @@ def _whole(v: Any) -> int:
 
 
 def default_steps(sampler: str, timesteps: int = SCHEDULE_LENGTH) -> int:
-    """The steps `sampler` uses when none are given, never more than the schedule's length."""
+    """The steps `sampler` uses when none are given, never more than the schedule's length.
+
+    Args:
+        sampler: one of `SAMPLERS` (a KeyError otherwise: callers pass checked names).
+        timesteps: length T of the model's diffusion schedule.
+
+    Returns:
+        ``min(DEFAULT_STEPS[sampler], timesteps)``.
+    """
     return min(DEFAULT_STEPS[sampler], int(timesteps))
 
 
@@ -186,7 +202,11 @@ class TaskOptions:
 
     @classmethod
     def from_mapping(cls: type[_T], values: Mapping[str, Any]) -> _T:
-        """Options from a mapping (a request body, a namespace's dict); unknown names are an InputError."""
+        """Options from a mapping (a request body, a namespace's dict), not yet validated.
+
+        Raises:
+            InputError: naming the keys that are not fields of the task.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -199,8 +219,20 @@ class TaskOptions:
 
     @classmethod
     def check_field(cls, name: str, value: Any, timesteps: int = SCHEDULE_LENGTH) -> Any:
-        """One option's value type-, choice- and bound-checked and normalised (choices lower-cased); InputError
-        naming the option otherwise. ``timesteps``: the schedule length, the upper bound of ``steps``."""
+        """One option's value type-, choice- and bound-checked and normalised.
+
+        Args:
+            name: a field of this class (a KeyError otherwise).
+            value: as a user gave it; None keeps the default where the field is optional.
+            timesteps: the schedule length, the upper bound of ``steps``.
+
+        Returns:
+            The value as the field's kind (whole floats become ints; choices stripped and lower-cased), or None.
+
+        Raises:
+            InputError: naming the option, when the value is missing but required, of the wrong type (a bool is
+                not a number), not a choice, or outside the field's bound.
+        """
         spec = cls.spec(name)
         if value is None:
             if not spec.optional:
@@ -258,7 +290,21 @@ def _typed(spec: OptionSpec, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class GenerateOptions(TaskOptions):
-    """Unconditional generation of one anatomy (GenerationPipeline)."""
+    """Unconditional generation of one anatomy (GenerationPipeline).
+
+    Each field's default, bound and help line live in its metadata (`specs()`), which every front end shows;
+    below are the units and forms that the help lines leave out.
+
+    Attributes:
+        anatomy: a catalog name (case-insensitive); required.
+        size_xyz: output size in voxels, X x Y x Z (text 'XxYxZ' or three ints; `validate` makes it a tuple).
+            With a bundle every side must be a multiple of ``downsample * latent_multiple``.
+        sampler: one of `SAMPLERS`.
+        steps: sampler steps, 1 .. the bundle's schedule length T; None: `default_steps`.
+        seed: 0 .. `SEED_MAX`; None: a random seed, which the result reports.
+        hu_range: (low, high) in HU, low < high, both finite; CT anatomies only. None leaves intensities in
+            [0, 1].
+    """
 
     TASK: ClassVar[str] = "generate"
     KINDS: ClassVar[dict[str, type]] = {"anatomy": str, "size_xyz": tuple, "sampler": str, "steps": int,
@@ -273,10 +319,20 @@ class GenerateOptions(TaskOptions):
     hu_range: Optional[Sequence[float]] = _opt(None, "CT only: map the model's [0, 1] intensities to this HU range")
 
     def validate(self, bundle: Any = None) -> "GenerateOptions":
-        """A normalised copy (size as (X, Y, Z), sampler lower-case, anatomy as the catalog spells it), or an
-        InputError naming the first bad field. With a model bundle also checks the anatomy, the HU range against
-        its modality, the size against the model's grid and the steps against its schedule (none given: the
-        sampler's default for it)."""
+        """A normalised copy, or an InputError naming the first bad field.
+
+        Args:
+            bundle: a loaded `ModelBundle`, or None for the checks that need no model (types, choices, bounds,
+                size and HU-range form; steps up to `SCHEDULE_LENGTH`).
+
+        Returns:
+            A copy with size as (X, Y, Z) and sampler lower-case. With a bundle also: the anatomy as the catalog
+            spells it and steps filled in with the sampler's default for the bundle's schedule.
+
+        Raises:
+            InputError: naming the first bad field. With a bundle this includes an unknown anatomy, a hu_range on
+                a non-CT anatomy, a size off the model's grid and steps beyond its schedule.
+        """
         values = self._checked(bundle)
         if values["anatomy"] is None or not values["anatomy"].strip():
             raise InputError("anatomy is required")
@@ -309,7 +365,29 @@ def _hu_range(value: Any) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class ReconstructOptions(TaskOptions):
-    """Sparse-view CT / accelerated MRI reconstruction (ReconstructionPipeline)."""
+    """Sparse-view CT / accelerated MRI reconstruction (ReconstructionPipeline).
+
+    Each field's default, bound and help line live in its metadata (`specs()`), which every front end shows;
+    below are the units and forms that the help lines leave out.
+
+    Attributes:
+        task: 'sparse-ct' or 'mri' (the keys of `TASKS`).
+        method: one of `METHODS`; `METHOD_TASKS` says which tasks each applies to.
+        anatomy: the diffusion prior's catalog name (case-insensitive), of the task's modality; None: chosen from
+            the scan.
+        views: sparse-ct: number of parallel-beam angles, evenly spaced over [0, 180) degrees.
+        acceleration: mri: undersampling factor R > 1 (the fraction of k-space kept is about 1/R).
+        mask: mri: 'gaussian' (1D variable-density phase-encode lines) or 'poisson' (2D Poisson disc).
+        simulate: True: the input is a fully sampled scan that is measured here; False: it is already the FBP /
+            zero-filled image of a degraded scan.
+        noise_photons: sparse-ct: incident photons per ray of the Poisson noise model, > 0; None: noise-free.
+        sampler: one of `SAMPLERS`.
+        steps: sampler steps, 1 .. the bundle's schedule length T; None: `default_steps`.
+        seed: 0 .. `SEED_MAX`; None: a random seed, which the result reports.
+        data_consistency: diffusion: whether the result is solved against the measurements on the scan's grid.
+        tv_weight: >= 0; None: `pipelines.recon_settings.tv_weight` (from views / acceleration and noise).
+        dc_every: diffusion: guidance every K sampler steps, >= 0; None: about 4 times per run.
+    """
 
     TASK: ClassVar[str] = "reconstruct"
     KINDS: ClassVar[dict[str, type]] = {
@@ -349,8 +427,21 @@ class ReconstructOptions(TaskOptions):
         return TASKS[self.task]
 
     def validate(self, bundle: Any = None) -> "ReconstructOptions":
-        """A normalised copy, or an InputError naming the first bad field. With a model bundle also checks that
-        it has a ControlNet for the task, the anatomy (known, of the task's modality) and the steps."""
+        """A normalised copy, or an InputError naming the first bad field.
+
+        Args:
+            bundle: a loaded `ModelBundle`, or None for the checks that need no model (steps then up to
+                `SCHEDULE_LENGTH`).
+
+        Returns:
+            A copy with choices lower-case and an empty anatomy as None. With a bundle also: the anatomy as the
+            catalog spells it and steps filled in with the sampler's default for the bundle's schedule.
+
+        Raises:
+            InputError: naming the first bad field, a method that does not apply to the task, a measurement
+                method (sart, tv) on an already-degraded MRI input, and with a bundle and the diffusion method:
+                no ControlNet for the task, or an anatomy that is unknown or of another modality.
+        """
         values = self._checked(bundle)
         if values["anatomy"] is not None and not values["anatomy"].strip():
             values["anatomy"] = None  # an empty form field: the default anatomy

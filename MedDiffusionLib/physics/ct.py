@@ -165,6 +165,15 @@ def ramp_filter(n_det: int, window: str = "ram-lak", dtype: torch.dtype = torch.
     The response is the DFT of the band-limited spatial ramp kernel (h[0] = 1/4, h[n odd] = -1/(pi n)^2),
     not a sampled |f|: that keeps the correct DC term and avoids a cupping offset. P is the next power of two
     >= 2 * n_det so the circular convolution does not wrap.
+
+    Args:
+        n_det: detector bins per projection.
+        window: apodisation, one of `FBP_WINDOWS` ('ram-lak' = none).
+        dtype: dtype of the returned response.
+        device: device of the returned response.
+
+    Raises:
+        InputError: an unknown window.
     """
     if window not in FBP_WINDOWS:
         raise InputError(f"unknown FBP window {window!r}; choose one of {', '.join(FBP_WINDOWS)}")
@@ -200,6 +209,15 @@ def add_poisson_noise(
     water path keeps ~0.6 % of the photons. Zero counts are clamped to 0.5 before the log (finite output).
     Returns a noisy sinogram in the input units; not differentiable (the input is detached). Pass a
     `generator` on the sinogram's device for reproducible noise.
+
+    Args:
+        sino: line integrals (..., n_views, n_det), intensity x pixel units.
+        photons: incident photons per ray, > 0 (fewer: noisier).
+        mu_scale: optical depth per intensity x pixel, > 0.
+        generator: torch generator on the sinogram's device, or None for the global one.
+
+    Raises:
+        InputError: photons or mu_scale <= 0.
     """
     if photons <= 0 or mu_scale <= 0:
         raise InputError(f"photons and mu_scale must be > 0 (got {photons}, {mu_scale})")
@@ -216,6 +234,17 @@ class ParallelBeamProjector(torch.nn.Module):
     `forward` is linear and differentiable; `adjoint` is its exact transpose (same sparse weights), so
     <A x, y> = <x, A^T y> to float rounding; `fbp` = ramp filter + pi / n_views * adjoint. Matrices are built
     lazily per (device, dtype) and cached, so one instance serves CPU and CUDA inputs.
+
+    Args:
+        image_size: (H, W) pixels of one slice.
+        n_views: number of angles; without ``angles`` they are evenly spaced over [0, pi).
+        angles: n_views angles in radians (any order), or None.
+        n_detectors: detector bins (pixel-sized); None: ceil(hypot(H, W)) + 2, which covers every rotation.
+        device: where matrices go when a call names no device (default: the input's device).
+
+    Raises:
+        InputError: a size that is not two positive ints, n_views < 1, an angle count other than n_views, or
+            n_detectors < 1.
     """
 
     def __init__(
@@ -336,7 +365,15 @@ class ParallelBeamProjector(torch.nn.Module):
         return self._linear(sino, self.sinogram_shape, self.image_size, transpose=True)
 
     def filter_sinogram(self, sino: torch.Tensor, window: str = "ram-lak") -> torch.Tensor:
-        """Ramp-filter every projection along the detector axis (zero-padded FFT convolution)."""
+        """Ramp-filter every projection along the detector axis (zero-padded FFT convolution).
+
+        Args:
+            sino: sinograms (..., n_views, n_det).
+            window: one of `FBP_WINDOWS`.
+
+        Raises:
+            InputError: a sinogram of another shape, or an unknown window.
+        """
         self._check_last(sino, self.sinogram_shape, "sinogram")
         work = sino if sino.dtype in _SPARSE_DTYPES else sino.float()
         resp, size = ramp_filter(self.n_detectors, window, dtype=work.dtype, device=work.device)
@@ -350,6 +387,14 @@ class ParallelBeamProjector(torch.nn.Module):
         detector this makes FBP(forward(x)) ~= x. The same weight is used for custom `angles`, which is right
         for any evenly spaced set over [0, pi) (limited-angle sets come out scaled by their coverage).
         The backprojector is the exact adjoint, so FBP is differentiable. `filter=None`: plain backprojection.
+
+        Args:
+            sino: sinograms (..., n_views, n_det).
+            filter: 'ramp', or None for unfiltered backprojection (scaled by pi / n_views).
+            window: the ramp filter's apodisation, one of `FBP_WINDOWS`.
+
+        Raises:
+            InputError: an unknown filter or window, or a sinogram of another shape.
         """
         if filter not in ("ramp", None):
             raise InputError(f"unknown FBP filter {filter!r}; only 'ramp' (or None) is supported")

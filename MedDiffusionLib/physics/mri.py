@@ -67,7 +67,7 @@ def _check_acceleration(acceleration: float) -> float:
 
 
 def mask_acceleration(mask: torch.Tensor) -> float:
-    """Actual acceleration of a mask: number of k-space points / number sampled."""
+    """Actual acceleration of a mask: number of k-space points / number sampled (inf for an empty mask)."""
     sampled = float((mask != 0).sum())
     return float("inf") if sampled == 0 else mask.numel() / sampled
 
@@ -86,6 +86,20 @@ def gaussian_mask_1d(
     round(H * center_fraction) rows (at least 1) are always sampled, the rest drawn without replacement with
     probability ~ exp(-ky^2 / (2 (sigma_fraction * H)^2)). If the centre alone exceeds the budget it is
     shrunk to the budget. Same seed, same mask.
+
+    Args:
+        shape: (H, W) of one slice's k-space; rows (H) are phase-encode lines.
+        acceleration: R > 1; about H / R rows are kept.
+        center_fraction: share of H, in [0, 1], always sampled around ky = 0.
+        seed: numpy seed of the line draw (None: fresh entropy, not reproducible).
+        sigma_fraction: standard deviation of the Gaussian density as a share of H.
+        device: device of the returned mask.
+
+    Returns:
+        A {0, 1} float32 mask (H, W) (every column of a kept row is 1).
+
+    Raises:
+        InputError: a shape that is not two positive ints, R <= 1, or center_fraction outside [0, 1].
     """
     ny, nx = _check_shape(shape)
     accel = _check_acceleration(acceleration)
@@ -121,6 +135,20 @@ def poisson_disc_mask(
     Uses sigpy's Poisson-disc sampler (install the optional "mri" extra: `pip install sigpy`). `calib` defaults to 8 % of
     each dim (at least 4). The density slope is searched (bounded) for the acceleration closest to the target;
     same seed, same mask.
+
+    Args:
+        shape: (H, W) of one slice's k-space.
+        acceleration: target R > 1.
+        calib: (rows, columns) of the fully sampled centre; None: 8 % of each dim, at least 4.
+        seed: sampler seed (None: not reproducible).
+        device: device of the returned mask.
+
+    Returns:
+        A {0, 1} float32 mask (H, W).
+
+    Raises:
+        InputError: a shape that is not two positive ints, R <= 1, or a calibration region that does not fit.
+        ImportError: sigpy is not installed.
     """
     ny, nx = _check_shape(shape)
     accel = _check_acceleration(acceleration)
@@ -196,7 +224,11 @@ def _to_output(img: torch.Tensor, output: str) -> torch.Tensor:
 
 
 def undersample(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Measured k-space of an image (..., H, W): fft2c(image) * mask (complex; zeros where not sampled)."""
+    """Measured k-space of an image (..., H, W): fft2c(image) * mask (complex; zeros where not sampled).
+
+    Raises:
+        InputError: a mask whose last two dims are not the image's (H, W).
+    """
     return fft2c(image) * _as_mask(mask, image)
 
 
@@ -206,6 +238,14 @@ def zero_filled(kspace: torch.Tensor, mask: torch.Tensor, output: str = "real") 
     output="real" (default) keeps the real part: the images here are real-valued, the real part is linear in
     the data and reproduces a real image exactly when the mask is full (magnitude would fold negative
     intensities of [-1, 1] normalised images). "magnitude" (clinical display) and "complex" are available.
+
+    Args:
+        kspace: centred k-space (..., H, W).
+        mask: (H, W) or broadcastable (..., H, W).
+        output: 'real', 'magnitude' or 'complex'.
+
+    Raises:
+        InputError: a mask of another (H, W), or an unknown output.
     """
     return _to_output(ifft2c(kspace * _as_mask(mask, kspace)), output)
 
@@ -224,6 +264,16 @@ def data_consistency(
     hard projection, lam = 0 leaves x unchanged). output="complex" (default) is the exact projection; "real"
     or "magnitude" convert the result for real-valued pipelines (the measured samples then hold only up to
     the part of k-space a real image can represent).
+
+    Args:
+        x: image estimate (..., H, W), real or complex.
+        kspace: measured centred k-space (..., H, W) (zeros where not sampled).
+        mask: the sampling mask, (H, W) or broadcastable.
+        lam: None (hard) or >= 0 (soft; larger trusts the measurements more).
+        output: 'complex', 'real' or 'magnitude'.
+
+    Raises:
+        InputError: lam < 0 or NaN, mismatched sizes, or an unknown output.
     """
     if lam is not None and not lam >= 0:
         raise InputError(f"lam must be >= 0 (or None for hard data consistency), got {lam}")

@@ -24,7 +24,21 @@ SizeLike = Union[str, Sequence[int], None]
 
 
 def resolve_latent_size(anatomy: Anatomy, size: SizeLike, downsample: int, multiple: int) -> tuple[int, int, int]:
-    """(X, Y, Z) voxels -> latent (D, H, W) = (Z, X, Y) / downsample, checked against the model's grid."""
+    """(X, Y, Z) voxels -> latent (D, H, W) = (Z, X, Y) / downsample, checked against the model's grid.
+
+    Args:
+        anatomy: the catalog entry; its first trained size is used when ``size`` is None.
+        size: 'XxYxZ' text or three ints, in voxels; None: the anatomy's first trained size.
+        downsample: the autoencoder's voxels per latent cell along each axis.
+        multiple: the denoiser's latent multiple; each side must divide by ``downsample * multiple``.
+
+    Returns:
+        The latent size (D, H, W) = (Z, X, Y) // downsample.
+
+    Raises:
+        InputError: when the size is not three positive numbers or is off the model's grid. A size the anatomy
+            was not trained at only warns (UserWarning).
+    """
     if size is None:
         return anatomy.latent_sizes[0]
     size_xyz = parse_size(size) if isinstance(size, str) else tuple(int(s) for s in size)
@@ -49,7 +63,26 @@ class GenerationPipeline(BundlePipeline):
                  steps: Optional[int] = None, seed: Optional[int] = None,
                  hu_range: Optional[tuple[float, float]] = None, progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None) -> GenerationResult:
-        """One volume; the arguments are those of `GenerateOptions` (defaults, bounds and their meaning)."""
+        """One volume; the arguments are those of `GenerateOptions` (defaults, bounds and their meaning).
+
+        Args:
+            anatomy: see `GenerateOptions`.
+            size_xyz: see `GenerateOptions`.
+            sampler: see `GenerateOptions`.
+            steps: see `GenerateOptions`.
+            seed: see `GenerateOptions`.
+            hu_range: see `GenerateOptions`.
+            progress: called with `ProgressInfo` updates (sampling, then decoding).
+            cancel: checked between steps; when set the run stops with `Cancelled`.
+
+        Returns:
+            The volume as a float32 SimpleITK image (X x Y x Z, the anatomy's spacing in mm; HU with
+            ``hu_range``, else [0, 1]) with the seed, steps and timing used.
+
+        Raises:
+            InputError: an option refused by `GenerateOptions.validate` for this model.
+            Cancelled: when ``cancel`` was set.
+        """
         return next(self.generate_batch([anatomy], size_xyz, sampler, steps, [seed], hu_range, progress, cancel))
 
     def check_inputs(self, anatomy: str, size_xyz: SizeLike, sampler: str, steps: Optional[int],
@@ -66,7 +99,27 @@ class GenerationPipeline(BundlePipeline):
         """One volume per (anatomy, seed), all of one size: their latents share each denoiser call, then they are
         decoded and yielded one at a time (`only`: which of them to decode and yield). An item's random numbers
         come from its own seed only; batch mates still change its floats at rounding level (CPU and GPU matrix
-        kernels block by batch size), so batch 1 reproduces `__call__` exactly and larger batches to ~1e-6."""
+        kernels block by batch size), so batch 1 reproduces `__call__` exactly and larger batches to ~1e-6.
+
+        Args:
+            anatomies: one catalog name per item; all must map to the same latent size.
+            size_xyz: see `GenerateOptions` (shared by the batch).
+            sampler: see `GenerateOptions`.
+            steps: see `GenerateOptions`.
+            seeds: one per anatomy (None: random, reported in the result).
+            hu_range: see `GenerateOptions`.
+            progress: called with `ProgressInfo` updates.
+            cancel: checked between steps; when set the run stops with `Cancelled`.
+            only: one flag per item; False items are still sampled (so the others match the full batch) but neither decoded nor yielded.
+
+        Yields:
+            A `GenerationResult` per kept item, in input order.
+
+        Raises:
+            InputError: a refused option, a seed count that differs from the anatomy count, an empty batch, or
+                anatomies of different latent sizes.
+            Cancelled: when ``cancel`` was set.
+        """
         start = time.perf_counter()
         if len(anatomies) != len(seeds) or not anatomies:
             raise InputError("give one seed per anatomy")
@@ -94,7 +147,12 @@ class GenerationPipeline(BundlePipeline):
 
     def class_denoiser(self, entries: Sequence[Anatomy], latent: tuple[int, int, int]
                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`denoise(x, t) -> eps` for a batch of these anatomies' latents (class and resolution conditioning)."""
+        """`denoise(x, t) -> eps` for a batch of these anatomies' latents (class and resolution conditioning).
+
+        Args:
+            entries: one anatomy per batch item (its class index conditions the denoiser).
+            latent: the latent size (D, H, W), scaled by the bundle's ``vq_size`` for resolution conditioning.
+        """
         y = torch.tensor([e.class_index for e in entries], device=self.device)
         res = torch.tensor([latent] * len(entries), dtype=torch.float32, device=self.device) \
             / float(self.denoiser.config.get("vq_size", 64))
@@ -104,7 +162,17 @@ class GenerationPipeline(BundlePipeline):
                        progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None
                        ) -> Iterator[np.ndarray]:
         """Sampled (normalised) latents -> decoded volumes in network order (Z, X, Y), intensities in [0, 1], one
-        at a time (decoding is the memory peak); `keep` skips some (a resumed batch needs only its missing ones)."""
+        at a time (decoding is the memory peak); `keep` skips some (a resumed batch needs only its missing ones).
+
+        Args:
+            z: sampled latents (B, C, D, H, W) in [-1, 1].
+            keep: one flag per batch item; None decodes all.
+            progress: called with decoding `ProgressInfo` updates.
+            cancel: checked between decode tiles.
+
+        Yields:
+            float32 arrays (Z, X, Y) in [0, 1], one per kept item.
+        """
         with inference_mode():
             z = denormalize_latent(z, self.bundle.latent_range)
         for i in range(z.shape[0]):
@@ -117,7 +185,16 @@ class GenerationPipeline(BundlePipeline):
 
     @staticmethod
     def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[Sequence[float]]) -> sitk.Image:
-        """A generated (Z, X, Y) volume as an image with the anatomy's spacing, in HU when ``hu_range`` is given."""
+        """A generated (Z, X, Y) volume as an image with the anatomy's spacing, in HU when ``hu_range`` is given.
+
+        Args:
+            volume_zxy: intensities in [0, 1], network order (Z, X, Y).
+            entry: the anatomy (its spacing in mm).
+            hu_range: (low, high) HU that 0 and 1 map to linearly; None keeps [0, 1].
+
+        Returns:
+            A float32 image of size (X, Y, Z), origin 0, the authors' NIfTI orientation (`GENERATED_DIRECTION`).
+        """
         arr = volume_zxy.astype(np.float32)
         if hu_range is not None:
             arr = arr * (hu_range[1] - hu_range[0]) + hu_range[0]

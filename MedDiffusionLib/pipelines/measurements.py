@@ -58,7 +58,26 @@ class NativeProblem:
 def prepare_problem(image: sitk.Image, task: str, *, views: int = 30, acceleration: float = 8,
                     mask: str = "gaussian", simulate: bool = True, noise_photons: Optional[float] = None,
                     seed: int = 0, device: torch.device | str = "cpu") -> NativeProblem:
-    """Measurements of ``image`` on its own grid (see the module docstring); ``image`` must be validated."""
+    """Measurements of ``image`` on its own grid (see the module docstring); ``image`` must be validated.
+
+    Args:
+        image: a scan accepted by `reconstruct.validate_image` (CT in HU).
+        task: 'sparse-ct' or 'mri'.
+        views: sparse-ct: angles over [0, 180) degrees (also used, when not simulating, to re-project the input).
+        acceleration: mri: undersampling factor R > 1.
+        mask: mri: 'gaussian' or 'poisson'.
+        simulate: True: measure the scan; False: the scan is already the degraded reconstruction.
+        noise_photons: sparse-ct, simulate only: incident photons per ray (None: noise-free).
+        seed: seeds the MRI mask and (as seed + 1) the measurement noise.
+        device: where the operator and volumes live.
+
+    Returns:
+        The problem with the input in physics units as (Z, X, Y); measurements are None for an already-degraded
+        MRI input (its mask is unknown).
+
+    Raises:
+        InputError: an unknown task, or operator settings the physics refuses (see `make_operator`).
+    """
     if task not in TASKS:
         raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")
     modality = TASKS[task]
@@ -83,7 +102,17 @@ def prepare_problem(image: sitk.Image, task: str, *, views: int = 30, accelerati
 
 def solve_model_free(problem: NativeProblem, method: str, tv_weight: Optional[float] = None,
                      step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """FBP / zero-filled, SART or TV on the problem's measurements -> (Z, X, Y) physics units."""
+    """FBP / zero-filled, SART or TV on the problem's measurements -> (Z, X, Y) physics units.
+
+    Args:
+        problem: from `prepare_problem`.
+        method: 'fbp' (sparse-ct) / 'zero-filled' (mri) return the degraded input; 'sart' or 'tv'.
+        tv_weight: tv only; None: `recon_settings.tv_weight` for the problem.
+        step: called with the iteration index after each solver iteration.
+
+    Raises:
+        InputError: sart or tv without measurements, sart on MRI, or another method name.
+    """
     if method == rules.baseline_method(problem.task):
         return problem.degraded
     if problem.measurements is None:
@@ -105,7 +134,19 @@ def solve_tv(problem: NativeProblem, beta: float, x0: torch.Tensor, prior: Optio
              lam: float = 0.0, step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """TV-regularised least squares (``rules.TV_ITERS`` PDHG iterations from ``x0``, optionally pulled towards
     ``prior`` with weight ``lam``), then the debiasing CG of the rule in ``recon_settings`` (``DEBIAS_CG_ITERS``
-    iterations anchored at the TV result); ``step`` is called once per iteration of both."""
+    iterations anchored at the TV result); ``step`` is called once per iteration of both.
+
+    Args:
+        problem: a problem with measurements (an AssertionError otherwise).
+        beta: TV weight, >= 0.
+        x0: starting estimate, (Z, X, Y) physics units.
+        prior: an estimate to pull towards, same shape (None: none).
+        lam: weight of ``||x - prior||^2``.
+        step: called with the iteration index (0 .. TV_ITERS + DEBIAS_CG_ITERS - 1).
+
+    Returns:
+        The solution (Z, X, Y) in physics units, clamped to >= 0.
+    """
     assert problem.measurements is not None
     y = problem.measurements
     x_tv = tv_pdhg(problem.op, y, beta, rules.TV_ITERS, z_weight=problem.z_weight, prior=prior, lam=lam, x0=x0,

@@ -27,14 +27,24 @@ _CT_HU_PER_UNIT = 1000.0
 
 @dataclass(frozen=True)
 class IntensityScale:
-    """u = (value - offset) / unit and back."""
+    """u = (value - offset) / unit and back.
+
+    Attributes:
+        offset: the scan intensity that maps to u = 0 (CT: -1000 HU, air; MR: 0).
+        unit: scan intensity per physics unit (CT: 1000 HU; MR: the 99.5th percentile of |I|).
+    """
 
     offset: float
     unit: float
 
     @classmethod
     def for_scan(cls, arr: np.ndarray, modality: str) -> "IntensityScale":
-        """The scale of a scan: fixed HU scaling for CT, the 99.5th percentile magnitude for MR."""
+        """The scale of a scan: fixed HU scaling for CT, the 99.5th percentile magnitude for MR.
+
+        Args:
+            arr: the scan's voxels (CT in HU), any shape.
+            modality: 'CT', or anything else for MR (an all-zero scan gets unit 1).
+        """
         if modality == "CT":
             return cls(_CT_AIR_HU, _CT_HU_PER_UNIT)
         ref = float(np.percentile(np.abs(arr), 99.5)) if arr.size else 0.0
@@ -52,7 +62,16 @@ class IntensityScale:
 
 
 def model_extent(n: int, spacing: float, model_spacing: float) -> int:
-    """Model voxels along an axis so that the last native voxel centre is covered (no extrapolated rim)."""
+    """Model voxels along an axis so that the last native voxel centre is covered (no extrapolated rim).
+
+    Args:
+        n: native voxels along the axis.
+        spacing: native spacing in mm.
+        model_spacing: model spacing in mm.
+
+    Returns:
+        ``ceil((n - 1) * spacing / model_spacing) + 1``, at least 1.
+    """
     return max(1, int(math.ceil((n - 1) * spacing / model_spacing - 1e-6)) + 1)
 
 
@@ -80,7 +99,18 @@ def _up_matrix(n_native: int, n_model: int, ratio: float) -> np.ndarray:
 
 
 class GridMap:
-    """Native (Z, X, Y) volumes <-> unpadded model-grid volumes; spacings in the same (Z, X, Y) order."""
+    """Native (Z, X, Y) volumes <-> unpadded model-grid volumes; spacings in the same (Z, X, Y) order.
+
+    Args:
+        native_shape: the scan's (Z, X, Y) voxels.
+        native_spacing: the scan's (Z, X, Y) spacing in mm.
+        model_spacing: the model's (Z, X, Y) spacing in mm (the anatomy's).
+        device: where the resampling matrices live.
+
+    Attributes:
+        native_shape: as given.
+        model_shape: (Z, X, Y) model voxels covering the scan (`model_extent` per axis).
+    """
 
     def __init__(self, native_shape: tuple[int, int, int], native_spacing: tuple[float, float, float],
                  model_spacing: tuple[float, float, float], device: torch.device | str = "cpu") -> None:

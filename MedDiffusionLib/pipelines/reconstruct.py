@@ -55,7 +55,13 @@ _SPACING_RANGE = (1e-3, 1e3)  # mm; anything outside is a broken header, not a s
 
 
 def validate_image(image: object) -> None:
-    """InputError unless ``image`` is a 3D scalar SimpleITK image with sane geometry and finite voxels."""
+    """InputError unless ``image`` is a 3D scalar SimpleITK image with sane geometry and finite voxels.
+
+    Raises:
+        InputError: naming the problem: not a SimpleITK image, not 3D, more than one component per voxel, empty,
+            more than `MAX_NATIVE_VOXELS` voxels, a spacing outside [0.001, 1000] mm, a singular or non-finite
+            direction, a non-finite origin, or NaN / infinite voxels.
+    """
     if not isinstance(image, sitk.Image):
         raise InputError(f"the input must be a SimpleITK image, got {type(image).__name__}")
     if image.GetDimension() != 3:
@@ -110,8 +116,35 @@ def reconstruct_model_free(image: sitk.Image, task: str = "sparse-ct", method: s
                            tv_weight: Optional[float] = None, device: str | torch.device = "cpu",
                            progress: Optional[ProgressCallback] = None,
                            cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
-    """fbp / zero-filled / sart / tv on the scan's grid: no model needed. The options are checked by
-    `ReconstructOptions.validate` (the rules every front end applies) before any work."""
+    """fbp / zero-filled / sart / tv on the scan's grid: no model needed.
+
+    The options are checked by `ReconstructOptions.validate` (the rules every front end applies) before any work.
+
+    Args:
+        image: a 3D scalar scan (CT in HU; MRI magnitude in any units), any size, spacing, orientation and pixel
+            type; its axial (X, Y) slices are measured one by one.
+        task: see `ReconstructOptions`.
+        method: 'fbp', 'zero-filled', 'sart' or 'tv' (see `ReconstructOptions`).
+        views: see `ReconstructOptions`.
+        acceleration: see `ReconstructOptions`.
+        mask: see `ReconstructOptions`.
+        simulate: see `ReconstructOptions`.
+        noise_photons: see `ReconstructOptions`.
+        seed: seeds the mask and the noise; None: random, reported.
+        tv_weight: see `ReconstructOptions`.
+        device: where the solvers run ('cpu', 'cuda', a torch.device).
+        progress: called with `ProgressInfo` updates (one per solver iteration).
+        cancel: checked after each iteration; when set the run stops with `Cancelled`.
+
+    Returns:
+        The reconstruction on the input's grid in its pixel type, the degraded input (FBP / zero-filled; the input
+        itself when simulate=False), residuals, and PSNR / SSIM against the input when simulating.
+
+    Raises:
+        InputError: a refused option (`ReconstructOptions.validate`), method 'diffusion', or an image refused by
+            `validate_image`.
+        Cancelled: when ``cancel`` was set.
+    """
     opts = ReconstructOptions(task=task, method=method, views=views, acceleration=acceleration, mask=mask,
                               simulate=simulate, noise_photons=noise_photons, seed=seed,
                               tv_weight=tv_weight).validate()
@@ -188,7 +221,20 @@ class ReconstructionPipeline(BundlePipeline):
         return self.controlnets[task]
 
     def anatomy_for(self, task: str, anatomy: Optional[str], image: sitk.Image) -> tuple[Anatomy, str]:
-        """The named anatomy (checked against the task's modality), or one chosen from the scan, with why."""
+        """The named anatomy (checked against the task's modality), or one chosen from the scan, with why.
+
+        Args:
+            task: 'sparse-ct' or 'mri'.
+            anatomy: a catalog name; None or '' chooses one from the scan's field of view
+                (`recon_settings.choose_anatomy`).
+            image: the scan (its size and spacing drive the choice).
+
+        Returns:
+            (anatomy, reason): reason is 'given' for a named one, else why it was chosen.
+
+        Raises:
+            InputError: an unknown anatomy, or one of another modality than the task's.
+        """
         modality = TASKS[task]
         if anatomy:
             entry = self.bundle.catalog.get(anatomy)
@@ -205,12 +251,43 @@ class ReconstructionPipeline(BundlePipeline):
                  tv_weight: Optional[float] = None, dc_every: Optional[int] = None,
                  progress: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelFlag] = None) -> ReconstructionResult:
-        """Reconstruct ``image`` with ``method`` (see the module docstring). ``tv_weight``: TV weight of the
-        final solve (default: the rule in ``recon_settings``; 0: CG on the prior-regularised least squares);
-        ``dc_every``: guidance every k sampler steps (default: ~4 per run; 0: only the final solve).
+        """Reconstruct ``image`` with ``method`` (see the module docstring).
 
         The pipeline checks its inputs itself (diffusers style): `ReconstructOptions.validate` against this
-        model, the same rules the CLI, the server and the panel apply before queuing, so every caller gets them."""
+        model, the same rules the CLI, the server and the panel apply before queuing, so every caller gets them.
+        The other methods run as `reconstruct_model_free` does, on this pipeline's device.
+
+        Args:
+            image: a 3D scalar scan (CT in HU; MRI magnitude in any units), any size, spacing, orientation and
+                pixel type; its axial (X, Y) slices are measured one by one.
+            task: see `ReconstructOptions` (the bundle needs a ControlNet for it for 'diffusion').
+            method: see `ReconstructOptions`.
+            anatomy: see `ReconstructOptions`.
+            views: see `ReconstructOptions`.
+            acceleration: see `ReconstructOptions`.
+            mask: see `ReconstructOptions`.
+            simulate: see `ReconstructOptions`.
+            noise_photons: see `ReconstructOptions`.
+            sampler: see `ReconstructOptions`.
+            steps: see `ReconstructOptions`.
+            seed: seeds the mask, the noise and the sampler; None: random, reported.
+            data_consistency: see `ReconstructOptions`.
+            tv_weight: TV weight of the final solve (None: the rule in ``recon_settings``; 0: CG on the
+                prior-regularised least squares only).
+            dc_every: guidance every K sampler steps (None: about 4 per run; 0: only the final solve).
+            progress: called with `ProgressInfo` updates per stage (measuring, sampling, decoding, data
+                consistency).
+            cancel: checked between steps; when set the run stops with `Cancelled`.
+
+        Returns:
+            The reconstruction on the input's grid in its pixel type (nothing clipped but what the type cannot
+            hold), the degraded input, the anatomy used and why, residuals, and PSNR / SSIM when simulating.
+
+        Raises:
+            InputError: a refused option or image (`ReconstructOptions.validate`, `validate_image`), or a model
+                grid over `MAX_MODEL_VOXELS` voxels.
+            Cancelled: when ``cancel`` was set.
+        """
         opts = ReconstructOptions(task=task, method=method, anatomy=anatomy, views=views, acceleration=acceleration,
                                   mask=mask, simulate=simulate, noise_photons=noise_photons, sampler=sampler,
                                   steps=steps, seed=seed, data_consistency=data_consistency, tv_weight=tv_weight,

@@ -30,6 +30,14 @@ SPACINGS: tuple[str, ...] = ("linear", "quadratic")
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "linear") -> torch.Tensor:
     """`steps` distinct timesteps over [0, T-1], descending, both ends included (T-1 alone for one step).
 
+    Args:
+        num_train_timesteps: T, the schedule's length.
+        steps: how many to keep, 1 .. T (not checked here: `Sampler.set_timesteps` checks it).
+        spacing: one of `SPACINGS`.
+
+    Raises:
+        InputError: an unknown spacing.
+
     "linear": evenly spaced in time (improved-DDPM respacing; the spacing is >= 1, so rounding never
     merges two timesteps). "quadratic": t_k = (T-1) (k/(n-1))^2 as in the DDIM paper, denser at low
     noise; consecutive equal values are pushed up by one, which keeps them distinct and <= T-1 (the
@@ -50,7 +58,17 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "linea
 
 
 class Sampler:
-    """Base class. Subclasses implement `step` and may keep multistep state (cleared by `reset`)."""
+    """Base class. Subclasses implement `step` and may keep multistep state (cleared by `reset`).
+
+    Args:
+        diffusion: the noise schedule the model was trained with.
+        steps: denoising steps (model evaluations), 1 .. T; None: `default_steps`.
+        clip_x0: clip each clean-data estimate to [-1, 1] (the authors do; latents and images live there).
+        spacing: timestep grid, one of `SPACINGS`; None: the class's ``default_spacing``.
+
+    Raises:
+        InputError: an unknown spacing, or steps refused by `set_timesteps`.
+    """
 
     name: str = "base"
 
@@ -74,7 +92,13 @@ class Sampler:
 
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(self, steps: int) -> None:
-        """Choose the number of denoising steps (model evaluations) for the next run."""
+        """Choose the number of denoising steps (model evaluations) for the next run.
+
+        Sets ``timesteps`` (descending original timesteps, 0 .. T-1) and clears multistep state.
+
+        Raises:
+            InputError: steps not an integer (booleans included) or outside 1 .. T.
+        """
         try:
             if isinstance(steps, bool):
                 raise TypeError
@@ -132,7 +156,22 @@ class Sampler:
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
-        """One denoising step from x_t given the model's noise prediction at t."""
+        """One denoising step from x_t given the model's noise prediction at t.
+
+        Args:
+            model_output: the model's noise prediction eps at ``t``, same shape as ``x``.
+            t: the current timestep, one of ``self.timesteps`` (an int, or a tensor holding one value for the
+                whole batch).
+            x: the current sample x_t, e.g. latents (B, C, D, H, W).
+            generator: source of the step's noise (on its own device); unused by deterministic steps.
+
+        Returns:
+            ``prev_sample`` (x at the next kept timestep; the clean estimate after the last one) and ``pred_x0``
+            (clipped to [-1, 1] when ``clip_x0``).
+
+        Raises:
+            InputError: ``t`` is not one of ``self.timesteps`` or differs across the batch, or the shapes differ.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -18,6 +18,16 @@ class DDIMSampler(Sampler):
     clipped x0, eps = (x_t - sqrt(a) x0) / sqrt(1 - a); otherwise the step would pair an in-range x0 with
     the noise of an out-of-range one and push the sample off the data manifold, which shows with few steps.
     Timesteps are quadratically spaced by default (see `DPMSolverSampler` for why); "linear" is optional.
+
+    Args:
+        diffusion: see `Sampler`.
+        steps: see `Sampler`.
+        eta: noise level, a finite number >= 0 (0: deterministic; 1: DDPM posterior variance).
+        clip_x0: see `Sampler`.
+        spacing: see `Sampler`.
+
+    Raises:
+        InputError: a negative or non-finite eta, or what `Sampler` refuses.
     """
 
     name = "ddim"
@@ -33,7 +43,10 @@ class DDIMSampler(Sampler):
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
-        """One deterministic DDIM step (eta 0) from timestep ``t`` to the next kept one."""
+        """One DDIM step from timestep ``t`` to the next kept one (deterministic when eta is 0).
+
+        Arguments, returns and errors as in `Sampler.step`; ``generator`` draws the noise when eta > 0.
+        """
         i = self.index_for(t)
         t_now, t_next = int(self.timesteps[i]), self.prev_timestep(i)
         x0 = self._pred_x0(model_output, t_now, x)

@@ -24,14 +24,21 @@ class DDPMSampler(Sampler):
         super().__init__(diffusion, steps, clip_x0, spacing)
 
     def set_timesteps(self, steps: int) -> None:
-        """Keep ``steps`` timesteps and respace the process over them (the exact DDPM when steps == T)."""
+        """Keep ``steps`` timesteps and respace the process over them (the exact DDPM when steps == T).
+
+        Raises:
+            InputError: as `Sampler.set_timesteps`.
+        """
         super().set_timesteps(steps)
         # Index k of the respaced process is the k-th smallest kept timestep (identity when steps == T).
         self.process = self.diffusion.respace(self.timesteps)
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
-        """One ancestral step of the respaced DDPM: x_{t-1} sampled from the posterior given the predicted noise."""
+        """One ancestral step of the respaced DDPM: x_{t-1} sampled from the posterior given the predicted noise.
+
+        Arguments, returns and errors as in `Sampler.step`; ``generator`` draws the noise (none at the last step).
+        """
         i = self.index_for(t)
         k = self.num_inference_steps - 1 - i
         self._check_shape(model_output, x)

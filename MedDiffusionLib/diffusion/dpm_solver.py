@@ -50,7 +50,11 @@ class DPMSolverSampler(Sampler):
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor,
              generator: torch.Generator | None = None) -> SamplerStepOutput:
-        """One DPM-Solver++ step (second order once a previous estimate exists)."""
+        """One DPM-Solver++ step (second order once a previous estimate exists).
+
+        Arguments, returns and errors as in `Sampler.step` (deterministic: ``generator`` is unused). Steps must
+        run in order; a step at index 0 starts a new run.
+        """
         i = self.index_for(t)
         if i == 0:
             self.reset()  # a new run: never mix in the history of the previous one

@@ -18,7 +18,18 @@ _ALIASES = {"dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm-solver++": "dpmpp", "
 
 def make_sampler(name: str, diffusion: GaussianDiffusion, steps: int | None = None, **kwargs: Any) -> Sampler:
     """A sampler by name ("ddpm", "ddim", "dpmpp"); `steps=None` takes the library's default for it
-    (options.DEFAULT_STEPS, at most T). Extra kwargs go to the class (e.g. eta)."""
+    (options.DEFAULT_STEPS, at most T). Extra kwargs go to the class (e.g. eta).
+
+    Args:
+        name: one of `options.SAMPLERS`, case-insensitive; 'dpm++', 'dpmsolver++', 'dpm-solver++' and 'dpmpp2m'
+            also name dpmpp.
+        diffusion: the schedule the model was trained with.
+        steps: 1 .. T, or None for the default.
+        **kwargs: the class's own keywords: clip_x0, spacing; ddim: eta; dpmpp: lower_order_final.
+
+    Raises:
+        InputError: an unknown name, or settings the class refuses.
+    """
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     cls = SAMPLER_CLASSES.get(key)

@@ -72,7 +72,18 @@ def _sqrt_ramp(n_det: int, device: torch.device) -> tuple[torch.Tensor, int]:
 
 @dataclass
 class SparseViewCT:
-    """Parallel-beam CT of every axial slice with ``views`` angles over [0, pi); optional Poisson noise."""
+    """Parallel-beam CT of every axial slice with ``views`` angles over [0, pi); optional Poisson noise.
+
+    Attributes:
+        slice_shape: (X, Y) pixels of one axial slice (the last two dims of every volume passed in).
+        views: number of angles, a whole number >= 1.
+        photons: incident photons per ray for `measure`'s Poisson noise, > 0; None: noise-free.
+        pixel_mm: in-plane pixel size in mm (sets the attenuation along a ray in the noise model).
+        iters: CGLS iterations of `project` when a call gives none.
+
+    Raises:
+        InputError: views not a whole number >= 1, or photons not a finite positive number.
+    """
 
     slice_shape: tuple[int, int]
     views: int
@@ -115,7 +126,12 @@ class SparseViewCT:
         return torch.fft.irfft(spec, n=size, dim=-1)[..., : self.projector.n_detectors].to(y.dtype)
 
     def measure(self, u: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sinograms (Z, views, detectors) of u; Poisson noise when ``photons`` is set."""
+        """Sinograms (Z, views, detectors) of u; Poisson noise when ``photons`` is set.
+
+        Args:
+            u: (Z, X, Y) physics units.
+            generator: torch generator on u's device for reproducible noise (None: the global one).
+        """
         y = self.projector(u)
         if self.photons is not None:
             # Beer-Lambert with u = 1 read as water (0.02 / mm) over pixels of pixel_mm.
@@ -132,7 +148,14 @@ class SparseViewCT:
 
     def project(self, u: torch.Tensor, y: torch.Tensor, weight: float = 1.0, iters: Optional[int] = None
                 ) -> torch.Tensor:
-        """FBP-correction step, then CGLS on ||A u - y||^2, per slice (see the module docstring)."""
+        """FBP-correction step, then CGLS on ||A u - y||^2, per slice (see the module docstring).
+
+        Args:
+            u: current estimate (..., X, Y), physics units.
+            y: measured sinograms (..., views, detectors).
+            weight: share of the move to take: 0 returns u, 1 the full CGLS result.
+            iters: CGLS iterations (None: ``self.iters``).
+        """
         a = self.projector
         r = y - a(u)
         # x + FBP(y - A x): FBP nearly inverts A on its range (A FBP y ~ y within ~1 % at 30 views), so this one
@@ -158,7 +181,12 @@ class SparseViewCT:
 
 @dataclass
 class AcceleratedMRI:
-    """Cartesian undersampling of every axial slice's k-space with one (X, Y) mask."""
+    """Cartesian undersampling of every axial slice's k-space with one (X, Y) mask.
+
+    Attributes:
+        mask: {0, 1} float mask (X, Y) of the centred k-space (see `make_mask`), shared by every slice.
+        iters: alternating-projection rounds of `project` when a call gives none.
+    """
 
     mask: torch.Tensor
     iters: int = 8
@@ -195,7 +223,14 @@ class AcceleratedMRI:
 
     def project(self, u: torch.Tensor, k: torch.Tensor, weight: float = 1.0, iters: Optional[int] = None
                 ) -> torch.Tensor:
-        """Move ``u`` towards agreeing with the measured samples (alternating projections, real-valued output)."""
+        """Move ``u`` towards agreeing with the measured samples (alternating projections, real-valued output).
+
+        Args:
+            u: current estimate (..., X, Y), physics units, real.
+            k: measured centred k-space (..., X, Y), complex.
+            weight: share of the move to take: 0 returns u, 1 the full projection.
+            iters: projection rounds, at least 1 (None: ``self.iters``).
+        """
         # Alternating projections onto "matches the samples" and "is real" (POCS): one replacement alone keeps
         # only the Hermitian part of the samples once the imaginary part is dropped.
         m = self.mask.to(u.device)
@@ -209,7 +244,20 @@ Operator = Union[SparseViewCT, AcceleratedMRI]
 
 
 def make_mask(kind: str, shape: Sequence[int], acceleration: float, seed: int) -> torch.Tensor:
-    """An (X, Y) undersampling mask: 'gaussian' (1D variable-density lines) or 'poisson' (2D Poisson disc)."""
+    """An (X, Y) undersampling mask: 'gaussian' (1D variable-density lines) or 'poisson' (2D Poisson disc).
+
+    Args:
+        kind: one of `MASKS`.
+        shape: (X, Y) of one slice's k-space; gaussian masks keep whole rows along X.
+        acceleration: R > 1, finite.
+        seed: any int (taken modulo 2^32 - 1, the range sigpy's numpy RNG accepts); same seed, same mask.
+
+    Returns:
+        A {0, 1} float32 mask (X, Y) on the CPU.
+
+    Raises:
+        InputError: an unknown kind, or an acceleration that is not a finite number > 1.
+    """
     if kind not in MASKS:
         raise InputError(f"unknown mask '{kind}'; choose one of {', '.join(MASKS)}")
     try:
@@ -230,11 +278,21 @@ def make_operator(task: str, slice_shape: Sequence[int], *, views: int = 30, acc
     """The measurement model of ``task`` for axial slices of ``slice_shape`` (X, Y).
 
     Args:
+        task: 'sparse-ct' or 'mri' (the keys of `TASKS`).
+        slice_shape: (X, Y) pixels of one axial slice.
         views: sparse-ct projection angles over [0, pi).
-        acceleration, mask, seed: mri undersampling factor, mask kind (see `make_mask`) and its random seed.
+        acceleration: mri undersampling factor R > 1.
+        mask: mri mask kind (see `make_mask`).
+        seed: mri mask seed.
         photons: sparse-ct Poisson noise with this many incident photons per ray (None: noise-free).
         pixel_mm: sparse-ct pixel size in mm, which sets the attenuation along a ray in the Poisson noise model.
         iters: iterations of the operator's own ``project`` (data-consistency step) when none are given there.
+
+    Returns:
+        A `SparseViewCT` or an `AcceleratedMRI`.
+
+    Raises:
+        InputError: an unknown task, or settings the operator or `make_mask` refuses.
     """
     if task not in TASKS:
         raise InputError(f"unknown reconstruction task '{task}'; choose one of {', '.join(TASKS)}")

@@ -55,7 +55,16 @@ class Whitened:
 
 def operator_norm_sq(op: Operator, device: torch.device | str = "cpu", iters: int = 20) -> float:
     """||R^(1/2) A||^2 (largest eigenvalue of the whitened normal operator) of one slice by power iteration;
-    cached on a CT operator (MRI's is known: its normal operator is a projection)."""
+    cached on a CT operator (MRI's is known: its normal operator is a projection).
+
+    Args:
+        op: the measurement operator.
+        device: where the power iteration runs.
+        iters: power iterations.
+
+    Returns:
+        The squared norm; 1 for an MRI mask with any sample, 0 for an empty one.
+    """
     if isinstance(op, AcceleratedMRI):
         return 1.0 if float(op.mask.max()) > 0 else 0.0  # orthonormal FFT times a 0/1 mask
     if op.whitened_norm_sq is not None:
@@ -92,7 +101,21 @@ def cg_regularised(op: Operator, y: torch.Tensor, prior: torch.Tensor, lam: floa
     ``data_rhs(op, y)`` when the caller has it already.
 
     Updates are in place: on a 512 x 512 x 64 volume every temporary is 64 MB, and fresh allocations cost
-    page faults (system time) on top of the arithmetic."""
+    page faults (system time) on top of the arithmetic.
+
+    Args:
+        op: the measurement operator.
+        y: measurements of a (Z, H, W) volume (CT sinograms (Z, views, detectors); MRI k-space (Z, H, W)).
+        prior: (Z, H, W) image the solution is pulled towards, physics units.
+        lam: weight of ``||x - prior||^2``, >= 0.
+        iters: CG iterations.
+        x0: starting estimate (Z, H, W); None: ``prior``.
+        step: called with the iteration index after each iteration (may raise `Cancelled`).
+        rhs: ``data_rhs(op, y)``, or None to compute it.
+
+    Returns:
+        The estimate (Z, H, W), not clamped.
+    """
     white = Whitened(op)
     scale = 1.0 / max(operator_norm_sq(op, y.device), _TINY)
     x = (prior if x0 is None else x0).clone()
@@ -130,7 +153,20 @@ def _view_projectors(h: int, w: int, views: int, n_det: int) -> tuple[ParallelBe
 
 def os_sart(op: SparseViewCT, y: torch.Tensor, iters: int = 10, relax: float = 0.5,
             x0: Optional[torch.Tensor] = None, nonneg: bool = True, step: StopCheck = None) -> torch.Tensor:
-    """Ordered-subsets SART (one view per subset): x += relax * A_v^T((y_v - A_v x) / A_v 1) / A_v^T 1."""
+    """Ordered-subsets SART (one view per subset): x += relax * A_v^T((y_v - A_v x) / A_v 1) / A_v^T 1.
+
+    Args:
+        op: the sparse-view CT operator.
+        y: sinograms (Z, views, detectors).
+        iters: passes over all views.
+        relax: relaxation factor (SART converges for 0 < relax < 2; not checked).
+        x0: starting estimate (Z, H, W); None: zeros.
+        nonneg: clamp to >= 0 after every view.
+        step: called with the pass index after each pass (may raise `Cancelled`).
+
+    Returns:
+        The estimate (Z, H, W) in physics units.
+    """
     h, w = op.projector.image_size
     n_det = op.projector.n_detectors
     singles = _view_projectors(h, w, op.views, n_det)
@@ -157,7 +193,16 @@ def os_sart(op: SparseViewCT, y: torch.Tensor, iters: int = 10, relax: float = 0
 
 def gradient3(x: torch.Tensor, z_weight: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Forward differences (3, Z, H, W) with zero flux at the far borders; the Z difference is scaled.
-    ``out`` (3, Z, H, W) is reused when given (no allocation per iteration in the solvers)."""
+    ``out`` (3, Z, H, W) is reused when given (no allocation per iteration in the solvers).
+
+    Args:
+        x: volume (Z, H, W).
+        z_weight: factor on the Z difference (in-plane / slice spacing).
+        out: buffer (3, Z, H, W) of x's dtype and device, or None.
+
+    Returns:
+        (3, Z, H, W): the Z, H and W differences.
+    """
     g = torch.empty((3, *x.shape), dtype=x.dtype, device=x.device) if out is None else out
     torch.sub(x[1:], x[:-1], out=g[0, :-1]).mul_(z_weight)
     g[0, -1:].zero_()
@@ -189,6 +234,21 @@ def tv_pdhg(op: Operator, y: torch.Tensor, beta: float, iters: int, z_weight: fl
 
     ``beta`` and ``lam`` are relative to the normalised data term (see the module docstring); ``x0`` (default
     zeros) warm-starts the primal variable; ``z_weight`` scales the through-plane difference.
+
+    Args:
+        op: the measurement operator.
+        y: measurements of a (Z, H, W) volume, as in `cg_regularised`.
+        beta: TV weight, >= 0.
+        iters: PDHG iterations.
+        z_weight: factor on the through-plane difference (in-plane / slice spacing).
+        prior: (Z, H, W) image to pull towards when ``lam`` > 0.
+        lam: weight of the prior term, >= 0.
+        x0: starting estimate (Z, H, W) or (H, W); None: zeros.
+        nonneg: keep x >= 0.
+        step: called with the iteration index after each iteration (may raise `Cancelled`).
+
+    Returns:
+        The estimate (Z, H, W) in physics units.
 
     Every update is in place on buffers allocated once, and the dual's pointwise norm is summed from the three
     components: a (3, Z, H, W) ``norm(dim=0)`` reduces across the slowest axis and cost more than the projector

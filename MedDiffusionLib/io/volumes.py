@@ -62,7 +62,15 @@ def _validate(img: sitk.Image, source: str) -> sitk.Image:
 
 
 def read_dicom_series(folder: str | os.PathLike[str]) -> sitk.Image:
-    """Read the DICOM series with the most files in ``folder`` (not recursive)."""
+    """Read the DICOM series with the most files in ``folder`` (not recursive).
+
+    Returns:
+        A 3D scalar image (size X, Y, Z; spacing in mm) in the series' pixel type.
+
+    Raises:
+        InputError: the folder is missing, holds no series, cannot be read, or the series is not a 3D scalar
+            volume.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"DICOM folder '{folder}' does not exist")
@@ -95,6 +103,17 @@ def read_volume(path: str | os.PathLike[str]) -> sitk.Image:
     """Read a 3D scalar volume (NRRD, NIfTI, MetaImage, or a DICOM folder / file of a series).
 
     Geometry (spacing, origin, direction) is kept as the file states it; the pixel type is unchanged.
+
+    Args:
+        path: a file with a suffix in `SUPPORTED_SUFFIXES`, a DICOM file (its folder's largest series is read)
+            or a DICOM folder; '~' is expanded.
+
+    Returns:
+        A 3D scalar image, size (X, Y, Z); an X x Y x Z x 1 NIfTI is squeezed to 3D.
+
+    Raises:
+        InputError: naming the file, when it is missing, empty, of an unsupported suffix, unreadable, not 3D,
+            empty in some direction or not scalar (colour, vector, complex).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -122,6 +141,16 @@ def write_volume(image: sitk.Image, path: str | os.PathLike[str], compress: bool
     """Write ``image`` to ``path`` atomically; the format follows the suffix (see ``WRITABLE_SUFFIXES``).
 
     ``compress`` enables the format's lossless compression (gzip for NRRD/MHA; '.nii.gz' is always compressed).
+
+    The file is written to a temporary name beside ``path``, read back and checked (`verify_written_volume`),
+    then renamed over ``path``; on any failure ``path`` is left as it was.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        InputError: not a SimpleITK image, a suffix outside `WRITABLE_SUFFIXES`, a path that cannot be created,
+            a failed write, or a file that does not read back as ``image`` (`WriteVerificationError`).
     """
     if not isinstance(image, sitk.Image):
         raise InputError(f"write_volume expects a SimpleITK image, got {type(image).__name__}")

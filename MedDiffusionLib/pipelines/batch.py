@@ -54,7 +54,18 @@ VolumeProgress = Callable[[float, int], None]
 
 
 def parse_anatomy_mix(specs: Sequence[str]) -> list[tuple[str, Fraction]]:
-    """'ct-legs' or 'ct-legs:2' -> (name, weight); weights are relative and default to 1."""
+    """'ct-legs' or 'ct-legs:2' -> (name, weight); weights are relative and default to 1.
+
+    Args:
+        specs: 'NAME' or 'NAME:WEIGHT' each; a weight may be a fraction ('1/3') or a decimal.
+
+    Returns:
+        (name, weight) in the given order; names are not yet checked against a catalog.
+
+    Raises:
+        InputError: no specs, a weight that is not a number or outside (0, 1e6], an empty name, or a name given
+            twice (case-insensitive).
+    """
     mix: list[tuple[str, Fraction]] = []
     for spec in specs:
         name, _, raw = str(spec).partition(":")
@@ -77,7 +88,15 @@ def parse_anatomy_mix(specs: Sequence[str]) -> list[tuple[str, Fraction]]:
 
 def weighted_order(weights: Sequence[Fraction], count: int) -> list[int]:
     """Smooth weighted round-robin: every prefix of the sequence is as close to the weights as whole items allow,
-    so an interrupted or small run still has the requested mix. Exact arithmetic: the same on every machine."""
+    so an interrupted or small run still has the requested mix. Exact arithmetic: the same on every machine.
+
+    Args:
+        weights: positive relative weights, one per anatomy.
+        count: length of the sequence.
+
+    Returns:
+        ``count`` indices into ``weights`` (ties go to the lower index).
+    """
     total = sum(weights, Fraction(0))
     current = [Fraction(0)] * len(weights)
     order = []
@@ -110,7 +129,20 @@ def model_id(pipe: GenerationPipeline) -> str:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Everything that decides the files; a folder is resumed only with the same spec."""
+    """Everything that decides the files; a folder is resumed only with the same spec (build it with `make_spec`).
+
+    Attributes:
+        anatomies: (catalog name, relative weight as a fraction string) per anatomy of the mix.
+        sizes_xyz: sizes in voxels (X, Y, Z) each anatomy cycles through; () = its first trained size.
+        count: volumes in the dataset.
+        base_seed: item i's seed is ``item_seed(base_seed, i)``.
+        sampler: one of `options.SAMPLERS`.
+        steps: sampler steps (resolved: never None).
+        batch_size: volumes per denoiser call.
+        hu_range: (low, high) HU for CT anatomies, or None for [0, 1] intensities.
+        suffix: file format, one of `io.volumes.WRITABLE_SUFFIXES`.
+        model_id: `model_id` of the weights (or the name given to `make_spec`).
+    """
     anatomies: tuple[tuple[str, str], ...]       # (catalog name, weight as a fraction string)
     sizes_xyz: tuple[tuple[int, int, int], ...]  # () = each anatomy's first trained size
     count: int
@@ -135,7 +167,25 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
               sizes_xyz: Sequence[Sequence[int]] = (), sampler: str = "dpmpp", steps: Optional[int] = None,
               batch_size: int = 1, hu_range: Optional[tuple[float, float]] = None, suffix: str = ".nrrd",
               model: Optional[str] = None) -> DatasetSpec:
-    """Validate the request against the model (names, sizes, HU range) before any work starts."""
+    """Validate the request against the model (names, sizes, HU range) before any work starts.
+
+    Args:
+        pipe: the generation pipeline the dataset will be made with.
+        anatomies: the mix, 'NAME' or 'NAME:WEIGHT' each (see `parse_anatomy_mix`).
+        count: volumes, 1 .. 10,000,000.
+        base_seed: seeds every item (see `item_seed`); None: random (then reported in the settings file).
+        sizes_xyz: (X, Y, Z) voxel sizes, each on the model's grid; () = each anatomy's first trained size.
+        sampler: see `GenerateOptions`.
+        steps: see `GenerateOptions` (None: the sampler's default for the model).
+        batch_size: volumes per denoiser call, 1 .. 1024 (batch 1 reproduces `meddiffusion generate` exactly).
+        hu_range: see `GenerateOptions`.
+        suffix: one of `io.volumes.WRITABLE_SUFFIXES`, with or without the dot.
+        model: the id recorded for the weights; None: `model_id(pipe)` (hashes every weight once).
+
+    Raises:
+        InputError: a count, batch size or suffix out of range, or an anatomy, size, sampler, steps or HU range
+            the model refuses. An untrained size only warns (UserWarning).
+    """
     if not 1 <= int(count) <= MAX_COUNT:
         raise InputError(f"count must be between 1 and {MAX_COUNT}, got {count}")
     if not 1 <= int(batch_size) <= 1024:
@@ -169,7 +219,16 @@ def make_spec(pipe: GenerationPipeline, anatomies: Sequence[str], count: int, ba
 
 @dataclass(frozen=True)
 class PlannedVolume:
-    """One volume of a dataset plan: index, anatomy, volume and latent sizes, seed and file name."""
+    """One volume of a dataset plan: index, anatomy, volume and latent sizes, seed and file name.
+
+    Attributes:
+        index: position in the dataset, from 0.
+        anatomy: catalog name.
+        size_xyz: volume size in voxels (X, Y, Z).
+        latent: latent size (D, H, W) = (Z, X, Y) / downsample.
+        seed: the item's seed, `item_seed(base_seed, index)`.
+        file: file name inside the dataset folder ('<index>_<anatomy><suffix>', index zero-padded).
+    """
     index: int
     anatomy: str
     size_xyz: tuple[int, int, int]
@@ -203,7 +262,11 @@ def plan_dataset(spec: DatasetSpec, pipe: GenerationPipeline) -> list[PlannedVol
 
 
 def group_batches(plan: Sequence[PlannedVolume], batch_size: int) -> list[list[PlannedVolume]]:
-    """Items of one latent size, in index order, cut every `batch_size`; batches sorted by their first item."""
+    """Items of one latent size, in index order, cut every `batch_size`; batches sorted by their first item.
+
+    Returns:
+        Batches of at most ``batch_size`` items sharing one latent size.
+    """
     open_batches: dict[tuple[int, int, int], list[PlannedVolume]] = {}
     batches: list[list[PlannedVolume]] = []
     for item in plan:
@@ -218,7 +281,15 @@ def group_batches(plan: Sequence[PlannedVolume], batch_size: int) -> list[list[P
 
 def assign_batches(batches: Sequence[Sequence[PlannedVolume]], world_size: int) -> list[list[int]]:
     """Batch indices per rank, balancing the latent voxels to sample (longest first onto the least loaded rank);
-    deterministic, so every rank computes the same assignment."""
+    deterministic, so every rank computes the same assignment.
+
+    Args:
+        batches: from `group_batches`.
+        world_size: number of ranks, >= 1.
+
+    Returns:
+        ``world_size`` lists of indices into ``batches``, each sorted.
+    """
     load = [0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
     cost = [len(b) * math.prod(b[0].latent) for b in batches]
@@ -261,7 +332,12 @@ class DatasetFolder:
         return self.entries / f"{item.file}.json"
 
     def check_settings(self, spec: DatasetSpec) -> None:
-        """A folder holds one dataset: refuse to mix settings (that would make the manifest a lie)."""
+        """A folder holds one dataset: refuse to mix settings (that would make the manifest a lie).
+
+        Raises:
+            InputError: the folder's settings file is unreadable or differs from ``spec`` (the message lists the
+                differing settings).
+        """
         path = self.root / SETTINGS_FILE
         if not path.is_file():
             return
@@ -345,7 +421,23 @@ def _sampling_progress(progress: Optional[VolumeProgress], done: int, n: int, to
 def generate_dataset(pipe: GenerationPipeline, spec: DatasetSpec, out_dir: str | Path,
                      world: Optional[WorldInfo] = None, progress: Optional[VolumeProgress] = None) -> DatasetReport:
     """Make every missing volume of `spec` in `out_dir`: this rank's share of the batches, then (rank 0) the
-    manifest. Every rank must call it with the same spec."""
+    manifest. Every rank must call it with the same spec.
+
+    Args:
+        pipe: the generation pipeline (the spec's model).
+        spec: from `make_spec`.
+        out_dir: the dataset folder (created; '~' expanded). A folder made with other settings is refused.
+        world: this process's torchrun rank and world; None: a single process.
+        progress: called with (volumes finished on this rank, fractional while sampling; volumes this rank will
+            make).
+
+    Returns:
+        Totals for the dataset and this rank, and the manifest path (rank 0 only).
+
+    Raises:
+        InputError: other settings already in ``out_dir``, or (rank 0) volumes still missing after every rank
+            finished; errors of `GenerationPipeline.generate_batch` and `write_volume` pass through.
+    """
     start = time.perf_counter()
     world = world or WorldInfo()
     folder = DatasetFolder(out_dir)

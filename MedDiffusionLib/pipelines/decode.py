@@ -294,6 +294,24 @@ def decode_latent(autoencoder: PatchVolumeAutoencoder, z_q: torch.Tensor, budget
     values are meaningless (benchmarks measure memory with it). `report`, if given, receives the plan and timings.
     `precision="bf16"` runs the convolutions in bfloat16 (autocast; statistics and kept tensors stay float32):
     faster where the hardware has bf16 units, but not exact (benchmarks/bench_decode.py --bf16 prints its error).
+
+    Args:
+        autoencoder: the bundle's autoencoder (f = its downsample factor).
+        z_q: quantized latent (B, C, D, H, W), e.g. from ``autoencoder.quantize``.
+        budget_gb: activation budget in GiB; None: `default_budget_gb` (7 on the CPU, 3 on CUDA).
+        device: where the decoder runs; None: the latent's device.
+        progress: called with ``"decoding"`` `ProgressInfo` updates, one per slab of every pass.
+        cancel: checked after each slab.
+        probe_slabs: run only the first N slabs of every pass (memory measurements; output meaningless).
+        report: filled in with the plan and timings.
+        precision: one of `PRECISIONS`.
+
+    Returns:
+        The decoder's raw output (B, 1, D*f, H*f, W*f), float32 on the CPU; about [-1, 1] (callers clamp).
+
+    Raises:
+        ValueError: an unknown precision or a latent that is not 5-D.
+        Cancelled: when ``cancel`` was set.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"decode precision must be one of {PRECISIONS}, got {precision!r}")

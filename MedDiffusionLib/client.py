@@ -151,7 +151,21 @@ def _is_loopback(host: str) -> bool:
 
 
 class RemoteClient:
-    """Talks to one server. ``token`` defaults to $MEDDIFFUSION_TOKEN; ``timeout`` is per network operation."""
+    """Talks to one server. ``token`` defaults to $MEDDIFFUSION_TOKEN; ``timeout`` is per network operation.
+
+    Args:
+        url: 'http(s)://host[:port][/prefix]'. A loopback host (an SSH tunnel) bypasses proxies from the
+            environment; a token sent over plain http to any other host warns (UserWarning).
+        token: the server's access token; None: $MEDDIFFUSION_TOKEN, else none.
+        timeout: seconds per connect / read.
+
+    Raises:
+        ValueError: a URL without an http(s) scheme or a host.
+
+    Every request method raises `ServerUnreachable` (no HTTP answer), `AuthenticationError` (401),
+    `JobNotFound` (404 for a job), `QueueFullError` (429) or `RemoteError` (any other error status; 400 for
+    options the server's `GenerateOptions` / `ReconstructOptions` checks refuse); below, only what a method adds.
+    """
 
     def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30) -> None:
         parsed = urllib.parse.urlsplit(url.strip())
@@ -211,7 +225,18 @@ class RemoteClient:
         return self.error_from_status(exc.code, raw, url, str(exc.reason or ""))
 
     def error_from_status(self, code: int, raw: bytes, url: str, reason: str = "") -> MedDiffusionError:
-        """The client error for an HTTP error answer (status ``code``, body ``raw``)."""
+        """The client error for an HTTP error answer (status ``code``, body ``raw``).
+
+        Args:
+            code: the HTTP status.
+            raw: the answer's body (JSON ``{"detail": ...}`` from the server, or anything from a proxy).
+            url: the URL requested, for the message.
+            reason: the HTTP reason phrase, used when the body is empty.
+
+        Returns:
+            `AuthenticationError` (401), `JobNotFound` (404 under /jobs/), `QueueFullError` (429), else
+            `RemoteError`; returned, not raised.
+        """
         try:
             detail = json.loads(raw.decode("utf-8")).get("detail", "")
             detail = detail if isinstance(detail, str) else json.dumps(detail)
@@ -253,7 +278,22 @@ class RemoteClient:
     def generate(self, anatomy: str, size_xyz: Union[str, Sequence[int], None] = None, sampler: str = _G.sampler,
                  steps: Optional[int] = None, seed: Optional[int] = None,
                  hu_range: Optional[Sequence[float]] = None) -> str:
-        """Queue a generation; returns the job id."""
+        """Queue a generation; returns the job id.
+
+        The arguments are those of `GenerateOptions` (defaults, bounds and meaning); the server checks them
+        against its model before queuing.
+
+        Args:
+            anatomy: see `GenerateOptions`.
+            size_xyz: see `GenerateOptions` ('XxYxZ' or three ints, voxels).
+            sampler: see `GenerateOptions`.
+            steps: see `GenerateOptions`.
+            seed: see `GenerateOptions`.
+            hu_range: see `GenerateOptions`.
+
+        Raises:
+            InputError: a malformed ``size_xyz`` (checked here, before any request).
+        """
         body = {"anatomy": anatomy, "size_xyz": None if size_xyz is None else list(parse_size(size_xyz)), "sampler": sampler, "steps": steps,
                 "seed": seed, "hu_range": list(hu_range) if hu_range is not None else None}
         return self._request("POST", "/v1/generate", json_body=body)["id"]
@@ -265,7 +305,26 @@ class RemoteClient:
                     anatomy: Optional[str] = None, method: str = _R.method) -> str:
         """Upload a volume (SimpleITK image or a file path) and queue a reconstruction; returns the job id.
         ``anatomy`` picks the prior's anatomy (default: the server chooses from the modality and the field of
-        view); ``method`` is one of ``options.METHODS`` (fbp / zero-filled / sart / tv need no model)."""
+        view); ``method`` is one of ``options.METHODS`` (fbp / zero-filled / sart / tv need no model).
+
+        Args:
+            image: a SimpleITK image, or a path. A .nrrd / .nii / .nii.gz file is sent as is; anything else
+                SimpleITK reads is converted to compressed NRRD first (SimpleITK needed).
+            task: see `ReconstructOptions`.
+            views: see `ReconstructOptions`.
+            acceleration: see `ReconstructOptions`.
+            mask: see `ReconstructOptions`.
+            simulate: see `ReconstructOptions`.
+            sampler: see `ReconstructOptions`.
+            steps: see `ReconstructOptions`.
+            seed: see `ReconstructOptions`.
+            data_consistency: see `ReconstructOptions`.
+            anatomy: see `ReconstructOptions`.
+            method: see `ReconstructOptions`.
+
+        Raises:
+            RemoteError: 413 when the file exceeds the server's advertised upload limit (checked before sending).
+        """
         fields = reconstruct_fields(task, views, acceleration, mask, simulate, sampler, steps, seed,
                                     data_consistency, anatomy, method)
         tmpdir = None
@@ -309,7 +368,21 @@ class RemoteClient:
     def wait(self, job_id: str, poll_s: float = 0.5, timeout: Optional[float] = None,
              progress: Optional[Callable[[JobStatus], None]] = None) -> JobStatus:
         """Poll until the job ends; returns the final status. Raises JobFailed / JobCancelled / WaitTimeout.
-        A few network hiccups in a row (a tunnel reconnecting) are tolerated (see JobWatcher)."""
+
+        A few network hiccups in a row (a tunnel reconnecting) are tolerated (see JobWatcher).
+
+        Args:
+            job_id: from `generate` / `reconstruct`.
+            poll_s: seconds between status requests (longer, up to 5 s, while the server does not answer).
+            timeout: seconds to wait in all; None: no limit.
+            progress: called with every status received.
+
+        Raises:
+            JobFailed: the job failed on the server (its reason in the message).
+            JobCancelled: the job was cancelled.
+            WaitTimeout: ``timeout`` passed; the job keeps running.
+            ServerUnreachable: more than 3 status requests in a row got no answer.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         watcher = JobWatcher(self, job_id, poll_s)
         while True:
@@ -327,7 +400,11 @@ class RemoteClient:
     def start_reconstruct_upload(self, volume: Any, compress: Optional[bool] = None, **options: Any) -> Any:
         """An UploadTransfer that sends ``volume`` (a transfers.VolumeArray or SimpleITK image) as NRRD with the
         reconstruction ``options`` (those of ``reconstruct``); call its ``step()`` until True, then the job id is
-        ``transfer.result["id"]``. ``compress`` (default: for non-loopback servers) gzips on the fly."""
+        ``transfer.result["id"]``. ``compress`` (default: for non-loopback servers) gzips on the fly.
+
+        Raises:
+            RemoteError: 413 when the upload's known size exceeds the server's limit (checked before sending).
+        """
         from .transfers import UploadTransfer, VolumeArray, nrrd_header, upload_pieces
 
         if not isinstance(volume, VolumeArray):
@@ -347,7 +424,16 @@ class RemoteClient:
 
     def start_download(self, job_id: str, which: str = "result", max_voxels: int = 1024**3) -> Any:
         """A DownloadTransfer of the job's NRRD ('result' or 'degraded'), decoded while it arrives; call its
-        ``step()`` until True, then ``transfer.volume`` is a transfers.VolumeArray."""
+        ``step()`` until True, then ``transfer.volume`` is a transfers.VolumeArray.
+
+        Args:
+            job_id: a finished job.
+            which: 'result' or 'degraded'.
+            max_voxels: refuse a volume whose header declares more voxels (nothing is allocated for it).
+
+        Raises:
+            ValueError: ``which`` is neither 'result' nor 'degraded'.
+        """
         from .transfers import DownloadTransfer
 
         if which not in ("result", "degraded"):
@@ -357,7 +443,14 @@ class RemoteClient:
                                 self.unreachable)
 
     def download(self, job_id: str, dest: Union[str, os.PathLike], which: str = "result") -> Path:
-        """Save the job's NRRD ('result' or 'degraded') to ``dest`` (written to a temp file, then renamed)."""
+        """Save the job's NRRD ('result' or 'degraded') to ``dest`` (written to a temp file, then renamed).
+
+        Returns:
+            ``dest`` as a Path.
+
+        Raises:
+            ValueError: ``which`` is neither 'result' nor 'degraded'.
+        """
         if which not in ("result", "degraded"):
             raise ValueError("which must be 'result' or 'degraded'")
         dest = Path(dest)

@@ -64,7 +64,14 @@ def check_cancel(cancel: Optional[CancelFlag]) -> None:
 
 
 class ProgressTracker:
-    """Counts steps of one stage, estimates the ETA from the mean step time, and honours cancel."""
+    """Counts steps of one stage, estimates the ETA from the mean step time, and honours cancel.
+
+    Args:
+        total: steps in the stage (at least 1 is counted).
+        callback: receives a `ProgressInfo` at `begin` and after every `advance`; None: nothing is reported.
+        cancel: checked at `begin` and after every `advance`; when set, `Cancelled` is raised there.
+        stage: the stage's name ("sampling", "decoding", ...), shown by front ends.
+    """
 
     def __init__(self, total: int, callback: Optional[ProgressCallback], cancel: Optional[CancelFlag],
                  stage: str = "sampling") -> None:
@@ -148,7 +155,15 @@ class JobStatus:
 
     def with_stage(self, stage: str, step: int = 0, total: int = 0, eta_s: Optional[float] = None,
                    **changes: Any) -> "JobStatus":
-        """A copy in another stage (a front end's own stages: starting, uploading, downloading)."""
+        """A copy in another stage (a front end's own stages: starting, uploading, downloading).
+
+        Args:
+            stage: the stage's name.
+            step: steps done in it.
+            total: its steps (0: no count shown).
+            eta_s: seconds left, if known.
+            **changes: other fields to replace (e.g. state, elapsed_s).
+        """
         return replace(self, current=ProgressInfo(step, total, 0.0, eta_s, stage), **changes)
 
     def describe(self) -> str:
@@ -195,7 +210,11 @@ class JobStatus:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "JobStatus":
-        """The status from the server's JSON; fields a newer server adds are ignored, missing ones default."""
+        """The status from the server's JSON; fields a newer server adds are ignored, missing ones default.
+
+        Raises:
+            ValueError: a number or time field that does not parse (TypeError for a number of the wrong type).
+        """
         stage = data.get("stage")
         current = None if stage is None else ProgressInfo(int(data.get("step") or 0), int(data.get("total") or 0),
                                                           float(data.get("stage_elapsed_s") or 0.0),

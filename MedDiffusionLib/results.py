@@ -31,7 +31,13 @@ class _Result:
 
     @classmethod
     def from_info(cls: type[_R], info: Mapping[str, Any], image: Any = None, degraded: Any = None) -> _R:
-        """The result an `info()` describes (fields a newer server adds are ignored), with the given volumes."""
+        """The result an `info()` describes (fields a newer server adds are ignored), with the given volumes.
+
+        Args:
+            info: the mapping `info()` made (JSON lists become tuples).
+            image: the volume to attach (a SimpleITK image, a `transfers.VolumeArray`, or None).
+            degraded: a reconstruction's degraded input, likewise; ignored by results without one.
+        """
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name in info:
@@ -45,7 +51,17 @@ class _Result:
 
 @dataclass
 class GenerationResult(_Result):
-    """One generated volume and how it was made."""
+    """One generated volume and how it was made.
+
+    Attributes:
+        image: float32 volume, size X x Y x Z, the anatomy's spacing; HU when a hu_range was given, else [0, 1].
+        seed: the seed used (a random one when none was given).
+        steps: sampler steps run.
+        size_xyz: voxels (X, Y, Z).
+        elapsed_s: seconds for the whole batch the volume was made in, up to when it was ready.
+        spacing_xyz: mm (X, Y, Z).
+        device: where it ran ('cpu', 'cuda:0').
+    """
 
     image: Any                            # see the module docstring
     anatomy: str = ""
@@ -62,7 +78,17 @@ class GenerationResult(_Result):
 
 @dataclass
 class ReconstructionResult(_Result):
-    """A reconstruction on the input's grid, its degraded input, the settings used and the scores."""
+    """A reconstruction on the input's grid, its degraded input, the settings used and the scores.
+
+    Attributes:
+        image: on the input's grid, in its pixel type and intensity scale (CT: HU).
+        psnr: dB against the input (simulate only), on `metric_range`.
+        ssim: in [-1, 1] against the input (simulate only).
+        residual: ||A u - y|| / ||y|| of the output (None: nothing measured).
+        tv_weight: the TV weight used (tv; diffusion's final solve).
+        size_xyz: voxels (X, Y, Z), the input's.
+        spacing_xyz: mm (X, Y, Z), the input's.
+    """
 
     image: Any                            # the reconstruction, on the input's grid, in its pixel type
     degraded: Any = None                  # FBP / zero-filled (the input itself when simulate=False)
@@ -102,7 +128,11 @@ class ReconstructionResult(_Result):
 
 
 def result_from_info(kind: str, info: Mapping[str, Any]) -> Union[GenerationResult, ReconstructionResult]:
-    """The result type of a job ``kind`` ("generate", "reconstruct") from its status ``info``, without volumes."""
+    """The result type of a job ``kind`` ("generate", "reconstruct") from its status ``info``, without volumes.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
     if kind == "generate":
         return GenerationResult.from_info(info)
     if kind == "reconstruct":

@@ -46,24 +46,77 @@ def _load_any(path: str | os.PathLike[str], kind: str, map_location: Any,
 
 def load_any_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu",
                          overrides: Mapping[str, Any] | None = None) -> PatchVolumeAutoencoder:
-    """An autoencoder from our safetensors file or the authors' Lightning checkpoint."""
+    """An autoencoder from our safetensors file or the authors' Lightning checkpoint.
+
+    Args:
+        path: the file; the format is detected from its first bytes ('.safetensors' files are always read as
+            ours).
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+        overrides: config values an authors' checkpoint does not record (ignored for our files).
+
+    Returns:
+        The autoencoder in eval mode.
+
+    Raises:
+        CheckpointError: one line naming the file, when it is missing, unreadable, unsafe (code in a pickle,
+            TorchScript), not a autoencoder, or its weights do not match its config.
+    """
     return _load_any(path, "autoencoder", map_location, overrides, PatchVolumeAutoencoder)
 
 
 def load_any_denoiser(path: str | os.PathLike[str], map_location: Any = "cpu",
                       overrides: Mapping[str, Any] | None = None) -> BiFlowNet:
-    """A BiFlowNet from our safetensors file or the authors' checkpoint (EMA weights)."""
+    """A BiFlowNet from our safetensors file or the authors' checkpoint (EMA weights).
+
+    Args:
+        path: the file; the format is detected from its first bytes.
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+        overrides: config values an authors' checkpoint does not record (resnet_groups, dit_num_heads,
+            attn_heads; ignored for our files).
+
+    Returns:
+        The denoiser in eval mode.
+
+    Raises:
+        CheckpointError: one line naming the file, when it is missing, unreadable, unsafe (code in a pickle,
+            TorchScript), not a BiFlowNet, or its weights do not match its config.
+    """
     return _load_any(path, "biflownet", map_location, overrides, BiFlowNet)
 
 
 def load_any_controlnet(path: str | os.PathLike[str], map_location: Any = "cpu") -> ControlNet:
-    """A ControlNet (only our safetensors format exists for these)."""
+    """A ControlNet (only our safetensors format exists for these).
+
+    Args:
+        path: our safetensors file.
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+
+    Returns:
+        The ControlNet in eval mode.
+
+    Raises:
+        CheckpointError: one line naming the file, when it is missing, unreadable, unsafe (code in a pickle,
+            TorchScript), not a ControlNet, or its weights do not match its config.
+    """
     return _load_any(path, "controlnet", map_location, None, ControlNet)
 
 
 def convert_official(path: str | os.PathLike[str], out_path: str | os.PathLike[str],
                      overrides: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> str:
-    """Convert an authors' checkpoint to our safetensors format (no pickle at load time); returns the kind."""
+    """Convert an authors' checkpoint to our safetensors format (no pickle at load time); returns the kind.
+
+    Args:
+        path: the authors' autoencoder .ckpt or BiFlowNet file (read by the allow-listing unpickler).
+        out_path: the safetensors file to write (atomically).
+        overrides: config values the checkpoint does not record.
+        extra: JSON values stored in the file's metadata beside ``converted_from``.
+
+    Returns:
+        'autoencoder' or 'biflownet'.
+
+    Raises:
+        CheckpointError: a file that is unreadable, unsafe or neither kind.
+    """
     kind, model = load_official(path, overrides=overrides)
     save_network(model, out_path, kind, extra={"converted_from": Path(path).name, **(extra or {})})
     return kind

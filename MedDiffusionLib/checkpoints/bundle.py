@@ -214,7 +214,20 @@ def _check_compatible(bundle: ModelBundle, where: str) -> None:
 
 
 def load_bundle(path: str | os.PathLike[str] | None = None, map_location: Any = "cpu") -> ModelBundle:
-    """Load a bundle folder (or its model.yaml); ``None`` loads the demo model."""
+    """Load a bundle folder (or its model.yaml); ``None`` loads the demo model.
+
+    Args:
+        path: a bundle folder, its model.yaml, or None for `default_bundle_dir`; '~' is expanded. The networks
+            it names must lie inside the folder.
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+
+    Returns:
+        The bundle: autoencoder, denoiser and ControlNets in eval mode, catalog, latent range and schedule.
+
+    Raises:
+        CheckpointError: one line naming the file, when the bundle or a network file is missing, malformed,
+            unsafe (code in a pickle) or inconsistent with the rest of the bundle.
+    """
     manifest = _manifest_path(path)
     folder = manifest.parent
     data = _read_manifest(manifest)
@@ -255,11 +268,19 @@ def bundle_from_official(autoencoder_path: str | os.PathLike[str], denoiser_path
     """A bundle from the authors' released files (either format also accepts our safetensors files).
 
     Args:
+        autoencoder_path: the authors' autoencoder .ckpt (or our safetensors file).
+        denoiser_path: the authors' BiFlowNet file (or our safetensors file); its EMA weights are used.
         catalog: the anatomies the denoiser was trained on; default: the authors' table for the autoencoder's
             downsample factor.
+        name: the bundle's name.
         map_location: device the weights are loaded to.
-        autoencoder_overrides, denoiser_overrides: config values the checkpoints do not record (e.g. num_groups).
+        autoencoder_overrides: config values the autoencoder checkpoint does not record (e.g. num_groups).
+        denoiser_overrides: likewise for the denoiser (resnet_groups, dit_num_heads, attn_heads).
         encode_patch_size: patch edge (voxels) in which the autoencoder encodes volumes.
+
+    Raises:
+        CheckpointError: a file that is missing, unsafe or not the expected network, or networks that do not
+            fit together.
     """
     ae = load_any_autoencoder(autoencoder_path, map_location, overrides=autoencoder_overrides)
     dn = load_any_denoiser(denoiser_path, map_location, overrides=denoiser_overrides)

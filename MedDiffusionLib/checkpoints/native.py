@@ -60,7 +60,17 @@ def _plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_network(model: nn.Module, path: str | os.PathLike[str], kind: str,
                  extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` (its ``.config`` and weights) to ``path`` atomically; returns the path."""
+    """Write ``model`` (its ``.config`` and weights) to ``path`` atomically; returns the path.
+
+    Args:
+        model: a network with a ``.config`` dict of its constructor arguments.
+        path: the safetensors file to write.
+        kind: one of `KINDS`.
+        extra: JSON values stored in the metadata (e.g. where the weights came from).
+
+    Raises:
+        CheckpointError: an unknown kind, a model without ``.config``, or a config / extra that is not JSON.
+    """
     from safetensors.torch import save_file
 
     from ..io.atomic import atomic_write_path
@@ -130,6 +140,18 @@ def load_network(path: str | os.PathLike[str], map_location: Any = "cpu",
 
     The file is read once; the config is validated and the network's shapes are compared with the header
     before anything is allocated (see :mod:`.network_build`).
+
+    Args:
+        path: one of our safetensors files.
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+        expected_kind: refuse a file of another kind (one of `KINDS`); None: any.
+
+    Returns:
+        (model, metadata): the metadata as `read_network_metadata` gives it.
+
+    Raises:
+        CheckpointError: a file that is missing, malformed, of another kind, or whose config or weights do not
+            build the network.
     """
     p = _checked_path(path)
     header, buf = read_file(p)

@@ -309,7 +309,20 @@ def detect_official_kind(path: str | os.PathLike[str]) -> str:
 
 def load_official(path: str | os.PathLike[str], map_location: Any = "cpu",
                   overrides: Mapping[str, Any] | None = None, use_ema: bool = True) -> tuple[str, nn.Module]:
-    """Read the file once, detect its kind, and build the network: (kind, model in eval mode)."""
+    """Read the file once, detect its kind, and build the network: (kind, model in eval mode).
+
+    Args:
+        path: an authors' autoencoder or BiFlowNet checkpoint.
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+        overrides: config values the file does not record.
+        use_ema: BiFlowNet only: the EMA weights (False: the training weights).
+
+    Returns:
+        ('autoencoder' or 'biflownet', the network in eval mode).
+
+    Raises:
+        CheckpointError: a file that is missing, unreadable, unsafe, or neither kind.
+    """
     p, ckpt = _load(path)
     kind = official_kind_of(ckpt)
     if kind == "autoencoder":
@@ -321,7 +334,16 @@ def load_official(path: str | os.PathLike[str], map_location: Any = "cpu",
 
 def load_official_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu",
                               overrides: Mapping[str, Any] | None = None) -> nn.Module:
-    """The authors' Patch-Volume autoencoder (Lightning ``.ckpt``) as a ``PatchVolumeAutoencoder``."""
+    """The authors' Patch-Volume autoencoder (Lightning ``.ckpt``) as a ``PatchVolumeAutoencoder``.
+
+    Args:
+        path: the checkpoint (read by the allow-listing unpickler; nothing in it is executed).
+        map_location: device the weights are loaded to ('cpu', 'cuda', a torch.device).
+        overrides: config values the file does not record (e.g. num_groups).
+
+    Raises:
+        CheckpointError: a file that is missing, unreadable, unsafe, or not an autoencoder checkpoint.
+    """
     p, ckpt = _load(path)
     if official_kind_of(ckpt) != "autoencoder":
         raise CheckpointError(f"'{p}' is not a Patch-Volume autoencoder checkpoint")
@@ -333,6 +355,9 @@ def load_official_biflownet(path: str | os.PathLike[str], map_location: Any = "c
     """The authors' BiFlowNet file as a ``BiFlowNet`` with the EMA weights (``use_ema=False``: training weights).
 
     ``overrides`` sets what the file may not record (``resnet_groups``, ``dit_num_heads``, ``attn_heads``).
+
+    Raises:
+        CheckpointError: a file that is missing, unreadable, unsafe, or not a BiFlowNet checkpoint.
     """
     p, ckpt = _load(path)
     if official_kind_of(ckpt) != "biflownet":

@@ -30,6 +30,17 @@ def add_model(name: str, paths: Sequence[str | os.PathLike[str]], description: s
 
     One path: a bundle folder (model.yaml), registered where it is after checking that it loads. Two paths: an
     autoencoder and a denoiser file (ours or the authors'), converted once into ``<models home>/<name>/``.
+
+    Args:
+        name: the new name; not the demo's or a downloadable model's.
+        paths: one bundle folder, or (autoencoder file, denoiser file) in that order.
+        description: shown by `meddiffusion models list`.
+        replace: replace a user model of that name (else it is refused).
+
+    Raises:
+        InputError: an invalid or reserved name, an existing name without ``replace``, or paths that are not
+            one folder or two files.
+        CheckpointError: the model does not load or convert.
     """
     from ..checkpoints.bundle import load_bundle
 
@@ -83,7 +94,15 @@ class RemoveResult:
 
 def remove_model(name: str, keep_download: bool = False) -> RemoveResult:
     """Delete a downloaded model (and its original files in the Hugging Face cache unless ``keep_download``),
-    or forget a user's model (deleting it only if it was converted into the models home)."""
+    or forget a user's model (deleting it only if it was converted into the models home).
+
+    Returns:
+        The bytes freed in the models home and in the Hugging Face cache, and a user folder left in place
+        (registered from elsewhere), if any.
+
+    Raises:
+        InputError: the demo model, an unknown name, or a downloadable model that is not downloaded.
+    """
     if name == DEMO_MODEL_NAME:
         raise InputError("the bundled demo model cannot be removed")
     entry = model_entry(name)  # InputError for unknown names

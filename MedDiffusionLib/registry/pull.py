@@ -95,7 +95,21 @@ def _known(name: str) -> KnownModel:
 
 def plan_pull(name: str, revision: str | None = None, autoencoder_file: str | None = None,
               denoiser_file: str | None = None) -> PullPlan:
-    """List the repository (or the cache, offline), pick the two files, note which are cached already."""
+    """List the repository (or the cache, offline), pick the two files, note which are cached already.
+
+    Args:
+        name: a downloadable model (`KNOWN_MODELS`).
+        revision: branch, tag or commit; None: the model's pinned revision.
+        autoencoder_file: the repository path of the autoencoder when the roles cannot be told apart.
+        denoiser_file: likewise for the denoiser.
+
+    Returns:
+        The plan: files, their sizes and hashes, which are cached, and the destination folder.
+
+    Raises:
+        InputError: an unknown model name.
+        HubError: the repository cannot be listed or does not hold the two files.
+    """
     model = _known(name)
     listing = list_repo(model.repo_id, revision or model.revision)
     try:
@@ -124,7 +138,20 @@ def _check_disk(plan: PullPlan) -> None:
 
 def execute_pull(plan: PullPlan, progress: Callable[[PullEvent], None] | None = None, show_bar: bool = True,
                  keep_download: bool = True) -> Path:
-    """Download, verify, convert; returns the bundle folder. Safe to run again after a failure or a kill."""
+    """Download, verify, convert; returns the bundle folder. Safe to run again after a failure or a kill.
+
+    Args:
+        plan: from `plan_pull`.
+        progress: called with a `PullEvent` per download chunk and conversion stage.
+        show_bar: draw a terminal progress bar for each file that is downloaded (not for cached ones).
+        keep_download: keep the original files in the Hugging Face cache (False deletes them after
+            converting).
+
+    Raises:
+        InputError: the destination folder exists already, or the disk has too little space.
+        HubError: a download or hash verification fails.
+        CheckpointError: the downloaded files do not convert into the expected networks.
+    """
     report = progress or (lambda event: None)
     with registry_lock(plan.model.name):
         if plan.dest.exists():

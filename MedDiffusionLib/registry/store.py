@@ -36,7 +36,11 @@ _LOCKS = ".locks"
 
 
 def models_home() -> Path:
-    """Where downloaded and converted models live (read from the environment each time)."""
+    """Where downloaded and converted models live (read from the environment each time).
+
+    Returns:
+        $MEDDIFFUSION_MODELS_DIR if set, else $XDG_CACHE_HOME/meddiffusion/models (default ~/.cache/...).
+    """
     env = os.environ.get(MODELS_DIR_ENV)
     if env:
         return Path(env).expanduser()
@@ -222,6 +226,13 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
 
     A bare word is a name first (``official-8x``), then a folder; anything with a path separator is a folder.
     A known model that is not downloaded yet is an error that says how to get it (never a silent download).
+
+    Returns:
+        The folder; for a path, as given ('~' expanded), not yet checked for a bundle (`load_bundle` does).
+
+    Raises:
+        InputError: a known model not downloaded yet, a registered model whose folder is gone, or a word that
+            is neither a model name nor an existing folder.
     """
     if spec is None:
         from ..bundle_summary import demo_bundle_dir

@@ -52,7 +52,23 @@ def _triple(value: Any, what: str, cast: type = int) -> tuple:
 
 @dataclass(frozen=True)
 class Anatomy:
-    """One generatable class of the denoiser."""
+    """One generatable class of the denoiser.
+
+    Attributes:
+        name: the name users type (e.g. 'ct-legs'); looked up case-insensitively.
+        class_index: the denoiser's class label.
+        modality: 'CT' or 'MR'.
+        latent_sizes: trained latent sizes (D, H, W), the first the default; volume = (H, W, D) * downsample
+            as (X, Y, Z).
+        spacing_xyz: voxel spacing in mm (X, Y, Z).
+        description: one line for listings.
+        spacings_xyz: spacing in mm per latent size, where the trained sizes differ in spacing; () = all
+            ``spacing_xyz``.
+
+    Raises:
+        InputError: an unknown modality, no latent size, or a size or spacing that is not three positive
+            numbers.
+    """
 
     name: str
     class_index: int
@@ -122,7 +138,11 @@ class Anatomy:
 
 
 class Catalog(Sequence[Anatomy]):
-    """Ordered anatomies of one model; lookup by name (case-insensitive)."""
+    """Ordered anatomies of one model; lookup by name (case-insensitive).
+
+    Raises:
+        InputError: two anatomies with one name or one class index.
+    """
 
     def __init__(self, anatomies: Iterable[Anatomy]) -> None:
         self._items: tuple[Anatomy, ...] = tuple(anatomies)

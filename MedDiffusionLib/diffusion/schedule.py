@@ -68,6 +68,15 @@ class GaussianDiffusion:
 
     Per-sample buffers are indexed with `t` (a LongTensor of shape (B,) or an int) and broadcast to the
     shape (B, 1, ..., 1) of the tensor they multiply, on its device and in its dtype.
+
+    Args:
+        timesteps: T, >= 1 (ignored with ``betas``).
+        schedule: 'cosine' (the authors') or 'linear' (ignored with ``betas``).
+        s: the cosine schedule's offset.
+        betas: an explicit schedule: a vector of T values in (0, 1].
+
+    Raises:
+        InputError: T < 1, an unknown schedule, or betas that are empty or outside (0, 1].
     """
 
     def __init__(self, timesteps: int = 1000, schedule: str = "cosine", s: float = 0.008,

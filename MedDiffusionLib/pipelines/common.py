@@ -15,7 +15,14 @@ from ..progress import CancelFlag, ProgressCallback, ProgressTracker
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' picks CUDA when present; an unavailable CUDA request is a clear error, not a deep torch one."""
+    """'auto' picks CUDA when present; an unavailable CUDA request is a clear error, not a deep torch one.
+
+    Args:
+        device: 'auto' (or None), 'cpu', 'cuda', 'cuda:N', or a torch.device.
+
+    Raises:
+        InputError: CUDA asked for but not available, or a name torch does not know.
+    """
     name = str(device or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +70,27 @@ def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     Each item owns its generator (initial noise and any sampler noise) and its sampler state, and every sampler
     step runs on that item's slice alone, so an item's random numbers never depend on its batch mates; the same
-    seed on the same device gives the same latent."""
+    seed on the same device gives the same latent.
+
+    Args:
+        denoise: ``denoise(x, t_batch) -> eps``, x of shape (B, C, D, H, W), t_batch (B,) long.
+        item_shape: one latent's (C, D, H, W).
+        seeds: one per item, each in [0, 2^63).
+        sampler_name: see `make_sampler`.
+        steps: 1 .. the schedule's T.
+        device: where the noise is drawn and the denoiser runs (bf16 autocast on CUDA).
+        diffusion: the model's schedule; None: the default cosine schedule with T = 1000.
+        progress: called with ``"sampling"`` `ProgressInfo` updates, one per step.
+        cancel: checked after each step.
+        guide: ``guide(prev, pred_x0, t) -> prev`` applied to the whole batch after each step.
+
+    Returns:
+        The final latents (B, C, D, H, W), float32, B = len(seeds).
+
+    Raises:
+        InputError: an unknown sampler, or steps outside 1 .. T.
+        Cancelled: when ``cancel`` was set.
+    """
     diffusion = diffusion or GaussianDiffusion()
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     samplers = [make_sampler(sampler_name, diffusion) for _ in seeds]
@@ -88,7 +115,16 @@ def sample_latents(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class BundlePipeline:
-    """What every pipeline holds: the bundle's networks on one device, the diffusion schedule, the decode budget."""
+    """What every pipeline holds: the bundle's networks on one device, the diffusion schedule, the decode budget.
+
+    Args:
+        bundle: from `checkpoints.load_bundle`; its networks are moved to ``device``.
+        device: see `resolve_device` ('auto': CUDA when present).
+        decode_budget_gb: activation budget of the tiled decode in GiB; None: `decode.default_budget_gb`.
+
+    Raises:
+        InputError: a device that is unknown or unavailable.
+    """
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device | None = "auto",
                  decode_budget_gb: Optional[float] = None) -> None:

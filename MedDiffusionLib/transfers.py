@@ -47,7 +47,14 @@ class TransferError(MedDiffusionError):
 
 @dataclass
 class VolumeArray:
-    """Voxels (K, J, I) = (Z, Y, X) with LPS geometry: what NRRD and SimpleITK store."""
+    """Voxels (K, J, I) = (Z, Y, X) with LPS geometry: what NRRD and SimpleITK store.
+
+    Attributes:
+        array: the voxels, shape (Z, Y, X), any scalar dtype.
+        spacing: mm along (I, J, K) = (X, Y, Z).
+        origin_lps: the centre of voxel (0, 0, 0) in mm, LPS.
+        direction_lps: 3x3; its columns are the unit vectors of the I, J, K axes in LPS.
+    """
 
     array: np.ndarray
     spacing: tuple[float, float, float]

@@ -24,7 +24,19 @@ CT_WINDOW_HU = (-1000.0, 1000.0)
 
 def native_scores(output: sitk.Image, reference: sitk.Image, modality: str
                   ) -> tuple[float, float, tuple[float, float]]:
-    """(PSNR dB, SSIM, window) of ``output`` against ``reference`` on the reference's grid."""
+    """(PSNR dB, SSIM, window) of ``output`` against ``reference`` on the reference's grid.
+
+    Args:
+        output: the volume to score, same size as ``reference``.
+        reference: the ground truth (CT in HU).
+        modality: 'CT': both clipped to `CT_WINDOW_HU`; anything else: the window is the reference's min..max.
+
+    Returns:
+        (PSNR in dB, 3D SSIM, (low, high) window the data range was taken from).
+
+    Raises:
+        InputError: the sizes differ.
+    """
     if output.GetSize() != reference.GetSize():
         raise InputError(f"cannot score a {output.GetSize()} volume against a {reference.GetSize()} reference")
     out = sitk.GetArrayFromImage(output).astype(np.float32)

@@ -79,7 +79,17 @@ def _noise_factor(photons: Optional[float]) -> float:
 
 
 def tv_weight(task: str, views: int = 60, acceleration: float = 4.0, photons: Optional[float] = None) -> float:
-    """The TV weight beta of the rule in the module docstring."""
+    """The TV weight beta of the rule in the module docstring.
+
+    Args:
+        task: 'sparse-ct' or 'mri'.
+        views: sparse-ct: projection angles (fewer: larger weight).
+        acceleration: mri: undersampling factor R (larger: larger weight).
+        photons: sparse-ct: incident photons per ray, or None without noise (fewer photons: larger weight).
+
+    Returns:
+        beta, relative to the normalised data term of `physics.solvers.tv_pdhg`.
+    """
     if task == "sparse-ct":
         return TV_BASE[task] * math.sqrt(60.0 / max(1, int(views))) * _noise_factor(photons)
     return TV_BASE[task] * math.sqrt(max(1.0, float(acceleration)) / 4.0)
@@ -97,7 +107,20 @@ _MR_BRAIN_MAX_FOV = 300.0    # abdomen: 300-450 mm
 
 
 def choose_anatomy(catalog: Catalog, modality: str, image: "sitk.Image") -> tuple[Anatomy, str]:
-    """(anatomy, why) for a scan of ``modality`` from its in-plane field of view, among the model's anatomies."""
+    """(anatomy, why) for a scan of ``modality`` from its in-plane field of view, among the model's anatomies.
+
+    Args:
+        catalog: the model's anatomies.
+        modality: 'CT' or 'MR'.
+        image: the scan; its in-plane field of view is max(X size * X spacing, Y size * Y spacing) in mm.
+
+    Returns:
+        The anatomy the field-of-view thresholds above pick (CT: head-neck or chest-abdomen; MR: knee, T1 brain
+        or abdomen; the modality's first anatomy when the model lacks that one) and the reason in words.
+
+    Raises:
+        InputError: the model has no anatomy of ``modality``.
+    """
     choices = catalog.by_modality(modality)
     if not choices:
         raise InputError(f"the model has no {modality} anatomy")

@@ -165,3 +165,28 @@ def test_pipeline_follows_the_bundles_schedule():
     bundle.diffusion = {"timesteps": 1000, "schedule": "sigmoid"}
     with pytest.raises(InputError, match="sigmoid"):
         GenerationPipeline(bundle, device="cpu")
+
+
+def test_each_trained_size_gets_its_own_spacing():
+    # The official chest/abdomen CT is 1.25 mm at one latent size and 0.7 x 0.7 x 1 mm at the other: the volume and
+    # the dataset manifest must carry the spacing of the size actually sampled, not the anatomy's default.
+    from MedDiffusionLib.catalog import Anatomy, Catalog
+    from MedDiffusionLib.pipelines.batch import DatasetSpec, PlannedVolume, manifest_row
+
+    bundle = tiny_bundle()
+    spacings = ((1.25, 1.25, 1.25), (0.7, 0.7, 1.0))
+    bundle.catalog = Catalog(
+        Anatomy(a.name, a.class_index, a.modality, a.latent_sizes, a.spacing_xyz, a.description,
+                spacings if a.name == "ct-chest-abdomen" else ())
+        for a in bundle.catalog)
+    p = GenerationPipeline(bundle, device="cpu")
+    entry = bundle.catalog.get("ct-chest-abdomen")
+    f = bundle.downsample
+    for (d, h, w), spacing in zip(entry.latent_sizes, spacings):
+        img = p("ct-chest-abdomen", size_xyz=(h * f, w * f, d * f), sampler="ddim", steps=1, seed=1).image
+        assert img.GetSize() == (h * f, w * f, d * f)
+        assert np.allclose(img.GetSpacing(), spacing)
+    d, h, w = entry.latent_sizes[1]
+    item = PlannedVolume(0, "ct-chest-abdomen", (h * f, w * f, d * f), (d, h, w), 1, "v.nrrd")
+    spec = DatasetSpec((("ct-chest-abdomen", "1"),), (), 1, 0, "ddim", 1, 1, None, ".nrrd", "test")
+    assert manifest_row(item, spec, p)["spacing_xyz"] == "0.7x0.7x1"

@@ -32,7 +32,9 @@ def run_anatomies(args: argparse.Namespace) -> int:
     print(f"{'class':>5}  {'name':<18} {'mod':<3}  {'sizes X x Y x Z (voxels)':<34} spacing X,Y,Z mm")
     for a in bundle.catalog:
         sizes = ", ".join("x".join(map(str, s)) for s in a.volume_sizes_xyz(bundle.downsample))
-        spacing = ",".join(f"{v:g}" for v in a.spacing_xyz)
+        # A trained size may have its own spacing (the official chest/abdomen CT): then one per size, in order.
+        per_size = [a.spacing_for(s) for s in a.latent_sizes] if a.spacings_xyz else [a.spacing_xyz]
+        spacing = "; ".join(",".join(f"{v:g}" for v in sp) for sp in per_size)
         print(f"{a.class_index:>5}  {a.name:<18} {a.modality:<3}  {sizes:<34} {spacing}")
     return 0
 

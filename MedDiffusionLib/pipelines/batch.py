@@ -314,7 +314,7 @@ def file_sha256(path: Path) -> str:
 def manifest_row(item: PlannedVolume, spec: DatasetSpec, pipe: GenerationPipeline) -> dict[str, Any]:
     entry = pipe.bundle.catalog.get(item.anatomy)
     return {"file": item.file, "index": item.index, "anatomy": item.anatomy, "modality": entry.modality,
-            "size_xyz": "x".join(map(str, item.size_xyz)), "spacing_xyz": "x".join(f"{v:g}" for v in entry.spacing_xyz),
+            "size_xyz": "x".join(map(str, item.size_xyz)), "spacing_xyz": "x".join(f"{v:g}" for v in entry.spacing_for(item.latent)),
             "seed": item.seed, "sampler": spec.sampler, "steps": spec.steps,
             "hu_range": "" if spec.hu_range is None else f"{spec.hu_range[0]:g}:{spec.hu_range[1]:g}",
             "batch_size": spec.batch_size, "model_id": spec.model_id}

@@ -140,7 +140,7 @@ class GenerationPipeline(BundlePipeline):
         volumes = self.decode_volumes(z, keep, progress, cancel)
         kept = [(e, s) for e, s, k in zip(entries, resolved, keep) if k]
         for (entry, seed), volume in zip(kept, volumes):
-            image = self.to_image(volume, entry, hu_range)
+            image = self.to_image(volume, entry, hu_range, latent)
             size, spacing = image.GetSize(), image.GetSpacing()
             yield GenerationResult(image, entry.name, entry.modality, seed, sampler, steps, (size[0], size[1], size[2]),
                                    time.perf_counter() - start, (spacing[0], spacing[1], spacing[2]), str(self.device))
@@ -184,13 +184,16 @@ class GenerationPipeline(BundlePipeline):
             yield ((vol[0, 0].clamp(-1, 1) + 1) / 2).numpy()
 
     @staticmethod
-    def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[Sequence[float]]) -> sitk.Image:
+    def to_image(volume_zxy: np.ndarray, entry: Anatomy, hu_range: Optional[Sequence[float]],
+                 latent: Sequence[int]) -> sitk.Image:
         """A generated (Z, X, Y) volume as an image with the anatomy's spacing, in HU when ``hu_range`` is given.
 
         Args:
             volume_zxy: intensities in [0, 1], network order (Z, X, Y).
             entry: the anatomy (its spacing in mm).
             hu_range: (low, high) HU that 0 and 1 map to linearly; None keeps [0, 1].
+            latent: the latent size (D, H, W) it was sampled at: a trained size may have its own spacing
+                (the official chest/abdomen CT: 1.25 mm at 32^3, 0.7 x 0.7 x 1 mm at 64^3).
 
         Returns:
             A float32 image of size (X, Y, Z), origin 0, the authors' NIfTI orientation (`GENERATED_DIRECTION`).
@@ -198,4 +201,4 @@ class GenerationPipeline(BundlePipeline):
         arr = volume_zxy.astype(np.float32)
         if hu_range is not None:
             arr = arr * (hu_range[1] - hu_range[0]) + hu_range[0]
-        return network_to_image(arr, entry.spacing_xyz, origin=(0.0, 0.0, 0.0), direction=GENERATED_DIRECTION)
+        return network_to_image(arr, entry.spacing_for(latent), origin=(0.0, 0.0, 0.0), direction=GENERATED_DIRECTION)

@@ -117,6 +117,8 @@ def test_evaluate_prints_the_table(model, tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["volumes"] == 1 and set(data["methods"]) == {"fbp", "sart", "tv", "diffusion"}
     assert all(np.isfinite(v["psnr"][0]) for v in data["methods"].values())
+    # The diffusion prior's anatomy was chosen (no --anatomy): the choice and its reason are printed and recorded.
+    assert len(data["anatomies"]) == 1 and f"anatomy {data['anatomies'][0]}: " in out
 
 
 def test_evaluate_native_resolution_volumes(model, tmp_path, capsys):

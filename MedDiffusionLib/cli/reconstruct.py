@@ -190,9 +190,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     opts = _options(args)
     task = opts.pop("task")
     seeds = iter(range(args.seed, args.seed + 10**6))
+    anatomies: list[str] = []  # the prior's anatomy per volume (diffusion runs only)
 
     def run(image: sitk.Image, **kw: Any) -> ReconstructionResult:
-        return _run(pipe, image, TqdmProgress(not args.quiet), task=task, seed=next(seeds), **opts, **kw)
+        result = _run(pipe, image, TqdmProgress(not args.quiet), task=task, seed=next(seeds), **opts, **kw)
+        if result.anatomy is not None:
+            if result.anatomy not in anatomies:  # the choice and its reason, as `reconstruct` prints them
+                print(f"anatomy {result.anatomy}: {result.anatomy_reason}")
+            anatomies.append(result.anatomy)
+        return result
 
     scores = compare_methods(run, images, task, args.methods, log=None if args.quiet else print)
     what = f"{args.views} views" if task == "sparse-ct" else f"R={args.acceleration:g}, {args.mask} mask"
@@ -202,7 +208,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(format_table(scores))
     if args.json:
         report = {"task": task, "volumes": len(images), "seed": args.seed, "model": pipe.bundle.name,
-                  "settings": opts, "methods": {m: vars(s) for m, s in scores.items()}}
+                  "settings": opts, "anatomies": anatomies, "methods": {m: vars(s) for m, s in scores.items()}}
         atomic_write_text(args.json, json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     return 0

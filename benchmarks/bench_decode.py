@@ -36,7 +36,7 @@ CATEGORIES = (  # first match wins; self time of profiler events
     # oneDNN's transposed convolution has no aten op below aten::_convolution; regular ones do (mkldnn_convolution)
     ("transposed conv", ("aten::_convolution", "slow_conv_transpose")),
     ("convolution", ("convolution", "conv3d", "mkldnn_conv")),
-    ("statistics", ("var_mean", "var", "std")),
+    ("statistics", ("var_mean", "var", "std", "batch_norm_update_stats")),
     ("norm + SiLU", ("addcmul", "silu", "group_norm", "native_group_norm")),
     ("residual add", ("aten::add",)),
     ("copies", ("cat", "copy_", "pad", "constant_pad", "clone", "zero_", "fill_", "contiguous", "to")),

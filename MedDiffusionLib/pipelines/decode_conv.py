@@ -57,6 +57,8 @@ def _cached_parity_kernel(conv: nn.ConvTranspose3d) -> tuple[torch.Tensor, Optio
     """`_parity_kernel(conv)`, rebuilt only when the weights changed: building it indexes the weight 24 times,
     measured ~5 ms per index call on this CPU, which summed to seconds over a 256^3 decode's slabs."""
     params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    if any(t.is_inference() for t in params):  # no version counter to notice in-place updates: not cached
+        return _parity_kernel(conv)
     key = tuple(v for t in params for v in (t.data_ptr(), t._version))
     hit = _KERNELS.get(conv)
     if hit is not None and hit[0] == key:

@@ -125,6 +125,20 @@ class _Buffer:
         self.overwritten = b
 
 
+def _channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per (sample, channel) over the spatial dims of a (B, C, D, H, W) slab."""
+    if y.device.type == "cpu":
+        # batch_norm_update_stats: one vectorised Welford pass per channel (same rounding as var_mean), measured
+        # 2.6x faster than var_mean over the spatial dims on a 48-channel slab on this CPU.
+        try:
+            moments = [torch.batch_norm_update_stats(y[i:i + 1], None, None, 1.0) for i in range(y.shape[0])]
+            return torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
+        except NotImplementedError:  # fake tensors (the memory estimate) have no kernel for it: same sizes below
+            pass
+    var, mean = torch.var_mean(y, dim=(2, 3, 4), correction=0)
+    return mean, var
+
+
 class _Statistics:
     """Whole-volume GroupNorm statistics per (sample, group), merged from per-slab per-channel moments in float64
     (Chan et al.'s pairwise update), so they equal one-pass statistics to float rounding."""
@@ -135,13 +149,9 @@ class _Statistics:
         self.m2: Optional[torch.Tensor] = None
 
     def add(self, y: torch.Tensor) -> None:
-        # batch_norm_update_stats: one vectorised Welford pass per channel (biased variance, same rounding as
-        # var_mean), measured 2.6x faster than var_mean over the spatial dims on a 48-channel slab
-        y = y.float()
-        moments = [torch.batch_norm_update_stats(y[i:i + 1], None, None, 1.0) for i in range(y.shape[0])]
+        mean_f, var_f = _channel_moments(y.float())
         count = math.prod(y.shape[2:])
-        mean = torch.stack([m for m, _ in moments]).double()
-        m2 = torch.stack([v for _, v in moments]).double() * count
+        mean, m2 = mean_f.double(), var_f.double() * count
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return

@@ -127,17 +127,22 @@ def test_a_larger_budget_never_gives_a_costlier_plan(official_meta, budget_gb):
     assert decode_plan._flops(layers, larger) <= decode_plan._flops(layers, smaller)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("k,s,p,size", [(4, 2, 1, (5, 6, 3)), (4, 2, 1, (1, 2, 2)), (2, 2, 0, (3, 4, 5)),
                                         (6, 3, 1, (3, 2, 4)), (6, 2, 2, (4, 4, 5))])
-def test_transposed_convolution_as_one_ordinary_convolution(k, s, p, size):
+def test_transposed_convolution_as_one_ordinary_convolution(k, s, p, size, layout):
     """The decoder's up-samplings run as a single conv3d over parity classes: the transposed convolution's output
-    to float rounding, for the official shape (4, 2, 1) and others, at sizes down to one voxel."""
+    to float rounding, for the official shape (4, 2, 1) and others, at sizes down to one voxel. A channels-last
+    input (the CPU decode's layout) gives a dense channels-last output, cropped without a copy of its own."""
     torch.manual_seed(k * 10 + p)
     conv = torch.nn.ConvTranspose3d(5, 3, k, s, p).double()
-    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    x = torch.randn(2, 5, *size, dtype=torch.float64).contiguous(memory_format=layout)
     assert decode_conv.parity_decomposable(conv)
     with torch.no_grad():
-        torch.testing.assert_close(decode_conv.conv_transpose_as_conv(conv, x), conv(x), rtol=1e-12, atol=1e-12)
+        y = decode_conv.conv_transpose_as_conv(conv, x)
+        torch.testing.assert_close(y, conv(x), rtol=1e-12, atol=1e-12)
+    if layout == torch.channels_last_3d:
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
     assert not decode_conv.parity_decomposable(torch.nn.ConvTranspose3d(5, 3, 3, 2, 1))
     assert not decode_conv.parity_decomposable(torch.nn.Conv3d(5, 3, 3))
 
@@ -174,3 +179,37 @@ def test_bf16_mode_is_close_but_not_the_default(tiny_ae):
     assert (approx - exact).abs().max() < 0.05 * (exact.max() - exact.min())
     with pytest.raises(ValueError, match="precision"):
         decode_latent(tiny_ae, z_q, budget_gb=0.02, precision="fp8")
+
+
+def test_slab_statistics_of_a_channels_last_slab_are_float64_exact():
+    """The CPU decode's slabs are channels-last, where one batch_norm_update_stats call accumulates in float32
+    (relative variance error ~1e-4 on a large slab); the statistics are taken row by row and merged in float64,
+    so they match float64 statistics of the whole tensor to ~1e-6 across slabs of any size, batch included."""
+    gen = torch.Generator().manual_seed(5)
+    y = (torch.randn(2, 24, 24, 96, 96, generator=gen) * 3 + 1.5).contiguous(memory_format=torch.channels_last_3d)
+    stats = decode._Statistics()
+    for a, b in [(0, 7), (7, 8), (8, 24)]:
+        stats.add(y[:, :, a:b])
+    var, mean = torch.var_mean(y.double(), dim=(2, 3, 4), correction=0)
+    assert stats.count == 24 * 96 * 96
+    assert stats.mean is not None and stats.m2 is not None
+    torch.testing.assert_close(stats.mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats.m2 / stats.count, var, rtol=2e-6, atol=0)
+    one_call = torch.batch_norm_update_stats(y[:1], None, None, 1.0)[1].double()
+    # (the float32 single pass this replaces would not pass the bound above)
+    assert ((one_call - var[0]).abs() / var[0]).max() > 2e-6
+
+
+def test_official_decoder_tiled_channels_last_equals_the_whole_decode():
+    """The official 8x decoder (random weights) at a 32^3 volume, in slabs large enough for oneDNN's
+    channels-last convolutions, with a recomputed up-sampled tensor: equal to the whole-volume decode."""
+    torch.manual_seed(0)
+    ae = PatchVolumeAutoencoder(**OFFICIAL_8X).eval()
+    with torch.no_grad():
+        z_q = _latent(ae, (1, 8, 4, 4, 4), 2)
+        full = ae.decode(z_q)
+        report = DecodeReport()
+        tiled = decode_latent(ae, z_q, budget_gb=0.02, report=report)
+    assert report.plan is not None and not all(t.materialized for t in report.plan.tensors)
+    assert max(p.slabs for p in report.plan.passes) > 1
+    torch.testing.assert_close(tiled, full, rtol=1e-4, atol=2e-5)

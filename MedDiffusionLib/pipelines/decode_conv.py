@@ -86,10 +86,33 @@ def conv_transpose_as_conv(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.T
             pads += [m - 1, max(a, 0)]
         y = F.conv3d(F.pad(x, pads), weight, bias)
     b, c = x.shape[0], conv.out_channels
+    if x.is_contiguous(memory_format=torch.channels_last_3d):  # the layout in is the layout out
+        return _interleave_channels_last(y, s, p, length, c)
     qd, qh, qw = y.shape[2:]
     # (B, rd, rh, rw, C, qd, qh, qw) -> (B, C, qd, rd, qh, rh, qw, rw): position s*q + r is o + p
     y = y.view(b, s, s, s, c, qd, qh, qw).permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c, qd * s, qh * s, qw * s)
     return y[:, :, p:p + length[0], p:p + length[1], p:p + length[2]]
+
+
+def _interleave_channels_last(y: torch.Tensor, s: int, p: int, length: list[int], c: int) -> torch.Tensor:
+    """The parity classes of `y` (channel block (rd, rh, rw) at window q) written to output positions o = s*q + r - p,
+    cropped to `length`, as a dense channels-last tensor: one strided copy per class, so the crop costs no extra
+    copy and the result stays dense (the statistics and the next conv read it without a layout copy)."""
+    out = torch.empty((y.shape[0], c, *length), dtype=y.dtype, device=y.device, memory_format=torch.channels_last_3d)
+    block = 0
+    for rd in range(s):
+        for rh in range(s):
+            for rw in range(s):
+                dst, src = [slice(None), slice(None)], [slice(None), slice(block * c, (block + 1) * c)]
+                for r, n in zip((rd, rh, rw), length):
+                    q0 = -((r - p) // s)  # first window whose position s*q + r - p is >= 0
+                    o0 = s * q0 + r - p
+                    count = len(range(o0, n, s))
+                    dst.append(slice(o0, n, s))
+                    src.append(slice(q0, q0 + count))
+                out[tuple(dst)] = y[tuple(src)]
+                block += 1
+    return out
 
 
 def run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +134,11 @@ def conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a:
         return y[:, :, a - off:b - off]
     k, p = conv.kernel_size[0], layer.padding[0]
     pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
-    if pad_lo or pad_hi:
-        x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
-    return F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(0, layer.padding[1], layer.padding[2]))
+    # the conv's own zero padding instead of a padded copy of the slab; with one border in the slab, the other
+    # side's extra output rows (at most p) are dropped
+    pad = max(pad_lo, pad_hi)
+    y = F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(pad, layer.padding[1], layer.padding[2]))
+    return y[:, :, pad - pad_lo:y.shape[2] - (pad - pad_hi)] if pad_lo != pad_hi else y
 
 
 

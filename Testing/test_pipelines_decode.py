@@ -147,6 +147,30 @@ def test_transposed_convolution_as_one_ordinary_convolution(k, s, p, size, layou
     assert not decode_conv.parity_decomposable(torch.nn.Conv3d(5, 3, 3))
 
 
+@pytest.mark.parametrize("k,s,p", [(4, 2, 1), (6, 3, 1), (2, 2, 0)])
+def test_transposed_convolution_rows_of_a_slab(k, s, p):
+    """A slab's up-sampled rows from exactly the input rows they read (no depth padding inside the volume, zeros
+    at its borders), channels-last, written into a given buffer or a new one: the rows of the full transposed
+    convolution. Rows that are not the slab's inputs are refused."""
+    torch.manual_seed(k + s)
+    conv = torch.nn.ConvTranspose3d(4, 3, k, s, p).double()
+    full = torch.randn(1, 4, 7, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = conv(full)
+        n_out = expected.shape[2]
+        for a, b in [(0, 3), (3, 8), (5, 6), (8, n_out), (0, n_out)]:
+            lo, hi = decode_plan._input_rows(decode_plan.TailLayer(conv), a, b, 7)
+            got = decode_conv.conv_transpose_rows(conv, full[:, :, lo:hi], lo, hi, 7, a, b)
+            torch.testing.assert_close(got, expected[:, :, a:b], rtol=1e-12, atol=1e-12)
+            assert got.is_contiguous(memory_format=torch.channels_last_3d)
+            buffer = torch.zeros_like(expected).contiguous(memory_format=torch.channels_last_3d)
+            decode_conv.conv_transpose_rows(conv, full[:, :, lo:hi], lo, hi, 7, a, b, out=buffer[:, :, a:b])
+            torch.testing.assert_close(buffer[:, :, a:b], expected[:, :, a:b], rtol=1e-12, atol=1e-12)
+            assert not buffer[:, :, :a].any() and not buffer[:, :, b:].any()
+        with pytest.raises(ValueError, match="not the input rows"):
+            decode_conv.conv_transpose_rows(conv, full[:, :, 1:5], 1, 5, 7, 0, 6)
+
+
 def test_probe_runs_two_slabs_per_pass_and_keeps_the_shape(tiny_ae):
     with torch.no_grad():
         z_q = _latent(tiny_ae, (1, 4, 8, 12, 8), 0)

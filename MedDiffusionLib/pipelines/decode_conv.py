@@ -68,51 +68,71 @@ def _cached_parity_kernel(conv: nn.ConvTranspose3d) -> tuple[torch.Tensor, Optio
     return weight, bias
 
 
+def _parity_windows(conv: nn.ConvTranspose3d, x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """The parity conv3d of `x`: along depth the windows of x padded with `front` / `back` zero rows, along height
+    and width every window of the full transposed output (x padded with m-1 zeros in front)."""
+    s, k, p = conv.stride[0], conv.kernel_size[0], int(conv.padding[0])
+    m = k // s
+    weight, bias = _cached_parity_kernel(conv)
+    # window positions q = 0 .. q_max (q_max = (length - 1 + p) // s) over x padded with m-1 zeros in front
+    after = [(((d - 1) * s - 2 * p + k) - 1 + p) // s - (d - 1) for d in x.shape[3:]]
+    if after == [m - 1, m - 1]:  # the official up-sampling: the conv's own zero padding, no padded copy
+        pad = max(front, back)
+        y = F.conv3d(x, weight, bias, padding=(pad, m - 1, m - 1))
+        return y[:, :, pad - front:y.shape[2] - (pad - back)] if front != back else y
+    return F.conv3d(F.pad(x, [m - 1, max(after[1], 0), m - 1, max(after[0], 0), front, back]), weight, bias)
+
+
 def conv_transpose_as_conv(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` computed as one ordinary conv3d plus an interleave (see the module docstring); equal to float
     rounding."""
     s, k, p = conv.stride[0], conv.kernel_size[0], int(conv.padding[0])
+    n = x.shape[2]
+    length = (n - 1) * s - 2 * p + k
+    return conv_transpose_rows(conv, x, 0, n, n, 0, length)
+
+
+def conv_transpose_rows(conv: nn.ConvTranspose3d, x: torch.Tensor, lo: int, hi: int, n_in: int, a: int, b: int,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output rows [a, b) of the parity-decomposable transposed convolution `conv` of a depth-n_in input, from its
+    rows [lo, hi) (`x`, exactly the rows those outputs read: `decode_plan._input_rows`), written into `out` when
+    given. Only the windows of those rows are computed: a slab interior to the volume gets no padding along depth."""
+    s, k, p = conv.stride[0], conv.kernel_size[0], int(conv.padding[0])
     m = k // s
-    weight, bias = _cached_parity_kernel(conv)
-    n = x.shape[2:]
-    length = [(d - 1) * s - 2 * p + k for d in n]  # the transposed convolution's output size
-    # window positions q = 0 .. q_max (q_max = (length - 1 + p) // s) over x padded with m-1 zeros in front
-    after = [(L - 1 + p) // s - (d - 1) for L, d in zip(length, n)]
-    if len(set(after)) == 1 and after[0] == m - 1:
-        y = F.conv3d(x, weight, bias, padding=m - 1)
-    else:
-        pads = []
-        for a in reversed(after):
-            pads += [m - 1, max(a, 0)]
-        y = F.conv3d(F.pad(x, pads), weight, bias)
-    b, c = x.shape[0], conv.out_channels
-    if x.is_contiguous(memory_format=torch.channels_last_3d):  # the layout in is the layout out
-        return _interleave_channels_last(y, s, p, length, c)
-    qd, qh, qw = y.shape[2:]
-    # (B, rd, rh, rw, C, qd, qh, qw) -> (B, C, qd, rd, qh, rh, qw, rw): position s*q + r is o + p
-    y = y.view(b, s, s, s, c, qd, qh, qw).permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c, qd * s, qh * s, qw * s)
-    return y[:, :, p:p + length[0], p:p + length[1], p:p + length[2]]
-
-
-def _interleave_channels_last(y: torch.Tensor, s: int, p: int, length: list[int], c: int) -> torch.Tensor:
-    """The parity classes of `y` (channel block (rd, rh, rw) at window q) written to output positions o = s*q + r - p,
-    cropped to `length`, as a dense channels-last tensor: one strided copy per class, so the crop costs no extra
-    copy and the result stays dense (the statistics and the next conv read it without a layout copy)."""
-    out = torch.empty((y.shape[0], c, *length), dtype=y.dtype, device=y.device, memory_format=torch.channels_last_3d)
-    block = 0
-    for rd in range(s):
-        for rh in range(s):
-            for rw in range(s):
-                dst, src = [slice(None), slice(None)], [slice(None), slice(block * c, (block + 1) * c)]
-                for r, n in zip((rd, rh, rw), length):
-                    q0 = -((r - p) // s)  # first window whose position s*q + r - p is >= 0
-                    o0 = s * q0 + r - p
-                    count = len(range(o0, n, s))
-                    dst.append(slice(o0, n, s))
-                    src.append(slice(q0, q0 + count))
-                out[tuple(dst)] = y[tuple(src)]
-                block += 1
+    # output o of parity r (o + p = s*q + r) comes from window q, which reads input rows [q - m + 1, q]
+    q_lo, q_hi = -((s - 1 - a - p) // s), (b - 1 + p) // s
+    front, back = lo - (q_lo - m + 1), q_hi + 1 - hi  # zero rows at the volume's borders
+    if front < 0 or back < 0 or (front and lo) or (back and hi != n_in):
+        raise ValueError(f"rows [{lo}, {hi}) are not the input rows of output rows [{a}, {b})")
+    y = _parity_windows(conv, x, front, back)
+    c, hw = conv.out_channels, tuple((d - 1) * s - 2 * p + k for d in x.shape[3:])
+    if out is None:
+        out = torch.empty((x.shape[0], c, b - a) + hw, dtype=y.dtype, device=y.device, memory_format=_layout(x))
+    _interleave(y, out, s, p, [(a, b, q_lo)] + [(0, n, 0) for n in hw])
     return out
+
+
+def _interleave(y: torch.Tensor, out: torch.Tensor, s: int, p: int, ranges: list[tuple[int, int, int]]) -> None:
+    """Write the parity classes of `y` (channel block i holds class i = (rd, rh, rw) in base s) to their output
+    positions o = s*q + r - p. Per axis, `ranges` gives the output positions [start, stop) that `out` holds and the
+    window index of y's first window: one strided copy per class, so cropping costs no copy of its own."""
+    c = out.shape[1]
+    for i in range(s ** 3):
+        parity = (i // (s * s), i // s % s, i % s)
+        dst, src = [slice(None), slice(None)], [slice(None), slice(i * c, (i + 1) * c)]
+        for r, (start, stop, q_first) in zip(parity, ranges):
+            o0 = start + (r - p - start) % s  # first output position of this parity
+            q0 = (o0 + p - r) // s - q_first
+            count = len(range(o0, stop, s))
+            dst.append(slice(o0 - start, stop - start, s))
+            src.append(slice(q0, q0 + count))
+        out[tuple(dst)] = y[tuple(src)]
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a decode slab derived from `x` is written in: channels-last stays channels-last."""
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else \
+        torch.contiguous_format
 
 
 def run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,23 +144,30 @@ def run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a: int, b: int) -> torch.Tensor:
-    """Output rows [a, b) of the layer's convolution from its (pre-activated) input rows [lo, hi)."""
+def conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a: int, b: int,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output rows [a, b) of the layer's convolution from its (pre-activated) input rows [lo, hi), written into
+    `out` when given (up-samplings on the CPU write there directly; other convolutions are copied in)."""
     conv = layer.conv
     if isinstance(conv, nn.ConvTranspose3d):
+        if x.device.type == "cpu" and parity_decomposable(conv):
+            return conv_transpose_rows(conv, x, lo, hi, n_in, a, b, out)
         # its rows start at s*lo; rows whose inputs were cut off are outside [a, b)
-        y = run_conv(conv, x)
         off = conv.stride[0] * lo
-        return y[:, :, a - off:b - off]
-    k, p = conv.kernel_size[0], layer.padding[0]
-    pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
-    # the conv's own zero padding instead of a padded copy of the slab; with one border in the slab, the other
-    # side's extra output rows (at most p) are dropped
-    pad = max(pad_lo, pad_hi)
-    y = F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(pad, layer.padding[1], layer.padding[2]))
-    return y[:, :, pad - pad_lo:y.shape[2] - (pad - pad_hi)] if pad_lo != pad_hi else y
-
-
+        y = conv(x)[:, :, a - off:b - off]
+    else:
+        k, p = conv.kernel_size[0], layer.padding[0]
+        pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders
+        # the conv's own zero padding instead of a padded copy of the slab; with one border in the slab, the other
+        # side's extra output rows (at most p) are dropped
+        pad = max(pad_lo, pad_hi)
+        y = F.conv3d(x, conv.weight, conv.bias, stride=1, padding=(pad, layer.padding[1], layer.padding[2]))
+        if pad_lo != pad_hi:
+            y = y[:, :, pad - pad_lo:y.shape[2] - (pad - pad_hi)]
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 def residual_rows(layer: TailLayer, a: int, b: int, n_res: int) -> tuple[int, int]:

@@ -3,11 +3,12 @@ same run.
 
 The official 8x decoder with random weights (time and memory do not depend on the values). Each decode runs in a
 fresh subprocess so its peak RSS is its own. Right before each decode the child times a pure conv3d of known FLOPs
-(the decoder's most common shape: 48 -> 48 channels, 3x3x3, on a 256^2 slab), again right after it, and reports
-the decode's arithmetic divided by the mean of the two rates ("FLOP time"), so the ratio decode / FLOP time stays
-meaningful on a shared machine whose load drifts; both rates and the load average are printed with it. The breakdown splits the time by operator (torch.profiler: convolutions, transposed
-convolutions, statistics, normalisation + SiLU, residual adds, copies) and counts the convolution work recomputed
-in halos or for tensors not kept whole.
+(the decoder's most common shape: 48 -> 48 channels, 3x3x3, on a 256^2 slab, channels-last as the CPU decode runs
+it), again right after it, and reports the decode's arithmetic divided by the mean of the two rates ("FLOP time"),
+so the ratio decode / FLOP time stays meaningful on a shared machine whose load drifts; both rates and the load
+average are printed with it. `--peak-gflops` adds the ratio to the FLOP time at a nominal peak. The breakdown
+splits the time by operator (torch.profiler, which itself adds ~8 %: `--no-profile` for the time alone) and counts
+the convolution work recomputed in halos or for tensors not kept whole.
 
     python benchmarks/bench_decode.py --sizes 16 --budget-gb 2          # 128^3 at a 2 GB budget
     python benchmarks/bench_decode.py --sizes 32                        # 256^3 at the default budget (7 GB)
@@ -80,8 +81,10 @@ def decode_flops(ae: nn.Module, latent: int, batch: int = 1) -> tuple[float, lis
 
 
 def reference_rate(seconds: float = 3.0) -> float:
-    """GFLOP/s of a pure conv3d (48 -> 48, 3x3x3, 16 x 256 x 256 output), best of repeats within `seconds`."""
-    x, w = torch.randn(1, 48, 18, 256, 256), torch.randn(48, 48, 3, 3, 3)
+    """GFLOP/s of a pure conv3d (48 -> 48, 3x3x3, 16 x 256 x 256 output) in the layout the CPU decode runs it
+    (channels-last), best of repeats within `seconds`."""
+    x = torch.randn(1, 48, 18, 256, 256).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(48, 48, 3, 3, 3)
     flops = 2 * 27 * 48 * 48 * 16 * 256 * 256
     best, start = float("inf"), time.perf_counter()
     with torch.no_grad():
@@ -183,6 +186,9 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="peak memory only: two slabs per pass (not a time)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
     ap.add_argument("--show-plan", action="store_true")
+    ap.add_argument("--peak-gflops", type=float, default=None,
+                    help="also print the ratio to the FLOP time at this nominal fp32 peak (e.g. 237 for 2 Zen 4 "
+                         "cores at 3.7 GHz: 2 x 3.7 GHz x 32 FLOP/cycle)")
     ap.add_argument("--bf16", action="store_true",
                     help="also decode with precision='bf16' (not exact) and print its time and error against fp32")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -213,7 +219,10 @@ def main() -> None:
                   f"{r['seconds']:.1f} s, peak {'GPU %.2f' % r['peak_gpu_gb'] if 'peak_gpu_gb' in r else 'RSS %.2f' % r['peak_rss_gb']} GB; "
                   f"{r['tflop']:.1f} TFLOP at the reference {r['ref_gflops']:.0f} GFLOP/s (before %.0f, after %.0f) " % tuple(r['ref_before_after']) +
                   f"= {r['flop_seconds'] or 0:.1f} s FLOP time"
-                  + (f" -> ratio {ratio:.2f}" if ratio else "") + f"; load {r['load']}")
+                  + (f" -> ratio {ratio:.2f}" if ratio else "")
+                  + (f"; at the {args.peak_gflops:.0f} GFLOP/s peak {r['tflop'] * 1e3 / args.peak_gflops:.1f} s -> "
+                     f"ratio {r['seconds'] / (r['tflop'] * 1e3 / args.peak_gflops):.2f}" if args.peak_gflops else "")
+                  + f"; load {r['load']}")
             stats_only = sum(sec for label, sec in r["pass_seconds"] if "statistics" in label)
             recompute = r["recomputed_tflop"] * 1e3 / r["ref_gflops"] if r["ref_gflops"] == r["ref_gflops"] else 0.0
             print(f"  head (attention at the latent) {r['head_seconds']:.1f} s; {r['passes']} passes, of which "

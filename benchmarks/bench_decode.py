@@ -126,7 +126,7 @@ def _child(latent: int, budget: float, device: str, probe: bool, profile: bool, 
         z_q, _ = ae.quantize(z)
         if prof is not None:
             prof.__enter__()
-        decode_latent(ae, z_q, budget_gb=budget, device=dev, report=report, probe_slabs=2 if probe else None)
+        decode_latent(ae, z_q, budget_gb=budget, device=dev, report=report, probe_slabs=3 if probe else None)
         if prof is not None:
             prof.__exit__(None, None, None)
     if dev.type == "cuda":
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32], help="latent edges (volume = 8x)")
     ap.add_argument("--budget-gb", type=float, default=None, help="decode budget (default: the device's)")
     ap.add_argument("--whole", action="store_true", help="also decode the whole volume at once (budget inf)")
-    ap.add_argument("--probe", action="store_true", help="peak memory only: two slabs per pass (not a time)")
+    ap.add_argument("--probe", action="store_true", help="peak memory only: three slabs per pass (not a time)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
     ap.add_argument("--show-plan", action="store_true")
     ap.add_argument("--peak-gflops", type=float, default=None,

@@ -135,10 +135,11 @@ class _Buffer:
 def _channel_moments(y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Voxel count, mean and sum of squared deviations (float64) per (sample, channel) of a (B, C, D, H, W) slab."""
     count = math.prod(y.shape[2:])
-    if y.device.type == "cpu" and y.is_contiguous(memory_format=torch.channels_last_3d):
+    if y.device.type == "cpu" and y[:1].is_contiguous(memory_format=torch.channels_last_3d):
         # batch_norm_update_stats reads a channels-last tensor in one vectorised pass, but accumulates it in float32
-        # (measured relative variance error 1e-4 over a 43x128^2 slab); row by row it stays ~1e-6 and as fast, and
-        # the rows merge exactly in float64.
+        # (measured relative variance error 1e-4 over a 43x128^2 slab); row by row (128^2 or 256^2 voxels) it stays
+        # within a few 1e-6 and as fast, and the rows merge exactly in float64. (Per sample: a depth slice of a
+        # channels-last batch is channels-last per sample only.)
         try:
             moments = [torch.batch_norm_update_stats(y[i:i + 1, :, r:r + 1], None, None, 1.0)
                        for i in range(y.shape[0]) for r in range(y.shape[2])]
@@ -196,8 +197,9 @@ class _Statistics:
 
 
 def _add(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + y, written into y (a slab's fresh convolution output) when that keeps the dtype (bf16 autocast
-    promotes to the float32 residual): one pass over the slab instead of a new one. The same sums."""
+    """residual + y, written into y (a slab's convolution output, fresh or in a buffer given to it) when that keeps
+    the dtype (bf16 autocast promotes to the float32 residual): one pass over the slab instead of a new one. The
+    same sums."""
     if residual.shape == y.shape and torch.result_type(residual, y) == y.dtype:
         return y.add_(residual)
     return residual + y
@@ -252,16 +254,16 @@ class _Executor:
             return self.buffers[k].read(a, b)
         t = self.tensors[k]
         cached = self.cache.get(k)
+        hit = cached is not None and cached[0] <= a < cached[0] + cached[1].shape[2]
+        if cached is not None and hit and b <= cached[0] + cached[1].shape[2]:
+            return cached[1][:, :, a - cached[0]:b - cached[0]]
         # two workspaces per recomputed tensor: the cached rows' and the next rows', which start with the overlap
         spare = self.row_space.setdefault(k, [_Workspace(), _Workspace()])
         spare.reverse()
         y = spare[0].take((t.batch, t.channels, b - a) + t.spatial[1:], torch.float32, self.device, self.layout)
-        if cached is not None and cached[0] <= a < cached[0] + cached[1].shape[2]:
+        if cached is not None and hit:
             start, have = cached
             stop = start + have.shape[2]
-            if b <= stop:
-                spare.reverse()
-                return have[:, :, a - start:b - start]
             y[:, :, :stop - a] = have[:, :, a - start:]
             self.compute(k, stop, b, out=y[:, :, stop - a:])
         else:
@@ -278,8 +280,10 @@ class _Executor:
         x = self.rows(k - 1, lo, hi)
         if layer.norm is not None:
             scale, shift = self.norms[k - 1]
-            normed = self.norm_space.take(tuple(x.shape), x.dtype, self.device, self.layout)
+            # float32 like the statistics (under bf16 autocast a tensor kept from one slab is bf16)
+            normed = self.norm_space.take(tuple(x.shape), torch.result_type(x, scale), self.device, self.layout)
             x = F.silu(torch.addcmul(shift, x, scale, out=normed), inplace=True)
+            del normed
         y = conv_rows(layer, x, lo, hi, n_in, a, b, out)
         del x
         if layer.residual is not None:
@@ -317,17 +321,21 @@ class _Executor:
             if self.probe_slabs is not None and index >= self.probe_slabs:
                 break
             b = min(a + p.slab_rows, n)
-            # kept rows are computed straight into their buffer, a statistics-only slab into reused memory
-            out = target[:, :, a:b] if target is not None else None if t.materialized or last else \
-                self.pass_space.take((t.batch, t.channels, b - a) + t.spatial[1:], torch.float32, self.device,
-                                     self.layout)
+            # kept rows are written straight into their buffer; a statistics-only slab into memory reused across
+            # the pass on the CPU (GPUs' caching allocator reuses memory itself, a workspace would add a copy)
+            out = None
+            if target is not None:
+                out = target[:, :, a:b]
+            elif not t.materialized and not last and self.device.type == "cpu":
+                out = self.pass_space.take((t.batch, t.channels, b - a) + t.spatial[1:], torch.float32,
+                                           self.device, self.layout)
             y = self.compute(k, a, b, out)
             if stats is not None:
                 stats.add(y)
             if last:
                 self.out[:, :, a:b] = y.to(self.out.device, torch.float32)
             elif whole:
-                kept = y.contiguous(memory_format=self.layout)
+                kept = y.to(torch.float32, memory_format=self.layout)  # float32 even under bf16 autocast
             elif donor is not None:
                 assert t.inplace_of is not None  # donor is that buffer
                 acc: dict[int, tuple[int, int]] = {}

@@ -102,7 +102,7 @@ def conv_transpose_rows(conv: nn.ConvTranspose3d, x: torch.Tensor, lo: int, hi: 
     # output o of parity r (o + p = s*q + r) comes from window q, which reads input rows [q - m + 1, q]
     q_lo, q_hi = -((s - 1 - a - p) // s), (b - 1 + p) // s
     front, back = lo - (q_lo - m + 1), q_hi + 1 - hi  # zero rows at the volume's borders
-    if front < 0 or back < 0 or (front and lo) or (back and hi != n_in):
+    if front < 0 or back < 0 or (front and lo) or (back and hi != n_in) or x.shape[2] != hi - lo:
         raise ValueError(f"rows [{lo}, {hi}) are not the input rows of output rows [{a}, {b})")
     y = _parity_windows(conv, x, front, back)
     c, hw = conv.out_channels, tuple((d - 1) * s - 2 * p + k for d in x.shape[3:])
@@ -152,9 +152,12 @@ def conv_rows(layer: TailLayer, x: torch.Tensor, lo: int, hi: int, n_in: int, a:
     if isinstance(conv, nn.ConvTranspose3d):
         if x.device.type == "cpu" and parity_decomposable(conv):
             return conv_transpose_rows(conv, x, lo, hi, n_in, a, b, out)
-        # its rows start at s*lo; rows whose inputs were cut off are outside [a, b)
-        off = conv.stride[0] * lo
-        y = conv(x)[:, :, a - off:b - off]
+        # without depth padding, the local output's row f is the volume's row s*lo + f - p
+        assert not isinstance(conv.padding, str)  # transposed convolutions take no string padding
+        s, p = conv.stride[0], int(conv.padding[0])
+        y = F.conv_transpose3d(x, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]),
+                               conv.output_padding, conv.groups, conv.dilation)
+        y = y[:, :, a - s * lo + p:b - s * lo + p]
     else:
         k, p = conv.kernel_size[0], layer.padding[0]
         pad_lo, pad_hi = lo - (a - p), (b - p + k - 1) - hi  # zero rows the conv would have seen at the borders

@@ -19,8 +19,11 @@ from .decode_conv import residual_rows
 from .decode_halo import HaloPlan, plan_halo
 
 BYTES = 4  # activations are float32 (bf16 is not used for decoding: it would blur fine intensities)
-# Working set of one slab per row of each tensor it touches: the crop, its normalised copy and the conv output.
+# Working set of one slab per row of each tensor it touches: the rows read (a view of a kept tensor), their
+# normalised copy (a workspace kept across the pass) and the conv output; a recomputed tensor's rows live in two
+# workspaces (the previous slab's, whose last rows start the next) while the conv output of the new rows exists.
 _WORK_COPIES = 3
+_RECOMPUTED_COPIES = 4
 _MIN_SLAB_ROWS = 4  # thinner slabs spend more in halos than materialising saves
 
 
@@ -163,7 +166,8 @@ def _pass_work(layers: list[TailLayer], tensors: list[TensorPlan], k: int, rows:
     a = max(0, min(n - rows, n // 2 - rows // 2))  # an interior slab: halos on both sides
     acc: dict[int, tuple[int, int]] = {}
     _rows_touched(layers, tensors, k, a, a + rows, acc)
-    return sum(_WORK_COPIES * tensors[j].row_bytes * (hi - lo) for j, (lo, hi) in acc.items())
+    return sum((_WORK_COPIES if j == k or tensors[j].materialized else _RECOMPUTED_COPIES) * tensors[j].row_bytes
+               * (hi - lo) for j, (lo, hi) in acc.items())
 
 
 def _slab_rows(layers: list[TailLayer], tensors: list[TensorPlan], k: int, available: float) -> int:

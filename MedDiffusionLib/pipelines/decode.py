@@ -252,24 +252,28 @@ class _Executor:
         """Rows [a, b) of T_k: read when materialised, else recomputed (reusing rows computed for the last slab)."""
         if k in self.buffers:
             return self.buffers[k].read(a, b)
-        t = self.tensors[k]
         cached = self.cache.get(k)
-        hit = cached is not None and cached[0] <= a < cached[0] + cached[1].shape[2]
-        if cached is not None and hit and b <= cached[0] + cached[1].shape[2]:
-            return cached[1][:, :, a - cached[0]:b - cached[0]]
-        # two workspaces per recomputed tensor: the cached rows' and the next rows', which start with the overlap
-        spare = self.row_space.setdefault(k, [_Workspace(), _Workspace()])
-        spare.reverse()
-        y = spare[0].take((t.batch, t.channels, b - a) + t.spatial[1:], torch.float32, self.device, self.layout)
-        if cached is not None and hit:
+        if cached is not None and cached[0] <= a < cached[0] + cached[1].shape[2]:
             start, have = cached
             stop = start + have.shape[2]
+            if b <= stop:
+                return have[:, :, a - start:b - start]
+            y = self._row_buffer(k, a, b)
             y[:, :, :stop - a] = have[:, :, a - start:]
             self.compute(k, stop, b, out=y[:, :, stop - a:])
         else:
+            y = self._row_buffer(k, a, b)
             self.compute(k, a, b, out=y)
         self.cache[k] = (a, y)
         return y
+
+    def _row_buffer(self, k: int, a: int, b: int) -> torch.Tensor:
+        """Memory for rows [a, b) of a recomputed T_k: two workspaces per tensor, used in turn, so the cached rows
+        (the other one) can start the next rows."""
+        t = self.tensors[k]
+        spare = self.row_space.setdefault(k, [_Workspace(), _Workspace()])
+        spare.reverse()
+        return spare[0].take((t.batch, t.channels, b - a) + t.spatial[1:], torch.float32, self.device, self.layout)
 
     def compute(self, k: int, a: int, b: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows [a, b) of T_k from the rows of its inputs, written into `out` when given."""
@@ -283,7 +287,6 @@ class _Executor:
             # float32 like the statistics (under bf16 autocast a tensor kept from one slab is bf16)
             normed = self.norm_space.take(tuple(x.shape), torch.result_type(x, scale), self.device, self.layout)
             x = F.silu(torch.addcmul(shift, x, scale, out=normed), inplace=True)
-            del normed
         y = conv_rows(layer, x, lo, hi, n_in, a, b, out)
         del x
         if layer.residual is not None:
